@@ -1,0 +1,5 @@
+"""mplug-kernels: fused attention kernels for the mPLUG vision-language architecture."""
+from mplug_kernels.ops import co_attention
+
+__version__ = "0.1.0"
+__all__ = ["co_attention", "__version__"]

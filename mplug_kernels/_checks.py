@@ -1,0 +1,84 @@
+"""Input validation shared by every public op: clear errors that name the argument."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+
+
+def _describe(x: torch.Tensor) -> str:
+    return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+
+
+def check_tensor(name: str, x, rank: int) -> None:
+    """Raise TypeError/ValueError unless ``x`` is a floating tensor of the given rank."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank} ([B, S, H, D]), got {_describe(x)}")
+    if x.dtype not in SUPPORTED_DTYPES + (torch.float64,):
+        raise TypeError(
+            f"{name} has unsupported dtype {x.dtype}; allowed: float32, float16, bfloat16 (float64 on the reference backend)"
+        )
+
+
+def check_attention_inputs(
+    q: torch.Tensor,
+    ks: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    masks: Sequence[Optional[torch.Tensor]],
+    k_names: Sequence[str],
+    v_names: Sequence[str],
+    mask_names: Sequence[str],
+) -> None:
+    """Validate q [B, Lq, H, D] against key/value sources [B, Lk_i, H, D] and bool masks [B, Lk_i]."""
+    check_tensor("q", q, 4)
+    batch, _, heads, head_dim = q.shape
+    if head_dim % 8 != 0 or head_dim > MAX_HEAD_DIM or head_dim == 0:
+        raise ValueError(
+            f"q has head dim {head_dim} ({_describe(q)}); allowed: a multiple of 8 up to {MAX_HEAD_DIM}"
+        )
+    for k, v, mask, k_name, v_name, mask_name in zip(ks, vs, masks, k_names, v_names, mask_names):
+        check_tensor(k_name, k, 4)
+        check_tensor(v_name, v, 4)
+        for name, x in ((k_name, k), (v_name, v)):
+            if x.dtype != q.dtype:
+                raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
+            if x.device != q.device:
+                raise ValueError(f"{name} is on {x.device} but q is on {q.device}; they must match")
+            if x.shape[0] != batch or x.shape[2] != heads or x.shape[3] != head_dim:
+                raise ValueError(
+                    f"{name} must be [B={batch}, Lk, H={heads}, D={head_dim}] to match q, got {_describe(x)}"
+                )
+        if k.shape[1] != v.shape[1]:
+            raise ValueError(f"{k_name} ({_describe(k)}) and {v_name} ({_describe(v)}) differ in length")
+        if k.shape[1] == 0:
+            raise ValueError(f"{k_name} has no keys ({_describe(k)}); Lk must be at least 1")
+        if mask is not None:
+            check_mask(mask_name, mask, batch, k.shape[1], q.device)
+    if q.shape[1] == 0:
+        raise ValueError(f"q has no queries ({_describe(q)}); Lq must be at least 1")
+
+
+def check_mask(name: str, mask, batch: int, length: int, device: torch.device) -> None:
+    """A key padding mask must be bool [B, Lk] on the same device as q."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool (True = attend), got {mask.dtype}")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"{name} must have shape [B, Lk] = ({batch}, {length}), got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but q is on {device}; they must match")
+
+
+def default_scale(head_dim: int, softmax_scale: Optional[float]) -> float:
+    """softmax_scale, or D ** -0.5 when None."""
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    return float(softmax_scale)

@@ -1,0 +1,102 @@
+"""What a backend is: its declared support, its rank for ``auto`` and how it attends."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """The facts about one attention call that decide which backends can run it."""
+
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    num_sources: int
+    has_mask: bool
+    needs_grad: bool
+    return_lse: bool
+
+    @classmethod
+    def of(cls, q: torch.Tensor, ks, vs, masks, return_lse: bool) -> "AttentionCall":
+        """Describe q attending to the sources ks/vs under masks."""
+        tensors = [q, *ks, *vs]
+        return cls(
+            device_type=q.device.type,
+            dtype=q.dtype,
+            head_dim=q.shape[-1],
+            num_sources=len(ks),
+            has_mask=any(m is not None for m in masks),
+            needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
+            return_lse=return_lse,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"a call on {self.device_type} with dtype {self.dtype}, head dim {self.head_dim}, "
+            f"{self.num_sources} key source(s), mask={self.has_mask}, grad={self.needs_grad}, lse={self.return_lse}"
+        )
+
+
+class Backend:
+    """Base class: subclasses set ``name``, extend ``reasons`` and implement ``attend``.
+
+    Kernel backends (``uses_custom_op = True``) implement ``forward`` and ``backward``; the custom
+    op ``mplug_kernels::attention_forward`` calls them, so autograd and torch.compile see one op.
+    """
+
+    name = "base"
+    dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    devices: Tuple[str, ...] = ("cuda",)
+    head_dims: Optional[Tuple[int, ...]] = None
+    max_sources = 4
+    supports_lse = True
+    supports_grad = True
+    supports_mask = True
+    uses_custom_op = True
+
+    def unavailable_reason(self) -> Optional[str]:
+        """Why this backend cannot run at all on this machine, or None."""
+        return None
+
+    def reasons(self, call: AttentionCall) -> List[str]:
+        """Every reason this backend cannot run ``call`` (empty when it can)."""
+        unavailable = self.unavailable_reason()
+        if unavailable:
+            return [unavailable]
+        found = []
+        if call.device_type not in self.devices:
+            found.append(f"device {call.device_type} not in {list(self.devices)}")
+        if call.dtype not in self.dtypes:
+            found.append(f"dtype {call.dtype} not in {[str(d) for d in self.dtypes]}")
+        if self.head_dims is not None and call.head_dim not in self.head_dims:
+            found.append(f"head dim {call.head_dim} not in {list(self.head_dims)}")
+        if call.num_sources > self.max_sources:
+            found.append(f"{call.num_sources} key sources > {self.max_sources}")
+        if call.return_lse and not self.supports_lse:
+            found.append("cannot return lse")
+        if call.needs_grad and not self.supports_grad:
+            found.append("has no backward")
+        if call.has_mask and not self.supports_mask:
+            found.append("takes no key padding mask")
+        return found
+
+    def rank(self, call: AttentionCall) -> int:
+        """Lower is preferred by ``auto``."""
+        return 100
+
+    def attend(self, q, ks, vs, masks, scale: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """out [B, Lq, H, D] and lse [B, H, Lq] (or None) with autograd; kernel backends go through the custom op."""
+        from mplug_kernels.ops.attention import attention_op
+
+        return attention_op(q, list(ks), list(vs), list(masks), scale, self.name)
+
+    def forward(self, q, ks: Sequence[torch.Tensor], vs, masks, scale: float):
+        """Kernel backends: (out, lse float32) without autograd."""
+        raise NotImplementedError(f"backend {self.name} has no kernel forward")
+
+    def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale: float, deterministic: bool):
+        """Kernel backends: (dq, dks, dvs)."""
+        raise NotImplementedError(f"backend {self.name} has no kernel backward")

@@ -1,0 +1,22 @@
+"""The ``reference`` backend: plain PyTorch math in float32, on every device; the ground truth."""
+from __future__ import annotations
+
+import torch
+
+from mplug_kernels import reference
+from mplug_kernels.backends.base import Backend
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    devices = ("cpu", "cuda", "mps", "xpu", "meta")
+
+    def rank(self, call) -> int:
+        return 90
+
+    def forward(self, q, ks, vs, masks, scale):
+        return reference.attention_forward(q, ks, vs, masks, scale)
+
+    def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic):
+        return reference.attention_backward(dout, dlse, q, ks, vs, masks, out, lse, scale)

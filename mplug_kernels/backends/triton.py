@@ -1,0 +1,56 @@
+"""The ``triton`` backend: the split-KV Triton kernels of mplug_kernels.ops.attention_triton."""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from mplug_kernels.backends.base import Backend
+
+
+def interpreter_on() -> bool:
+    """True when TRITON_INTERPRET=1, so Triton kernels run on the CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def _import_reason() -> Optional[str]:
+    try:
+        import mplug_kernels.ops.attention_triton  # noqa: F401
+    except Exception as error:
+        return f"triton not importable ({type(error).__name__}: {error})"
+    return None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    @property
+    def devices(self):
+        return ("cuda", "cpu") if interpreter_on() else ("cuda",)
+
+    def unavailable_reason(self):
+        return _import_reason()
+
+    def reasons(self, call):
+        found = super().reasons(call)
+        if call.device_type == "cpu" and not interpreter_on():
+            found.append("runs on the CPU only under TRITON_INTERPRET=1")
+        if call.device_type == "cuda" and not torch.cuda.is_available():
+            found.append("no CUDA device")
+        return found
+
+    def rank(self, call) -> int:
+        return 10 if call.device_type == "cuda" else 95
+
+    def forward(self, q, ks, vs, masks, scale):
+        from mplug_kernels.ops import attention_triton
+
+        return attention_triton.forward(q, ks, vs, masks, scale)
+
+    def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic):
+        from mplug_kernels.ops import attention_triton
+
+        return attention_triton.backward(dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic)

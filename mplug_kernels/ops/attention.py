@@ -1,0 +1,128 @@
+"""The one attention op behind co_attention and concat_attention, registered with torch.library.
+
+``mplug_kernels::attention_forward`` computes (out, lse) of q [B, Lq, H, D] attending to up to four
+key/value sources [B, Lk_i, H, D] with bool key padding masks [B, Lk_i], on a named kernel backend.
+Its backward is ``mplug_kernels::attention_backward``; both have fake implementations so that
+torch.compile and FSDP trace through them.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from mplug_kernels.backends import AttentionCall, get_backend, select_backend
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("mplug_kernels::attention_forward", mutates_args=())
+def attention_forward(
+    q: torch.Tensor,
+    ks: List[torch.Tensor],
+    vs: List[torch.Tensor],
+    masks: List[Optional[torch.Tensor]],
+    softmax_scale: float,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Lq, H, D] and lse [B, H, Lq] on the kernel backend named ``backend``."""
+    out, lse = get_backend(backend).forward(q, ks, vs, masks, softmax_scale)
+    return out, lse
+
+
+@attention_forward.register_fake
+def _attention_forward_fake(q, ks, vs, masks, softmax_scale, backend):
+    batch, q_len, heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, heads, q_len), dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("mplug_kernels::attention_backward", mutates_args=())
+def attention_backward(
+    dout: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    ks: List[torch.Tensor],
+    vs: List[torch.Tensor],
+    masks: List[Optional[torch.Tensor]],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    softmax_scale: float,
+    backend: str,
+    deterministic: bool,
+) -> List[torch.Tensor]:
+    """[dq, *dks, *dvs] for attention_forward's inputs."""
+    dq, dks, dvs = get_backend(backend).backward(
+        dout, dlse, q, ks, vs, masks, out, lse, softmax_scale, deterministic
+    )
+    return [dq, *dks, *dvs]
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(dout, dlse, q, ks, vs, masks, out, lse, softmax_scale, backend, deterministic):
+    return [torch.empty_like(q)] + [torch.empty_like(k) for k in ks] + [torch.empty_like(v) for v in vs]
+
+
+def _setup_context(ctx, inputs, output):
+    q, ks, vs, masks, softmax_scale, backend = inputs
+    out, lse = output
+    ctx.num_sources = len(ks)
+    ctx.mask_present = [m is not None for m in masks]
+    ctx.save_for_backward(q, *ks, *vs, *[m for m in masks if m is not None], out, lse)
+    ctx.softmax_scale = softmax_scale
+    ctx.backend = backend
+
+
+def _unpack_saved(ctx):
+    saved = list(ctx.saved_tensors)
+    n = ctx.num_sources
+    q, ks, vs = saved[0], saved[1 : 1 + n], saved[1 + n : 1 + 2 * n]
+    stored_masks = iter(saved[1 + 2 * n : -2])
+    masks = [next(stored_masks) if present else None for present in ctx.mask_present]
+    return q, ks, vs, masks, saved[-2], saved[-1]
+
+
+def _backward(ctx, dout, dlse):
+    q, ks, vs, masks, out, lse = _unpack_saved(ctx)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    grads = attention_backward(
+        dout.contiguous(),
+        dlse,
+        q,
+        ks,
+        vs,
+        masks,
+        out,
+        lse,
+        ctx.softmax_scale,
+        ctx.backend,
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    n = ctx.num_sources
+    return grads[0], grads[1 : 1 + n], grads[1 + n :], [None] * n, None, None
+
+
+torch.library.register_autograd("mplug_kernels::attention_forward", _backward, setup_context=_setup_context)
+
+
+def attention_op(q, ks, vs, masks, softmax_scale: float, backend: str):
+    """Autograd-aware (out, lse) through the registered custom op."""
+    return attention_forward(q, ks, vs, masks, softmax_scale, backend)
+
+
+def attend(
+    q: torch.Tensor,
+    ks: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    masks: Sequence[Optional[torch.Tensor]],
+    softmax_scale: float,
+    return_lse: bool,
+    backend: str,
+):
+    """Dispatch q attending to the sources to ``backend`` ('auto' picks); returns out or (out, lse)."""
+    call = AttentionCall.of(q, ks, vs, masks, return_lse)
+    chosen = select_backend(backend, call)
+    out, lse = chosen.attend(q, ks, vs, masks, softmax_scale)
+    return (out, lse) if return_lse else out

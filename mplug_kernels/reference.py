@@ -1,0 +1,80 @@
+"""Plain PyTorch attention over several key/value sources: the ground truth for every backend.
+
+Computed in float32 (float64 when the inputs are float64). Layout [B, S, H, D] everywhere.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _joined_keys(
+    ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]], dtype
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = torch.cat([x.to(dtype) for x in ks], dim=1)
+    v = torch.cat([x.to(dtype) for x in vs], dim=1)
+    keep = torch.cat(
+        [m if m is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) for m, x in zip(masks, ks)],
+        dim=1,
+    )
+    return k, v, keep
+
+
+def _probabilities(q, k, keep, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities [B, H, Lq, Lk] and natural-log lse [B, H, Lq]; fully masked rows give P = 0."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - finite_lse[..., None])
+    return probs, lse
+
+
+def attention_forward(
+    q: torch.Tensor,
+    ks: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    masks: Sequence[Optional[torch.Tensor]],
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Lq, H, D] (q's dtype) and lse [B, H, Lq] of q attending to the concatenated sources."""
+    dtype = _compute_dtype(q.dtype)
+    k, v, keep = _joined_keys(ks, vs, masks, dtype)
+    probs, lse = _probabilities(q.to(dtype), k, keep, scale)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out.to(q.dtype), lse
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    ks: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    masks: Sequence[Optional[torch.Tensor]],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """Closed-form gradients (dq, dks, dvs) given dout [B, Lq, H, D] and dlse [B, H, Lq] (or None)."""
+    dtype = _compute_dtype(q.dtype)
+    k, v, keep = _joined_keys(ks, vs, masks, dtype)
+    qc, doc = q.to(dtype), dout.to(dtype)
+    probs, _ = _probabilities(qc, k, keep, scale)
+    delta = (doc * out.to(dtype)).sum(-1).transpose(1, 2)
+    if dlse is not None:
+        delta = delta - dlse.to(dtype)
+    dprobs = torch.einsum("bqhd,bkhd->bhqk", doc, v)
+    dscores = probs * (dprobs - delta[..., None])
+    dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k) * scale
+    dk = torch.einsum("bhqk,bqhd->bkhd", dscores, qc) * scale
+    dv = torch.einsum("bhqk,bqhd->bkhd", probs, doc)
+    lengths = [x.shape[1] for x in ks]
+    dks = [g.to(x.dtype) for g, x in zip(dk.split(lengths, dim=1), ks)]
+    dvs = [g.to(x.dtype) for g, x in zip(dv.split(lengths, dim=1), vs)]
+    return dq.to(q.dtype), dks, dvs
