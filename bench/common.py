@@ -1,0 +1,95 @@
+"""What every benchmark shares: timing, peak memory, the environment record and the JSON writer."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "out"
+
+
+def default_device() -> torch.device:
+    """cuda when a GPU exists, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.2) -> float:
+    """Median wall time of fn in milliseconds: triton.testing.do_bench on a GPU, torch.utils.benchmark on the CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    from torch.utils import benchmark
+
+    fn()
+    measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return measurement.median * 1e3
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak device memory (MiB) allocated while fn runs, above what was allocated before; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def measured_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> Optional[float]:
+    """Device-to-device copy bandwidth in GB/s (read + write counted), the '100%' for memory-bound kernels."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    """Device name, versions, commit, date and command: stored with every result."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+    }
+
+
+def write_results(name: str, device: torch.device, rows: List[dict], out_dir: Optional[Path] = None, **extra) -> Path:
+    """Write {'environment': ..., 'rows': rows, **extra} as JSON to out_dir/name.json and return the path."""
+    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    payload = {"environment": environment(device), **extra, "rows": rows}
+    path.write_text(json.dumps(payload, indent=2))
+    return path
