@@ -1,0 +1,43 @@
+"""merge_attention_states: combine partial attentions over disjoint key sets by their log-sum-exp."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+
+def _check_states(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> None:
+    if not isinstance(outs, (tuple, list)) or not isinstance(lses, (tuple, list)):
+        raise TypeError("outs and lses must be tuples of tensors (one partial attention each)")
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"outs and lses must be non-empty and of equal length, got {len(outs)} and {len(lses)}")
+    batch, q_len, heads, _ = outs[0].shape if outs[0].dim() == 4 else (None,) * 4
+    for i, (out, lse) in enumerate(zip(outs, lses)):
+        if not isinstance(out, torch.Tensor) or not isinstance(lse, torch.Tensor):
+            raise TypeError(f"outs[{i}] and lses[{i}] must be tensors")
+        if out.dim() != 4 or out.shape != outs[0].shape or out.dtype != outs[0].dtype:
+            raise ValueError(
+                f"outs[{i}] ({tuple(out.shape)}, {out.dtype}) must be [B, Lq, H, D] like outs[0] "
+                f"({tuple(outs[0].shape)}, {outs[0].dtype})"
+            )
+        if tuple(lse.shape) != (batch, heads, q_len) or not lse.is_floating_point():
+            raise ValueError(f"lses[{i}] must be a float [B, H, Lq] = ({batch}, {heads}, {q_len}) tensor, got {tuple(lse.shape)} {lse.dtype}")
+
+
+def merge_attention_states(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Partial (out [B, Lq, H, D], lse [B, H, Lq]) over disjoint key sets -> the attention over their union; all-masked rows give 0 and -inf."""
+    _check_states(outs, lses)
+    lse_dtype = torch.promote_types(torch.promote_types(lses[0].dtype, outs[0].dtype), torch.float32)
+    stacked = torch.stack([lse.to(lse_dtype) for lse in lses])
+    peak = stacked.detach().amax(dim=0)
+    peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
+    weights = torch.exp(stacked - peak)
+    total = weights.sum(dim=0)
+    empty = total == 0
+    safe_total = torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(total, float("-inf")), peak + torch.log(safe_total))
+    shares = (weights / safe_total).transpose(2, 3).unsqueeze(-1)
+    out = sum(share * out.to(lse_dtype) for share, out in zip(shares, outs))
+    return out.to(outs[0].dtype), lse
