@@ -50,6 +50,17 @@ class ToyModel:
         return total
 
 
+class ConfidentAfterFirst(ToyModel):
+    """The end token is likeliest first, then token 1 is near-certain: a long answer wins only after normalising."""
+
+    def __init__(self):
+        self.first = torch.tensor([[0.25, 0.35, 0.40]], dtype=torch.float64).log()
+        self.later = torch.tensor([[0.001, 0.998, 0.001]], dtype=torch.float64).log()
+
+    def logits(self, sequences):
+        return (self.first if sequences.shape[1] == 1 else self.later).expand(sequences.shape[0], -1)
+
+
 def all_hypotheses(vocab, min_length, max_length):
     """Every finished hypothesis: non-end tokens then the end token, or any max_length tokens."""
     words = [token for token in range(vocab) if token != EOS]
@@ -121,6 +132,15 @@ def test_matches_reference_beam_search(num_beams, min_length, max_length, vocab)
         for score, tokens in got:
             assert score == pytest.approx(model.log_prob(prompt, tokens, min_length) / length_penalty(len(tokens)), abs=1e-6)
             assert EOS not in tokens[:-1] and len(tokens) > min_length
+
+
+def test_early_stop_keeps_a_hypothesis_that_wins_later():
+    model = ConfidentAfterFirst()
+    output = beam_search(model.full_prefix_step, torch.tensor([[1]]), num_beams=1, min_length=0, max_length=10, eos_token_id=EOS)
+    expected = reference_beam_search(model, (1,), num_beams=1, min_length=0, max_length=10)[0]
+    [(score, tokens)] = hypotheses(output, 0)
+    assert tokens == expected[1] and len(tokens) > 1
+    assert score == pytest.approx(expected[0])
 
 
 @pytest.mark.parametrize("num_beams", [1, 3, 5])
