@@ -111,7 +111,9 @@ def beam_search(
     open_examples = torch.ones(batch, dtype=torch.bool, device=device)
     sequences, parents = prompt_ids.repeat_interleave(num_beams, dim=0), None
     for position in range(max_length):
-        log_probs = torch.log_softmax(step(sequences, parents).float(), dim=-1).view(batch, num_beams, -1)
+        logits = step(sequences, parents)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        log_probs = torch.log_softmax(logits, dim=-1).view(batch, num_beams, -1)
         vocab = log_probs.shape[-1]
         if position < min_length:
             log_probs[..., eos_token_id] = float("-inf")
