@@ -1,0 +1,130 @@
+"""load_official_checkpoint: the authors' released .pth files (pretrained or fine-tuned) into our MPLUG."""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POSITIONAL_EMBEDDING = "visual_encoder.visual.positional_embedding"
+QUEUES = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
+PREFIX_RENAMES = (
+    ("visn_fc.", "visual_encoder.visn_fc."),
+    ("visn_layer_norm.", "visual_encoder.visn_layer_norm."),
+    ("text_encoder.bert.", "text_encoder."),
+    ("text_encoder.cls.predictions.", "mlm_head."),
+    ("fusion_encoder.fusion.", "fusion_encoder."),
+    ("fusion_encoder.bert.", "fusion_encoder."),
+)
+FUSION_LAYER = re.compile(r"^fusion_encoder\.encoder\.layer\.(\d+)\.(.*)$")
+
+
+class LoadResult(NamedTuple):
+    """Model keys the checkpoint did not fill, checkpoint keys the model has no place for, and keys
+    skipped on purpose (momentum copies, queues, fusion layers that never run, unused weights)."""
+
+    missing_keys: List[str]
+    unexpected_keys: List[str]
+    ignored_keys: List[str]
+
+
+def _read(path_or_state_dict, weights_only: bool) -> Dict[str, torch.Tensor]:
+    """The flat state dict inside a path, a {'model'|'module': ...} dict or a state dict."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        path_or_state_dict = torch.load(path_or_state_dict, map_location="cpu", weights_only=weights_only)
+    if not isinstance(path_or_state_dict, dict):
+        raise TypeError(f"checkpoint must be a path or a dict, got {type(path_or_state_dict).__name__}")
+    for wrapper in ("model", "module"):
+        if isinstance(path_or_state_dict.get(wrapper), dict):
+            return path_or_state_dict[wrapper]
+    return path_or_state_dict
+
+
+def _renamed(key: str, config) -> Tuple[str, bool]:
+    """(our name for an official key, whether the model may lack it without it being unexpected)."""
+    for old, new in PREFIX_RENAMES:
+        if key.startswith(old):
+            key = new + key[len(old):]
+            break
+    match = FUSION_LAYER.match(key)
+    if match:
+        k = int(match.group(1)) - config.text_layers
+        if k < 0:
+            return key, True
+        key = f"fusion_encoder.encoder.layer.{k}.{match.group(2)}"
+        return key, config.is_connected_layer(k) and match.group(2).startswith("crossattention.")
+    return key, key.endswith("predictions.decoder.bias")
+
+
+def _always_ignored(key: str) -> bool:
+    head = key.split(".")[0]
+    return head.endswith("_m") or head in QUEUES or key.endswith("embeddings.position_ids")
+
+
+def resize_positional_embedding(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """[1 + n*n, w] -> [length, w]: the class row kept, the n x n grid resized bilinearly to sqrt(length - 1) squared."""
+    old_side, new_side = math.isqrt(positions.shape[0] - 1), math.isqrt(length - 1)
+    if old_side ** 2 != positions.shape[0] - 1 or new_side ** 2 != length - 1:
+        raise ValueError(
+            f"{POSITIONAL_EMBEDDING}: cannot resize {tuple(positions.shape)} to {length} rows; both grids must be square"
+        )
+    grid = positions[1:].float().reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bilinear", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(new_side * new_side, -1).to(positions.dtype)
+    return torch.cat([positions[:1], grid], dim=0)
+
+
+def _shared_with_loaded(key: str, loaded: set, params: Dict[str, torch.Tensor]) -> bool:
+    """Whether ``key`` is a tied alias (same storage) of a key that was loaded."""
+    pointer = params[key].data_ptr()
+    return any(params[other].data_ptr() == pointer for other in loaded)
+
+
+def load_official_checkpoint(
+    model: nn.Module, path_or_state_dict, strict: bool = False, weights_only: bool = True
+) -> LoadResult:
+    """Load the authors' checkpoint (path, {'model'|'module': state dict} or state dict) into ``model``.
+
+    Strips the pretrained prefixes, maps fusion layer 6 + k (text_layers + k) to our layer k, skips
+    momentum copies and queues, resizes the visual position grid to the configured image size, and
+    raises ValueError naming every key whose shape does not fit. Returns LoadResult; with
+    strict=True a missing or unexpected key raises RuntimeError. weights_only is torch.load's flag
+    (old .pth files holding an argparse Namespace need weights_only=False: only for trusted files).
+    """
+    config = model.config
+    ours = model.state_dict(keep_vars=True)
+    loadable: Dict[str, torch.Tensor] = {}
+    unexpected, ignored, mismatched = [], [], []
+    for official_key, value in _read(path_or_state_dict, weights_only).items():
+        official_key = official_key[len("module."):] if official_key.startswith("module.") else official_key
+        if _always_ignored(official_key):
+            ignored.append(official_key)
+            continue
+        key, may_be_absent = _renamed(official_key, config)
+        if key not in ours:
+            (ignored if may_be_absent else unexpected).append(official_key)
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"checkpoint key {official_key!r} holds a {type(value).__name__}, not a tensor")
+        if key == POSITIONAL_EMBEDDING and value.dim() == 2 and value.shape[1] == ours[key].shape[1]:
+            value = resize_positional_embedding(value, ours[key].shape[0]) if value.shape != ours[key].shape else value
+        if value.shape != ours[key].shape:
+            mismatched.append(f"{official_key} -> {key}: checkpoint {tuple(value.shape)}, model {tuple(ours[key].shape)}")
+            continue
+        loadable[key] = value
+    if mismatched:
+        raise ValueError("checkpoint shapes do not fit the model:\n  " + "\n  ".join(mismatched))
+    model.load_state_dict(loadable, strict=False)
+    loaded = set(loadable)
+    missing = [
+        key for key in ours
+        if key not in loaded and key not in QUEUES and not _shared_with_loaded(key, loaded, ours)
+    ]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"strict load failed: missing keys {missing}, unexpected keys {unexpected}")
+    return LoadResult(missing, unexpected, ignored)
+

@@ -1,0 +1,90 @@
+"""MPLUG: visual encoder, text encoder, skip-connected fusion, decoder and the pretraining heads."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mplug_kernels.backends import BACKENDS
+
+from mplug.config import MPLUGConfig
+from mplug.decoder import TextDecoder
+from mplug.fusion import FusionEncoder
+from mplug.text import PredictionHead, TextEncoder
+from mplug.vision import VisualEncoder
+
+
+class MPLUG(nn.Module):
+    """mPLUG with the official submodule names; every attention runs on ``config.attn_backend``.
+
+    Submodules: ``visual_encoder`` (images -> [B, Lv, hidden]), ``text_encoder`` (ids, mask ->
+    [B, Lt, hidden]), ``fusion_encoder`` ((v, v_mask, t, t_mask) -> (v, t)), ``text_decoder``
+    (ids, mask, memory -> logits). Heads: ``vision_proj``/``text_proj`` (ITC), ``itm_head``,
+    ``mlm_head`` (tied to the text encoder's word embeddings), ``temp`` and the ITC feature queues.
+    """
+
+    def __init__(self, config: MPLUGConfig):
+        super().__init__()
+        if not isinstance(config, MPLUGConfig):
+            raise TypeError(f"config must be an MPLUGConfig, got {type(config).__name__}")
+        check_backend_name(config.attn_backend)
+        config = config.replace()
+        self.config = config
+        self.visual_encoder = VisualEncoder(config)
+        self.text_encoder = TextEncoder(config)
+        self.fusion_encoder = FusionEncoder(config)
+        self.text_decoder = TextDecoder(config)
+        self.vision_proj = nn.Linear(config.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(config.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(config.hidden_size, 2)
+        self.mlm_head = PredictionHead(config, self.text_encoder.embeddings.word_embeddings)
+        self.temp = nn.Parameter(torch.tensor(config.temp))
+        queue_shape = (config.embed_dim, config.queue_size)
+        self.register_buffer("image_queue", nn.functional.normalize(torch.randn(queue_shape), dim=0))
+        self.register_buffer("text_queue", nn.functional.normalize(torch.randn(queue_shape), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    def set_attn_backend(self, name: str) -> "MPLUG":
+        """Run every attention layer on backend ``name`` ('auto' or a registered backend); returns self."""
+        check_backend_name(name)
+        self.config.attn_backend = name
+        for module in self.modules():
+            if hasattr(module, "backend"):
+                module.backend = name
+        return self
+
+    def set_gradient_checkpointing(self, enabled: bool) -> "MPLUG":
+        """Recompute ViT blocks and fusion layers in the backward pass (training only); returns self."""
+        self.config.gradient_checkpointing = bool(enabled)
+        self.visual_encoder.visual.transformer.gradient_checkpointing = bool(enabled)
+        self.fusion_encoder.gradient_checkpointing = bool(enabled)
+        return self
+
+    def pretrain_losses(self, images, text_ids, text_mask, **kw):
+        """ITC, ITM, MLM and PrefixLM losses (mplug.tasks.pretrain_losses)."""
+        from mplug import tasks
+
+        return tasks.pretrain_losses(self, images, text_ids, text_mask, **kw)
+
+    def vqa_generate(self, images, question_ids, question_mask, **kw):
+        """Beam-searched answers to questions about images (mplug.tasks.vqa_generate)."""
+        from mplug import tasks
+
+        return tasks.vqa_generate(self, images, question_ids, question_mask, **kw)
+
+    def caption_generate(self, images, **kw):
+        """Beam-searched captions (mplug.tasks.caption_generate)."""
+        from mplug import tasks
+
+        return tasks.caption_generate(self, images, **kw)
+
+    def retrieval_scores(self, images, text_ids, text_mask, **kw):
+        """ITC top-k candidates re-ranked by ITM (mplug.tasks.retrieval_scores)."""
+        from mplug import tasks
+
+        return tasks.retrieval_scores(self, images, text_ids, text_mask, **kw)
+
+
+def check_backend_name(name) -> None:
+    """The backend must be 'auto' or a registered backend name."""
+    if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
+        raise ValueError(f"attn_backend must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
