@@ -26,13 +26,17 @@ def _joined_keys(
 
 
 def _probabilities(q, k, keep, scale) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities [B, H, Lq, Lk] and natural-log lse [B, H, Lq]; fully masked rows give P = 0."""
+    """Softmax probabilities [B, H, Lq, Lk] and natural-log lse [B, H, Lq]; fully masked rows give P = 0, lse = -inf.
+
+    Rows with no key left are computed on zero scores and then zeroed, so gradients stay finite.
+    """
+    alive = keep.any(dim=1)[:, None, None, None]
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    scores = torch.where(alive, scores, torch.zeros_like(scores))
     lse = torch.logsumexp(scores, dim=-1)
-    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(scores - finite_lse[..., None])
-    return probs, lse
+    probs = torch.exp(scores - lse[..., None]) * alive
+    return probs, lse.masked_fill(~alive[..., 0], float("-inf"))
 
 
 def attention_forward(
@@ -75,6 +79,6 @@ def attention_backward(
     dk = torch.einsum("bhqk,bqhd->bkhd", dscores, qc) * scale
     dv = torch.einsum("bhqk,bqhd->bkhd", probs, doc)
     lengths = [x.shape[1] for x in ks]
-    dks = [g.to(x.dtype) for g, x in zip(dk.split(lengths, dim=1), ks)]
-    dvs = [g.to(x.dtype) for g, x in zip(dv.split(lengths, dim=1), vs)]
+    dks = [g.to(x.dtype, copy=True) for g, x in zip(dk.split(lengths, dim=1), ks)]
+    dvs = [g.to(x.dtype, copy=True) for g, x in zip(dv.split(lengths, dim=1), vs)]
     return dq.to(q.dtype), dks, dvs

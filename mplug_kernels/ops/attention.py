@@ -23,17 +23,19 @@ def attention_forward(
     q: torch.Tensor,
     ks: List[torch.Tensor],
     vs: List[torch.Tensor],
-    masks: List[Optional[torch.Tensor]],
+    present_masks: List[torch.Tensor],
+    mask_bits: int,
     softmax_scale: float,
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """out [B, Lq, H, D] and lse [B, H, Lq] on the kernel backend named ``backend``."""
+    masks = _masks_per_source(len(ks), present_masks, mask_bits)
     out, lse = get_backend(backend).forward(q, ks, vs, masks, softmax_scale)
     return out, lse
 
 
 @attention_forward.register_fake
-def _attention_forward_fake(q, ks, vs, masks, softmax_scale, backend):
+def _attention_forward_fake(q, ks, vs, present_masks, mask_bits, softmax_scale, backend):
     batch, q_len, heads, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, heads, q_len), dtype=_lse_dtype(q))
 
@@ -45,7 +47,8 @@ def attention_backward(
     q: torch.Tensor,
     ks: List[torch.Tensor],
     vs: List[torch.Tensor],
-    masks: List[Optional[torch.Tensor]],
+    present_masks: List[torch.Tensor],
+    mask_bits: int,
     out: torch.Tensor,
     lse: torch.Tensor,
     softmax_scale: float,
@@ -53,6 +56,7 @@ def attention_backward(
     deterministic: bool,
 ) -> List[torch.Tensor]:
     """[dq, *dks, *dvs] for attention_forward's inputs."""
+    masks = _masks_per_source(len(ks), present_masks, mask_bits)
     dq, dks, dvs = get_backend(backend).backward(
         dout, dlse, q, ks, vs, masks, out, lse, softmax_scale, deterministic
     )
@@ -60,31 +64,33 @@ def attention_backward(
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(dout, dlse, q, ks, vs, masks, out, lse, softmax_scale, backend, deterministic):
+def _attention_backward_fake(
+    dout, dlse, q, ks, vs, present_masks, mask_bits, out, lse, softmax_scale, backend, deterministic
+):
     return [torch.empty_like(q)] + [torch.empty_like(k) for k in ks] + [torch.empty_like(v) for v in vs]
 
 
+def _masks_per_source(num_sources: int, present_masks, mask_bits: int) -> List[Optional[torch.Tensor]]:
+    """Rebuild one mask (or None) per source; bit i of mask_bits says source i has a mask."""
+    present = iter(present_masks)
+    return [next(present) if mask_bits >> i & 1 else None for i in range(num_sources)]
+
+
 def _setup_context(ctx, inputs, output):
-    q, ks, vs, masks, softmax_scale, backend = inputs
+    q, ks, vs, present_masks, mask_bits, softmax_scale, backend = inputs
     out, lse = output
     ctx.num_sources = len(ks)
-    ctx.mask_present = [m is not None for m in masks]
-    ctx.save_for_backward(q, *ks, *vs, *[m for m in masks if m is not None], out, lse)
+    ctx.mask_bits = mask_bits
+    ctx.save_for_backward(q, *ks, *vs, *present_masks, out, lse)
     ctx.softmax_scale = softmax_scale
     ctx.backend = backend
 
 
-def _unpack_saved(ctx):
+def _backward(ctx, dout, dlse):
     saved = list(ctx.saved_tensors)
     n = ctx.num_sources
     q, ks, vs = saved[0], saved[1 : 1 + n], saved[1 + n : 1 + 2 * n]
-    stored_masks = iter(saved[1 + 2 * n : -2])
-    masks = [next(stored_masks) if present else None for present in ctx.mask_present]
-    return q, ks, vs, masks, saved[-2], saved[-1]
-
-
-def _backward(ctx, dout, dlse):
-    q, ks, vs, masks, out, lse = _unpack_saved(ctx)
+    present_masks, out, lse = saved[1 + 2 * n : -2], saved[-2], saved[-1]
     if dout is None:
         dout = torch.zeros_like(out)
     grads = attention_backward(
@@ -93,23 +99,25 @@ def _backward(ctx, dout, dlse):
         q,
         ks,
         vs,
-        masks,
+        present_masks,
+        ctx.mask_bits,
         out,
         lse,
         ctx.softmax_scale,
         ctx.backend,
         torch.are_deterministic_algorithms_enabled(),
     )
-    n = ctx.num_sources
-    return grads[0], grads[1 : 1 + n], grads[1 + n :], [None] * n, None, None
+    return grads[0], grads[1 : 1 + n], grads[1 + n :], [None] * len(present_masks), None, None, None
 
 
 torch.library.register_autograd("mplug_kernels::attention_forward", _backward, setup_context=_setup_context)
 
 
 def attention_op(q, ks, vs, masks, softmax_scale: float, backend: str):
-    """Autograd-aware (out, lse) through the registered custom op."""
-    return attention_forward(q, ks, vs, masks, softmax_scale, backend)
+    """Autograd-aware (out, lse) through the registered custom op (None masks are left out of the op's inputs)."""
+    present_masks = [mask for mask in masks if mask is not None]
+    mask_bits = sum(1 << i for i, mask in enumerate(masks) if mask is not None)
+    return attention_forward(q, ks, vs, present_masks, mask_bits, softmax_scale, backend)
 
 
 def attend(

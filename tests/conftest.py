@@ -1,0 +1,7 @@
+"""Test session setup: Triton runs under its CPU interpreter when no CUDA device exists."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
