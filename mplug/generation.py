@@ -141,32 +141,28 @@ def beam_search(
 
 
 class DecoderStep:
-    """A beam_search step over ``text_decoder``: with ``use_cache`` it feeds only the new token and reorders the cache
-    (the memory's cross-attention K/V are computed on the first call only); without, it re-runs the whole prefix."""
+    """A beam_search step over ``text_decoder``. With ``use_cache`` the memory's cross-attention K/V are computed once
+    per image (then copied to its beams), each step feeds only the new token and the cache follows ``parents``;
+    without, every step re-runs the whole prefix over the memory repeated per beam (the authors' baseline)."""
 
     def __init__(self, decoder, memory: Sequence[torch.Tensor], memory_masks: Sequence[torch.Tensor], num_beams: int, use_cache: bool):
         self.decoder = decoder
-        self.memory = tuple(states.repeat_interleave(num_beams, dim=0) for states in memory)
-        self.memory_masks = tuple(mask.repeat_interleave(num_beams, dim=0) for mask in memory_masks)
         self.use_cache = use_cache
-        self.cache = None
+        if use_cache:
+            beam_rows = torch.arange(memory[0].shape[0], device=memory[0].device).repeat_interleave(num_beams)
+            self.cache = decoder.memory_cache(memory, memory_masks).reorder(beam_rows)
+        else:
+            self.memory = tuple(states.repeat_interleave(num_beams, dim=0) for states in memory)
+            self.memory_masks = tuple(mask.repeat_interleave(num_beams, dim=0) for mask in memory_masks)
 
     def __call__(self, sequences: torch.Tensor, parents: Optional[torch.Tensor]) -> torch.Tensor:
         """sequences [N, T] so far, parents [N] or None -> next-token logits [N, V]."""
         if not self.use_cache:
-            logits = self.decoder(
-                sequences, torch.ones_like(sequences, dtype=torch.bool), memory=self.memory, memory_masks=self.memory_masks
-            )
-            return logits[:, -1]
+            everything = torch.ones_like(sequences, dtype=torch.bool)
+            return self.decoder(sequences, everything, memory=self.memory, memory_masks=self.memory_masks)[:, -1]
         if parents is not None:
-            self.cache.reorder(parents)
+            self.cache.reorder(parents, memory=False)
             sequences = sequences[:, -1:]
-        logits, self.cache = self.decoder(
-            sequences,
-            torch.ones_like(sequences, dtype=torch.bool),
-            memory=self.memory,
-            memory_masks=self.memory_masks,
-            cache=self.cache,
-            use_cache=True,
-        )
+        everything = torch.ones_like(sequences, dtype=torch.bool)
+        logits, self.cache = self.decoder(sequences, everything, cache=self.cache, use_cache=True)
         return logits[:, -1]

@@ -1,0 +1,160 @@
+"""mPLUG's pretraining objectives as plain functions: ITC with feature queues, ITM hard negatives, MLM masking,
+the PrefixLM split, and a token mean that stays exact under DistributedDataParallel."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
+
+IGNORE_INDEX = -100
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32; float32/float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def gather_batch(features: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """[B, E] from every process, concatenated in rank order (gradients flow back) -> ([W * B, E], offset of ours)."""
+    if not _distributed():
+        return features, 0
+    return torch.cat(all_gather(features), dim=0), dist.get_rank() * features.shape[0]
+
+
+def global_token_mean(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of token_losses over labels != -100 across all processes, scaled so DDP's gradient averaging gives the
+    gradient of the mean over the combined batch (plain mean in one process)."""
+    counted = labels != IGNORE_INDEX
+    total = token_losses[counted].sum()
+    count = counted.sum()
+    if not _distributed():
+        return total / count.clamp(min=1)
+    count = count.clone()
+    dist.all_reduce(count)
+    return total * dist.get_world_size() / count.clamp(min=1)
+
+
+def itc_loss(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    temp: torch.Tensor,
+    image_queue: Optional[torch.Tensor] = None,
+    text_queue: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image-text contrastive loss of normalised image_feat, text_feat [B, E] against the batch (of every process)
+    and the queues [E, Q] -> (loss, sim_i2t [B, B_all + Q], sim_t2i [B, B_all + Q]); positives are the diagonal."""
+    all_image, offset = gather_batch(image_feat)
+    all_text, _ = gather_batch(text_feat)
+    image_bank, text_bank = all_image.t(), all_text.t()
+    if image_queue is not None:
+        image_bank = torch.cat([image_bank, image_queue.detach().to(image_bank.dtype)], dim=1)
+        text_bank = torch.cat([text_bank, text_queue.detach().to(text_bank.dtype)], dim=1)
+    sim_i2t = image_feat @ text_bank / temp
+    sim_t2i = text_feat @ image_bank / temp
+    targets = torch.arange(image_feat.shape[0], device=image_feat.device) + offset
+    loss = (F.cross_entropy(_upcast(sim_i2t), targets) + F.cross_entropy(_upcast(sim_t2i), targets)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+@torch.no_grad()
+def enqueue(image_queue: torch.Tensor, text_queue: torch.Tensor, queue_ptr: torch.Tensor, image_feat, text_feat) -> None:
+    """Write the features [B, E] of every process into the queue buffers [E, Q] at queue_ptr (wrapping), in place."""
+    image_feat, _ = gather_batch(image_feat.detach())
+    text_feat, _ = gather_batch(text_feat.detach())
+    size = image_queue.shape[1]
+    slots = (int(queue_ptr) + torch.arange(image_feat.shape[0], device=image_queue.device)) % size
+    image_queue[:, slots] = image_feat.t().to(image_queue.dtype)
+    text_queue[:, slots] = text_feat.t().to(text_queue.dtype)
+    queue_ptr.fill_((int(queue_ptr) + image_feat.shape[0]) % size)
+
+
+@torch.no_grad()
+def sample_hard_negatives(similarity: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """For each row of similarity [B, B] a column != itself, drawn with probability softmax(row) -> long [B]."""
+    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1] or similarity.shape[0] < 2:
+        raise ValueError(f"hard negatives need a square [B, B] similarity with B >= 2, got shape {tuple(similarity.shape)}")
+    weights = torch.softmax(_upcast(similarity), dim=1)
+    weights.fill_diagonal_(0.0)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    vocab_size: int,
+    mask_token_id: int,
+    special_ids: Sequence[int],
+    probability: float = 0.15,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of ids [B, L]: each attended non-special token is picked with ``probability``; picked ones become
+    [MASK] (80%), a random token (10%) or stay (10%) -> (masked ids [B, L], labels [B, L], -100 where not picked)."""
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"mlm probability must be in (0, 1), got {probability}")
+    draws = torch.rand((3,) + tuple(input_ids.shape), generator=generator, device=input_ids.device)
+    candidates = attention_mask & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))
+    picked = candidates & (draws[0] < probability)
+    labels = input_ids.masked_fill(~picked, IGNORE_INDEX)
+    to_mask = picked & (draws[1] < 0.8)
+    to_random = picked & ~to_mask & (draws[2] < 0.5)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=input_ids.device)
+    masked = input_ids.masked_fill(to_mask, mask_token_id)
+    masked = torch.where(to_random, random_ids, masked)
+    return masked, labels
+
+
+def random_prefix_lengths(text_mask: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """For texts [CLS] w_1..w_n [SEP] (mask [B, L]) a prefix length s uniform in [0, n - 1] -> long [B]."""
+    words = (text_mask.sum(1) - 2).clamp(min=1)
+    draws = torch.rand(words.shape, generator=generator, device=text_mask.device)
+    return (draws * words).long()
+
+
+def prefix_split(
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    prefix_lengths: torch.Tensor,
+    *,
+    bos_token_id: int,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split texts [CLS] w_1..w_n [SEP] ([B, L]) after s = prefix_lengths words -> (prefix ids [CLS] w_1..w_s [SEP]
+    and mask [B, 2 + max s], decoder input [BOS] w_s+1..w_n and mask [B, 1 + max(n - s)], labels w_s+1..w_n [EOS])."""
+    words = text_mask.sum(1) - 2
+    if bool((prefix_lengths < 0).any() | (prefix_lengths >= words.clamp(min=1)).any()):
+        raise ValueError(f"prefix_lengths must be in [0, words - 1] per text; words {words.tolist()}, got {prefix_lengths.tolist()}")
+    targets = words - prefix_lengths
+    prefix_ids, prefix_mask = _pad_column(*_window(text_ids, torch.zeros_like(words), prefix_lengths + 1, pad_token_id), pad_token_id)
+    end = (prefix_lengths + 1)[:, None]
+    prefix_ids = prefix_ids.scatter(1, end, text_ids.gather(1, (words + 1)[:, None]))
+    prefix_mask = prefix_mask.scatter(1, end, True)
+    body_ids, body_mask = _window(text_ids, prefix_lengths + 1, targets, pad_token_id)
+    decoder_ids = torch.cat([torch.full_like(body_ids[:, :1], bos_token_id), body_ids], dim=1)
+    decoder_mask = torch.cat([torch.ones_like(body_mask[:, :1]), body_mask], dim=1)
+    labels, _ = _window(text_ids, prefix_lengths + 1, targets, IGNORE_INDEX)
+    labels, _ = _pad_column(labels, body_mask, IGNORE_INDEX)
+    labels = labels.scatter(1, targets[:, None], eos_token_id)
+    return prefix_ids, prefix_mask, decoder_ids, decoder_mask, labels
+
+
+def _window(ids: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, fill: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row b's ids[b, starts[b] : starts[b] + counts[b]] left-aligned in [B, max count], ``fill`` after -> (ids, mask)."""
+    width = max(int(counts.max()), 1)
+    columns = torch.arange(width, device=ids.device)[None, :]
+    inside = columns < counts[:, None]
+    index = (starts[:, None] + columns).clamp(max=ids.shape[1] - 1)
+    return ids.gather(1, index).masked_fill(~inside, fill), inside
+
+
+def _pad_column(ids: torch.Tensor, mask: torch.Tensor, fill: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One more column of ``fill`` (mask False) on the right of ids, mask [B, L]."""
+    return F.pad(ids, (0, 1), value=fill), F.pad(mask, (0, 1), value=False)
