@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -20,17 +21,28 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def bench_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU; float32 on the CPU, where bfloat16 attention is not what anyone runs."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.2) -> float:
-    """Median wall time of fn in milliseconds: triton.testing.do_bench on a GPU, torch.utils.benchmark on the CPU."""
+    """Median wall time of fn in milliseconds: triton.testing.do_bench on a GPU, torch.utils.benchmark on the CPU.
+
+    On the CPU a call slower than min_run_time is timed once after its warm-up call.
+    """
     if device.type == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
     from torch.utils import benchmark
 
+    start = time.perf_counter()
     fn()
-    measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return measurement.median * 1e3
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    if time.perf_counter() - start > min_run_time:
+        return timer.timeit(number=1).median * 1e3
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
@@ -82,6 +94,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -93,3 +106,39 @@ def write_results(name: str, device: torch.device, rows: List[dict], out_dir: Op
     payload = {"environment": environment(device), **extra, "rows": rows}
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+QUICK_ENV_VAR = "MPLUG_BENCH_QUICK"
+
+
+def quick_mode() -> bool:
+    """True when MPLUG_BENCH_QUICK=1: every benchmark shrinks to a tiny grid (smoke tests, CPU pytest runs)."""
+    return os.environ.get(QUICK_ENV_VAR, "0") == "1"
+
+
+def add_common_arguments(parser) -> None:
+    """The flags every benchmark CLI shares: --json-dir, --quick, --backends, --min-run-time."""
+    parser.add_argument("--json-dir", type=Path, default=None, help=f"where JSON and PNG go (default {RESULTS_DIR})")
+    parser.add_argument("--quick", action="store_true", help=f"tiny grid for a smoke run (also env {QUICK_ENV_VAR}=1)")
+    parser.add_argument("--backends", nargs="+", default=None, help="only these backends (default: every available)")
+    parser.add_argument("--min-run-time", type=float, default=0.2, help="CPU timing: seconds per measurement")
+
+
+def progress(items, desc: str):
+    """A tqdm progress bar over items (on stderr)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """fn followed by a device synchronize, so wall-clock timers (pytest-benchmark) see the GPU work."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result
+
+    return run

@@ -1,0 +1,120 @@
+"""Full-model rows: mPLUG training step and VQA generation, our fused model vs the authors' eager math without cache.
+
+"fused": attention backend "auto" (the fastest available kernel) and the decoder's KV cache.
+"eager": the "reference" backend (plain PyTorch math, the sdpa-free path) and no KV cache (the whole prefix
+re-run every step), the way the authors' code generates.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from bench.common import bench_dtype, peak_memory_mb, progress, time_ms
+from bench.fusion import CONFIGS
+from mplug import MPLUG, MPLUGConfig
+
+SETUPS = {
+    "fused": {"backend": "auto", "use_cache": True, "label": "fused (auto backend, KV cache)"},
+    "eager": {"backend": "reference", "use_cache": False, "label": "eager math (reference backend), no KV cache"},
+}
+TASKS = ("train_step", "vqa_generate")
+QUESTION_LEN = 25
+NUM_BEAMS = 5
+ANSWER_TOKENS = 10
+
+
+def build_model(config: MPLUGConfig, device: torch.device, dtype: torch.dtype) -> MPLUG:
+    """mPLUG with seeded random weights (the same weights for every setup)."""
+    torch.manual_seed(0)
+    return MPLUG(config).to(device=device, dtype=dtype)
+
+
+def make_batch(config: MPLUGConfig, batch: int, device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Random images [B, 3, S, S], question/caption ids [B, 25] starting with the start token, all-True masks."""
+    generator = torch.Generator(device="cpu").manual_seed(2)
+    images = torch.randn(batch, 3, config.image_size, config.image_size, generator=generator)
+    ids = torch.randint(config.mask_token_id + 1, config.vocab_size, (batch, QUESTION_LEN), generator=generator)
+    ids[:, 0] = config.bos_token_id
+    return {
+        "images": images.to(device=device, dtype=dtype),
+        "text_ids": ids.to(device),
+        "text_mask": torch.ones(batch, QUESTION_LEN, dtype=torch.bool, device=device),
+    }
+
+
+def train_step_function(model: MPLUG, inputs: Dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One pretraining step: the four losses (ITC, ITM, MLM, PrefixLM) summed, backward (no optimizer update)."""
+
+    def train_step():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        losses = model.pretrain_losses(inputs["images"], inputs["text_ids"], inputs["text_mask"])
+        sum(loss.float() for loss in losses.values()).backward()
+
+    return train_step
+
+
+def generate_function(model: MPLUG, inputs: Dict[str, torch.Tensor], use_cache: bool) -> Callable[[], object]:
+    """VQA beam search (beam 5, exactly 10 answer tokens: random weights would otherwise stop at arbitrary lengths)."""
+
+    def generate():
+        model.eval()
+        with torch.no_grad():
+            return model.vqa_generate(
+                inputs["images"], inputs["text_ids"], inputs["text_mask"], num_beams=NUM_BEAMS,
+                min_length=ANSWER_TOKENS, max_length=ANSWER_TOKENS, use_cache=use_cache,
+            )
+
+    return generate
+
+
+def measure(task: str, setup: str, function: Callable[[], object], batch: int, device, min_run_time: float) -> dict:
+    """One row: ms per call, items (training samples or answers) per second, peak memory."""
+    row = {"benchmark": "model", "task": task, "setup": setup, "label": SETUPS[setup]["label"], "batch": batch}
+    try:
+        ms = time_ms(function, device, min_run_time=min_run_time)
+        row.update(ms=ms, per_second=batch / (ms * 1e-3), peak_memory_mb=peak_memory_mb(function, device))
+    except Exception as error:  # a failing task (missing, out of memory) is reported in the table, not fatal
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return row
+
+
+def run(
+    device: torch.device, config_name: str = "base", batch: Optional[int] = None, min_run_time: float = 0.2
+) -> Tuple[List[dict], dict]:
+    """(rows, extra JSON fields): train_step and vqa_generate for the fused and eager setups. CPU batch 2, GPU 32."""
+    config = CONFIGS[config_name](dropout=0.0)
+    dtype = bench_dtype(device)
+    batch = batch or (32 if device.type == "cuda" else 2)
+    model = build_model(config, device, dtype)
+    inputs = make_batch(config, batch, device, dtype)
+    rows = []
+    for setup, task in progress(list(itertools.product(SETUPS, TASKS)), "model"):
+        model.set_attn_backend(SETUPS[setup]["backend"])
+        if task == "train_step":
+            function = train_step_function(model, inputs)
+        else:
+            function = generate_function(model, inputs, SETUPS[setup]["use_cache"])
+        rows.append(measure(task, setup, function, batch, device, min_run_time))
+    return rows, {
+        "benchmark": "model",
+        "config": config_name,
+        "batch": batch,
+        "dtype": str(dtype).replace("torch.", ""),
+        "generation": f"beam {NUM_BEAMS}, {ANSWER_TOKENS} answer tokens, question length {QUESTION_LEN}",
+        "train_step": "pretrain_losses (ITC + ITM + MLM + PrefixLM) forward + backward, no optimizer update",
+        "speedups": speedups(rows),
+    }
+
+
+def speedups(rows: List[dict]) -> Dict[str, float]:
+    """fused / eager throughput per task (only where both were measured)."""
+    rate = {(row["task"], row["setup"]): row.get("per_second") for row in rows}
+    return {
+        task: rate[(task, "fused")] / rate[(task, "eager")]
+        for task in TASKS
+        if rate.get((task, "fused")) and rate.get((task, "eager"))
+    }
+
