@@ -31,13 +31,13 @@ def attention_forward(
     """out [B, Lq, H, D] and lse [B, H, Lq] on the kernel backend named ``backend``."""
     masks = _masks_per_source(len(ks), present_masks, mask_bits)
     out, lse = get_backend(backend).forward(q, ks, vs, masks, softmax_scale)
-    return out, lse
+    return out.contiguous(), lse.contiguous()
 
 
 @attention_forward.register_fake
 def _attention_forward_fake(q, ks, vs, present_masks, mask_bits, softmax_scale, backend):
     batch, q_len, heads, _ = q.shape
-    return torch.empty_like(q), q.new_empty((batch, heads, q_len), dtype=_lse_dtype(q))
+    return q.new_empty(q.shape), q.new_empty((batch, heads, q_len), dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("mplug_kernels::attention_backward", mutates_args=())
@@ -60,14 +60,14 @@ def attention_backward(
     dq, dks, dvs = get_backend(backend).backward(
         dout, dlse, q, ks, vs, masks, out, lse, softmax_scale, deterministic
     )
-    return [dq, *dks, *dvs]
+    return [grad.contiguous() for grad in (dq, *dks, *dvs)]
 
 
 @attention_backward.register_fake
 def _attention_backward_fake(
     dout, dlse, q, ks, vs, present_masks, mask_bits, out, lse, softmax_scale, backend, deterministic
 ):
-    return [torch.empty_like(q)] + [torch.empty_like(k) for k in ks] + [torch.empty_like(v) for v in vs]
+    return [x.new_empty(x.shape) for x in (q, *ks, *vs)]
 
 
 def _masks_per_source(num_sources: int, present_masks, mask_bits: int) -> List[Optional[torch.Tensor]]:

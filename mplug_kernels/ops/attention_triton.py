@@ -339,7 +339,7 @@ def forward(
     vs = [_last_dim_contiguous(v) for v in vs]
     masks = [_mask_bytes(m) for m in masks]
     batch, q_len, heads, head_dim = q.shape
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     block_m, block_n, block_d = _block_m(q_len), 64, _block_d(head_dim)
     m_tiles = triton.cdiv(q_len, block_m)
@@ -391,7 +391,7 @@ def backward(
     acc_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2))
     dks, dvs = [], []
     for k, v, mask in zip(ks, vs, masks):
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
         source = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                   mask.stride(0) if mask is not None else 0)
         mask_arg = mask if mask is not None else k

@@ -1,0 +1,46 @@
+"""`python -m mplug_kernels.info`: versions, devices, and every backend's availability with its reasons."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from mplug_kernels import __version__
+from mplug_kernels.backends import BACKENDS, AttentionCall
+from mplug_kernels.backends.cuda import build_info
+
+
+def _typical_call(device_type: str) -> AttentionCall:
+    """A bfloat16 (float32 on the CPU) co-attention training call with a mask and lse, D = 64."""
+    dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    return AttentionCall(device_type, dtype, 64, 1, True, True, True)
+
+
+def report() -> str:
+    """The text printed by ``python -m mplug_kernels.info``."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.cuda.get_device_name() if device_type == "cuda" else f"CPU ({platform.machine()})"
+    lines = [
+        f"mplug_kernels {__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}",
+        f"device: {device}",
+        f"CUDA extension _C: {build_info()}",
+        f"backends for {_typical_call(device_type).describe()}:",
+    ]
+    call = _typical_call(device_type)
+    for name, backend in sorted(BACKENDS.items(), key=lambda item: item[1].rank(call)):
+        unavailable = backend.unavailable_reason()
+        reasons = backend.reasons(call)
+        state = "unavailable" if unavailable else ("supported" if not reasons else "available")
+        lines.append(f"  {name:<11} {state:<12} {'; '.join(reasons)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
