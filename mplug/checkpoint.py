@@ -44,8 +44,8 @@ def _read(path_or_state_dict, weights_only: bool) -> Dict[str, torch.Tensor]:
     return path_or_state_dict
 
 
-def _renamed(key: str, config) -> Tuple[str, bool]:
-    """(our name for an official key, whether the model may lack it without it being unexpected)."""
+def _renamed(key: str, config) -> Tuple[Optional[str], bool]:
+    """(our name for an official key or None for a fusion layer that never runs, whether the model may lack it)."""
     for old, new in PREFIX_RENAMES:
         if key.startswith(old):
             key = new + key[len(old):]
@@ -54,7 +54,7 @@ def _renamed(key: str, config) -> Tuple[str, bool]:
     if match:
         k = int(match.group(1)) - config.text_layers
         if k < 0:
-            return key, True
+            return None, True
         key = f"fusion_encoder.encoder.layer.{k}.{match.group(2)}"
         return key, config.is_connected_layer(k) and match.group(2).startswith("crossattention.")
     return key, key.endswith("predictions.decoder.bias")
@@ -105,7 +105,7 @@ def load_official_checkpoint(
             ignored.append(official_key)
             continue
         key, may_be_absent = _renamed(official_key, config)
-        if key not in ours:
+        if key is None or key not in ours:
             (ignored if may_be_absent else unexpected).append(official_key)
             continue
         if not isinstance(value, torch.Tensor):

@@ -1,0 +1,237 @@
+"""load_official_checkpoint on state dicts written with the authors' key names and shapes (SPEC.md layout)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mplug import MPLUG, MPLUGConfig, load_official_checkpoint
+from mplug.checkpoint import resize_positional_embedding
+
+
+def linear_keys(prefix, out_features, in_features):
+    return {f"{prefix}.weight": (out_features, in_features), f"{prefix}.bias": (out_features,)}
+
+
+def norm_keys(prefix, width):
+    return {f"{prefix}.weight": (width,), f"{prefix}.bias": (width,)}
+
+
+def bert_layer_keys(prefix, c, cross: bool):
+    h, i = c.hidden_size, c.intermediate_size
+    keys = {}
+    for block in ("attention", "crossattention") if cross else ("attention",):
+        for name in ("query", "key", "value"):
+            keys.update(linear_keys(f"{prefix}.{block}.self.{name}", h, h))
+        keys.update(linear_keys(f"{prefix}.{block}.output.dense", h, h))
+        keys.update(norm_keys(f"{prefix}.{block}.output.LayerNorm", h))
+    keys.update(linear_keys(f"{prefix}.intermediate.dense", i, h))
+    keys.update(linear_keys(f"{prefix}.output.dense", h, i))
+    keys.update(norm_keys(f"{prefix}.output.LayerNorm", h))
+    return keys
+
+
+def embedding_keys(prefix, c):
+    h = c.hidden_size
+    keys = {
+        f"{prefix}.word_embeddings.weight": (c.vocab_size, h),
+        f"{prefix}.position_embeddings.weight": (c.max_position_embeddings, h),
+        f"{prefix}.token_type_embeddings.weight": (2, h),
+    }
+    keys.update(norm_keys(f"{prefix}.LayerNorm", h))
+    return keys
+
+
+def prediction_keys(prefix, c):
+    keys = {f"{prefix}.bias": (c.vocab_size,), f"{prefix}.decoder.weight": (c.vocab_size, c.hidden_size)}
+    keys.update(linear_keys(f"{prefix}.transform.dense", c.hidden_size, c.hidden_size))
+    keys.update(norm_keys(f"{prefix}.transform.LayerNorm", c.hidden_size))
+    return keys
+
+
+def official_layout(c: MPLUGConfig, pretrained: bool):
+    """(official key -> shape, official key -> our key or None when it must be skipped), per SPEC.md."""
+    w, h = c.vision_width, c.hidden_size
+    shapes, ours = {}, {}
+
+    def add(keys, rename=lambda key: key):
+        shapes.update(keys)
+        ours.update({key: rename(key) for key in keys})
+
+    visual = "visual_encoder.visual"
+    add({f"{visual}.class_embedding": (w,), f"{visual}.positional_embedding": (c.num_visual_tokens, w),
+         f"{visual}.conv1.weight": (w, 3, c.patch_size, c.patch_size)})
+    add(norm_keys(f"{visual}.ln_pre", w))
+    add(norm_keys(f"{visual}.ln_post", w))
+    for n in range(c.vision_layers):
+        block = f"{visual}.transformer.resblocks.{n}"
+        add({f"{block}.attn.in_proj_weight": (3 * w, w), f"{block}.attn.in_proj_bias": (3 * w,)})
+        add(linear_keys(f"{block}.attn.out_proj", w, w))
+        add(linear_keys(f"{block}.mlp.c_fc", 4 * w, w))
+        add(linear_keys(f"{block}.mlp.c_proj", w, 4 * w))
+        add(norm_keys(f"{block}.ln_1", w))
+        add(norm_keys(f"{block}.ln_2", w))
+    add(linear_keys("visn_fc", h, w), lambda key: "visual_encoder." + key)
+    add(norm_keys("visn_layer_norm", h), lambda key: "visual_encoder." + key)
+
+    text = "text_encoder.bert" if pretrained else "text_encoder"
+    strip_bert = lambda key: key.replace("text_encoder.bert.", "text_encoder.")
+    add(embedding_keys(f"{text}.embeddings", c), strip_bert)
+    for n in range(c.text_layers):
+        add(bert_layer_keys(f"{text}.encoder.layer.{n}", c, cross=False), strip_bert)
+    if pretrained:
+        add(prediction_keys("text_encoder.cls.predictions", c), lambda key: key.replace("text_encoder.cls.predictions", "mlm_head"))
+
+    fusion = "fusion_encoder.fusion" if pretrained else "fusion_encoder"
+    for n in range(c.text_layers + c.fusion_layers):
+        k = n - c.text_layers
+
+        def fused(key, k=k):
+            if k < 0 or (c.is_connected_layer(k) and ".crossattention." in key):
+                return None
+            return key.replace(f"{fusion}.encoder.layer.{n}.", f"fusion_encoder.encoder.layer.{k}.")
+
+        add(bert_layer_keys(f"{fusion}.encoder.layer.{n}", c, cross=True), fused)
+
+    add(embedding_keys("text_decoder.bert.embeddings", c))
+    for n in range(c.decoder_layers):
+        add(bert_layer_keys(f"text_decoder.bert.encoder.layer.{n}", c, cross=True))
+    add(prediction_keys("text_decoder.cls.predictions", c))
+    add({"text_decoder.cls.predictions.decoder.bias": (c.vocab_size,)}, lambda key: None)
+
+    add(linear_keys("vision_proj", c.embed_dim, h))
+    add(linear_keys("text_proj", c.embed_dim, h))
+    add(linear_keys("itm_head", 2, h))
+    add({"temp": ()})
+    skipped = {
+        "image_queue": (c.embed_dim, 4096), "text_queue": (c.embed_dim, 4096), "queue_ptr": (1,),
+        "vision_proj_m.weight": (c.embed_dim, h), "text_encoder_m.embeddings.word_embeddings.weight": (c.vocab_size, h),
+        "visual_encoder_m.visual.class_embedding": (w,),
+    }
+    add(skipped, lambda key: None)
+    return shapes, ours
+
+
+def official_state_dict(c: MPLUGConfig, pretrained: bool = False, seed: int = 0):
+    """A random state dict with the official keys; tied LM-head weights equal their embeddings, as the authors save them."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes, ours = official_layout(c, pretrained)
+    state = {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+    state["queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    state["text_decoder.cls.predictions.decoder.weight"] = state["text_decoder.bert.embeddings.word_embeddings.weight"]
+    if pretrained:
+        text = "text_encoder.bert.embeddings.word_embeddings.weight"
+        state["text_encoder.cls.predictions.decoder.weight"] = state[text]
+    return state, ours
+
+
+def assert_loaded(model, state, ours):
+    loaded = model.state_dict()
+    for official, key in ours.items():
+        if key is not None:
+            torch.testing.assert_close(loaded[key], state[official].to(loaded[key].dtype), atol=0, rtol=0, msg=lambda m: f"{official} -> {key}: {m}")
+
+
+@pytest.mark.parametrize("pretrained", [False, True], ids=["finetuned", "pretrained"])
+@pytest.mark.parametrize("wrapper", ["model", "module", "bare"])
+def test_official_layout_loads_every_parameter(pretrained, wrapper):
+    config = MPLUGConfig.tiny()
+    model = MPLUG(config)
+    state, ours = official_state_dict(config, pretrained)
+    checkpoint = state if wrapper == "bare" else {wrapper: state, "epoch": 3}
+    result = load_official_checkpoint(model, checkpoint, strict=pretrained)
+    assert result.unexpected_keys == []
+    expected_missing = [] if pretrained else ["mlm_head.bias", "mlm_head.transform.dense.weight",
+                                               "mlm_head.transform.dense.bias", "mlm_head.transform.LayerNorm.weight",
+                                               "mlm_head.transform.LayerNorm.bias"]
+    assert sorted(result.missing_keys) == sorted(expected_missing)
+    assert sorted(result.ignored_keys) == sorted(key for key, mapped in ours.items() if mapped is None)
+    assert_loaded(model, state, ours)
+    covered = {key for key in ours.values() if key is not None}
+    tied = {"text_decoder.cls.predictions.decoder.weight", "mlm_head.decoder.weight"}
+    assert set(model.state_dict()) - covered - tied - {"image_queue", "text_queue", "queue_ptr"} == set(expected_missing)
+
+
+def test_tied_heads_follow_their_embeddings():
+    config = MPLUGConfig.tiny()
+    model = MPLUG(config)
+    state, _ = official_state_dict(config, pretrained=True)
+    load_official_checkpoint(model, state)
+    decoder_embeddings = model.text_decoder.bert.embeddings.word_embeddings.weight
+    assert model.text_decoder.cls.predictions.decoder.weight is decoder_embeddings
+    assert model.mlm_head.decoder.weight is model.text_encoder.embeddings.word_embeddings.weight
+    torch.testing.assert_close(decoder_embeddings.detach(), state["text_decoder.bert.embeddings.word_embeddings.weight"])
+
+
+def test_loads_from_a_path_with_module_prefix(tmp_path):
+    config = MPLUGConfig.tiny()
+    model = MPLUG(config)
+    state, ours = official_state_dict(config)
+    path = tmp_path / "mplug_tiny.pth"
+    torch.save({"model": {"module." + key: value for key, value in state.items()}}, path)
+    result = load_official_checkpoint(model, str(path))
+    assert result.unexpected_keys == []
+    assert_loaded(model, state, ours)
+
+
+def test_positional_embedding_resized_to_configured_image_size():
+    config = MPLUGConfig.tiny(image_size=48)  # 6 x 6 grid; the checkpoint has 4 x 4 (image 32)
+    model = MPLUG(config)
+    state, _ = official_state_dict(MPLUGConfig.tiny())
+    key = "visual_encoder.visual.positional_embedding"
+    result = load_official_checkpoint(model, state)
+    assert key not in result.missing_keys
+    loaded = model.visual_encoder.visual.positional_embedding.detach()
+    assert loaded.shape == (37, config.vision_width)
+    torch.testing.assert_close(loaded[0], state[key][0], atol=0, rtol=0)
+    grid = state[key][1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(6, 6), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(36, -1)
+    torch.testing.assert_close(loaded[1:], expected)
+
+
+def test_resize_keeps_constant_grid_and_class_row():
+    positions = torch.cat([torch.full((1, 8), -3.0), torch.full((16, 8), 2.5)])
+    resized = resize_positional_embedding(positions, 1 + 49)
+    assert resized.shape == (50, 8)
+    assert torch.equal(resized[0], positions[0])
+    torch.testing.assert_close(resized[1:], torch.full((49, 8), 2.5))
+    with pytest.raises(ValueError, match="square"):
+        resize_positional_embedding(positions, 1 + 50)
+
+
+def test_wrong_shapes_name_the_offending_keys():
+    config = MPLUGConfig.tiny()
+    model = MPLUG(config)
+    state, _ = official_state_dict(config)
+    state["text_encoder.encoder.layer.1.intermediate.dense.weight"] = torch.randn(7, config.hidden_size)
+    state["itm_head.weight"] = torch.randn(3, config.hidden_size)
+    with pytest.raises(ValueError) as error:
+        load_official_checkpoint(model, state)
+    message = str(error.value)
+    assert "text_encoder.encoder.layer.1.intermediate.dense.weight" in message and "(7, 64)" in message
+    assert "itm_head.weight" in message and "(3, 64)" in message and "(2, 64)" in message
+
+
+def test_strict_raises_on_missing_and_unexpected_keys():
+    config = MPLUGConfig.tiny()
+    state, _ = official_state_dict(config, pretrained=True)
+    del state["itm_head.bias"]
+    result = load_official_checkpoint(MPLUG(config), dict(state, **{"some_new_head.weight": torch.zeros(2)}))
+    assert result.missing_keys == ["itm_head.bias"]
+    assert result.unexpected_keys == ["some_new_head.weight"]
+    with pytest.raises(RuntimeError, match="itm_head.bias"):
+        load_official_checkpoint(MPLUG(config), state, strict=True)
+
+
+def test_coattn_model_reports_its_vision_layers_missing():
+    """The paper's two-way co-attention baseline has vision-side layers no official checkpoint holds."""
+    config = MPLUGConfig.tiny(fusion="coattn")
+    state, _ = official_state_dict(config)
+    result = load_official_checkpoint(MPLUG(config), state)
+    assert result.missing_keys and all(key.startswith(("fusion_encoder.vision_encoder.", "mlm_head.")) for key in result.missing_keys)
+    assert any(key.startswith("fusion_encoder.vision_encoder.layer.3.") for key in result.missing_keys)
+
+
+def test_not_a_checkpoint_is_a_type_error():
+    with pytest.raises(TypeError, match="path or a dict"):
+        load_official_checkpoint(MPLUG(MPLUGConfig.tiny()), [1, 2, 3])
