@@ -8,12 +8,13 @@ deterministic dQ kernel). Layout [B, S, H, D] with any strides (last dim contigu
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from mplug_kernels.backends.triton import interpreter_on
 
 LOG2E = 1.4426950408889634
 MAX_SOURCES = 4
@@ -118,6 +119,24 @@ def _forward_kernel(
         o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok)
         tl.store(LSE + pid_bh * q_len + offs_m, lse, mask=row_ok)
+
+
+_tuned_forward_kernel = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        for block_n in (64, 128)
+        for warps in (4, 8)
+        for stages in (2, 3, 4)
+    ],
+    key=["q_len", "head_dim", "split_size", "NUM_SOURCES", "SPLIT", "BLOCK_M", "BLOCK_D"],
+)(_forward_kernel)
+
+
+def _forward_launcher():
+    """The autotuned kernel on a GPU; fixed meta-parameters under the CPU interpreter (tuning there is meaningless)."""
+    if interpreter_on():
+        return _forward_kernel, {"BLOCK_N": 64}
+    return _tuned_forward_kernel, {}
 
 
 @triton.jit
@@ -352,13 +371,14 @@ def forward(
     part_lse = torch.empty((num_splits, batch * heads, q_len), dtype=torch.float32, device=q.device) if split else lse
     pointers, strides, has_mask, lengths = _source_args(ks, vs, masks)
     grid = (m_tiles, batch * heads, num_splits)
-    _forward_kernel[grid](
+    kernel, tuning = _forward_launcher()
+    kernel[grid](
         q, out, lse, part_out, part_lse, *pointers,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *strides, *lengths,
         heads, q_len, head_dim, split_size, softmax_scale * LOG2E,
         NUM_SOURCES=len(ks), HAS_M0=has_mask[0], HAS_M1=has_mask[1], HAS_M2=has_mask[2], HAS_M3=has_mask[3],
-        SPLIT=split, PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        SPLIT=split, PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_D=block_d, **tuning,
     )
     if split:
         _combine_kernel[(batch * heads * q_len,)](
