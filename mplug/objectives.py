@@ -16,7 +16,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """float16/bfloat16 -> float32; float32/float64 unchanged."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -59,7 +59,7 @@ def itc_loss(
     sim_i2t = image_feat @ text_bank / temp
     sim_t2i = text_feat @ image_bank / temp
     targets = torch.arange(image_feat.shape[0], device=image_feat.device) + offset
-    loss = (F.cross_entropy(_upcast(sim_i2t), targets) + F.cross_entropy(_upcast(sim_t2i), targets)) / 2
+    loss = (F.cross_entropy(upcast(sim_i2t), targets) + F.cross_entropy(upcast(sim_t2i), targets)) / 2
     return loss, sim_i2t, sim_t2i
 
 
@@ -80,7 +80,7 @@ def sample_hard_negatives(similarity: torch.Tensor, generator: Optional[torch.Ge
     """For each row of similarity [B, B] a column != itself, drawn with probability softmax(row) -> long [B]."""
     if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1] or similarity.shape[0] < 2:
         raise ValueError(f"hard negatives need a square [B, B] similarity with B >= 2, got shape {tuple(similarity.shape)}")
-    weights = torch.softmax(_upcast(similarity), dim=1)
+    weights = torch.softmax(upcast(similarity), dim=1)
     weights.fill_diagonal_(0.0)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 

@@ -1,0 +1,234 @@
+"""mPLUG's tasks on an MPLUG model: pretraining losses, VQA answers and captions by beam search, retrieval scores.
+
+``MPLUG.pretrain_losses`` / ``vqa_generate`` / ``caption_generate`` / ``retrieval_scores`` call these.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from mplug.generation import BeamSearchOutput, DecoderStep, beam_search
+from mplug.objectives import (
+    enqueue,
+    global_token_mean,
+    itc_loss,
+    mask_tokens,
+    prefix_split,
+    random_prefix_lengths,
+    sample_hard_negatives,
+    upcast,
+)
+
+
+class RetrievalScores(NamedTuple):
+    """itc [Ni, Nt] contrastive similarities; i2t [Ni, Nt] and t2i [Nt, Ni] ITM match logits of each query's
+    ITC top-k candidates, -inf elsewhere (rank by these)."""
+
+    itc: torch.Tensor
+    i2t: torch.Tensor
+    t2i: torch.Tensor
+
+
+def _check_batches(images: torch.Tensor, ids_name: str, ids) -> None:
+    if isinstance(images, torch.Tensor) and isinstance(ids, torch.Tensor) and images.dim() and ids.dim():
+        if images.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"images has batch {images.shape[0]} but {ids_name} has batch {ids.shape[0]} (shape {tuple(ids.shape)}); they must match"
+            )
+
+
+def encode_images(model, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """images [B, 3, H, W] -> (image_embeds [B, Lv, hidden], image_mask bool [B, Lv], all True)."""
+    image_embeds = model.visual_encoder(images)
+    return image_embeds, torch.ones(image_embeds.shape[:2], dtype=torch.bool, device=image_embeds.device)
+
+
+def contrastive_features(model, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unimodal [CLS] states [B, L, hidden] -> normalised ITC features (image [B, E], text [B, E])."""
+    image_feat = F.normalize(model.vision_proj(image_embeds[:, 0]), dim=-1)
+    text_feat = F.normalize(model.text_proj(text_embeds[:, 0]), dim=-1)
+    return image_feat, text_feat
+
+
+def itm_logits(model, image_embeds, image_mask, text_embeds, text_mask) -> torch.Tensor:
+    """Matched/unmatched logits [B, 2] of pairs (image_embeds[b], text_embeds[b]) from the fused text [CLS]."""
+    _, text_out = model.fusion_encoder(image_embeds, image_mask, text_embeds, text_mask)
+    return model.itm_head(text_out[:, 0])
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits [B, L, V] at labels [B, L] (-100 ignored), averaged over the tokens of every process."""
+    losses = F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten(), reduction="none")
+    return global_token_mean(losses.view(labels.shape), labels)
+
+
+def pretrain_losses(
+    model,
+    images: torch.Tensor,
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    *,
+    mlm_probability: float = 0.15,
+    generator: Optional[torch.Generator] = None,
+    mlm_inputs: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    prefix_lengths: Optional[torch.Tensor] = None,
+    update_queue: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """images [B, 3, H, W], right-padded texts [CLS] .. [SEP] ids [B, L] with bool mask -> {"itc", "itm", "mlm",
+    "prefix_lm"} scalar losses (B >= 2 for hard negatives).
+
+    Random choices (MLM masking, PrefixLM split, hard negatives) use ``generator``; ``mlm_inputs`` = (masked ids,
+    labels) and ``prefix_lengths`` [B] fix the first two. In training mode the ITC queues take this batch's features.
+    """
+    _check_batches(images, "text_ids", text_ids)
+    config = model.config
+    image_embeds, image_mask = encode_images(model, images)
+    text_embeds = model.text_encoder(text_ids, text_mask)
+    image_feat, text_feat = contrastive_features(model, image_embeds, text_embeds)
+    temp = model.temp.clamp(0.001, 0.5)
+    losses = {"itc": itc_loss(image_feat, text_feat, temp, model.image_queue, model.text_queue)[0]}
+    losses["itm"] = _itm_loss(model, image_embeds, image_mask, text_embeds, text_mask, image_feat, text_feat, temp, generator)
+    if mlm_inputs is None:
+        special_ids = (config.pad_token_id, config.bos_token_id, config.eos_token_id)
+        mlm_inputs = mask_tokens(
+            text_ids, text_mask, vocab_size=config.vocab_size, mask_token_id=config.mask_token_id,
+            special_ids=special_ids, probability=mlm_probability, generator=generator,
+        )
+    masked_ids, mlm_labels = mlm_inputs
+    _, masked_out = model.fusion_encoder(image_embeds, image_mask, model.text_encoder(masked_ids, text_mask), text_mask)
+    losses["mlm"] = token_loss(model.mlm_head(masked_out), mlm_labels)
+    if prefix_lengths is None:
+        prefix_lengths = random_prefix_lengths(text_mask, generator)
+    losses["prefix_lm"] = _prefix_lm_loss(model, image_embeds, image_mask, text_ids, text_mask, prefix_lengths)
+    if update_queue and model.training:
+        enqueue(model.image_queue, model.text_queue, model.queue_ptr, image_feat, text_feat)
+    return losses
+
+
+def _itm_loss(model, image_embeds, image_mask, text_embeds, text_mask, image_feat, text_feat, temp, generator):
+    """ITM over B matched pairs, B images with a hard-negative text and B texts with a hard-negative image."""
+    similarity = (image_feat @ text_feat.t()).detach() / temp.detach()
+    negative_text = sample_hard_negatives(similarity, generator)
+    negative_image = sample_hard_negatives(similarity.t(), generator)
+    images = torch.cat([image_embeds, image_embeds, image_embeds[negative_image]])
+    texts = torch.cat([text_embeds, text_embeds[negative_text], text_embeds])
+    masks = torch.cat([text_mask, text_mask[negative_text], text_mask])
+    logits = itm_logits(model, images, image_mask.repeat(3, 1), texts, masks)
+    batch = image_embeds.shape[0]
+    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
+    return F.cross_entropy(upcast(logits), labels)
+
+
+def _prefix_lm_loss(model, image_embeds, image_mask, text_ids, text_mask, prefix_lengths):
+    """The decoder predicts each text's remainder from the fused [v; prefix]."""
+    config = model.config
+    prefix_ids, prefix_mask, decoder_ids, decoder_mask, labels = prefix_split(
+        text_ids, text_mask, prefix_lengths,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+    )
+    image_out, prefix_out = model.fusion_encoder(image_embeds, image_mask, model.text_encoder(prefix_ids, prefix_mask), prefix_mask)
+    logits = model.text_decoder(decoder_ids, decoder_mask, memory=(image_out, prefix_out), memory_masks=(image_mask, prefix_mask))
+    return token_loss(logits, labels)
+
+
+def _generate(model, memory, memory_masks, prompt_ids, num_beams, use_cache, **search) -> BeamSearchOutput:
+    """Beam search of the decoder over ``memory`` from prompt_ids [B, P] (default [BOS])."""
+    config = model.config
+    if prompt_ids is None:
+        prompt_ids = torch.full((memory[0].shape[0], 1), config.bos_token_id, dtype=torch.long, device=memory[0].device)
+    step = DecoderStep(model.text_decoder, memory, memory_masks, num_beams, use_cache)
+    return beam_search(
+        step, prompt_ids, num_beams=num_beams, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, **search
+    )
+
+
+@torch.no_grad()
+def vqa_generate(
+    model,
+    images: torch.Tensor,
+    question_ids: torch.Tensor,
+    question_mask: torch.Tensor,
+    *,
+    num_beams: int = 5,
+    min_length: int = 1,
+    max_length: int = 10,
+    num_return_sequences: int = 1,
+    use_cache: bool = True,
+    prompt_ids: Optional[torch.Tensor] = None,
+) -> BeamSearchOutput:
+    """Answers to questions [B, Lq] about images [B, 3, H, W]: the decoder reads the fused [v; t] -> BeamSearchOutput
+    (sequences [B, R, <= max_length] answer ids ending with [SEP]). use_cache=False is the authors' full re-run."""
+    _check_batches(images, "question_ids", question_ids)
+    image_embeds, image_mask = encode_images(model, images)
+    question_embeds = model.text_encoder(question_ids, question_mask)
+    image_out, question_out = model.fusion_encoder(image_embeds, image_mask, question_embeds, question_mask)
+    return _generate(
+        model, (image_out, question_out), (image_mask, question_mask), prompt_ids, num_beams, use_cache,
+        min_length=min_length, max_length=max_length, num_return_sequences=num_return_sequences,
+    )
+
+
+@torch.no_grad()
+def caption_generate(
+    model,
+    images: torch.Tensor,
+    *,
+    num_beams: int = 5,
+    min_length: int = 8,
+    max_length: int = 25,
+    num_return_sequences: int = 1,
+    use_cache: bool = True,
+    prompt_ids: Optional[torch.Tensor] = None,
+) -> BeamSearchOutput:
+    """Captions of images [B, 3, H, W]: the decoder reads the vision tokens only -> BeamSearchOutput
+    (sequences [B, R, <= max_length]). prompt_ids [B, P] (starting with [CLS]) seed every caption."""
+    if prompt_ids is not None:
+        _check_batches(images, "prompt_ids", prompt_ids)
+    image_embeds, image_mask = encode_images(model, images)
+    return _generate(
+        model, (image_embeds,), (image_mask,), prompt_ids, num_beams, use_cache,
+        min_length=min_length, max_length=max_length, num_return_sequences=num_return_sequences,
+    )
+
+
+@torch.no_grad()
+def retrieval_scores(
+    model, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, *, k: int = 16, batch_size: int = 64
+) -> RetrievalScores:
+    """Image-text retrieval over images [Ni, 3, H, W] and texts [Nt, L]: ITC similarities, then each query's top-k
+    candidates re-ranked by the ITM match logit (pairs fused ``batch_size`` at a time) -> RetrievalScores."""
+    if not isinstance(k, int) or k < 1 or batch_size < 1:
+        raise ValueError(f"k and batch_size must be positive ints, got k={k!r}, batch_size={batch_size!r}")
+    image_embeds = torch.cat([model.visual_encoder(chunk) for chunk in images.split(batch_size)])
+    text_mask = torch.ones(text_ids.shape, dtype=torch.bool, device=text_ids.device) if text_mask is None else text_mask
+    text_embeds = torch.cat(
+        [model.text_encoder(ids, mask) for ids, mask in zip(text_ids.split(batch_size), text_mask.split(batch_size))]
+    )
+    image_feat, text_feat = contrastive_features(model, image_embeds, text_embeds)
+    itc = image_feat @ text_feat.t()
+    match = partial(_match_logits, model, image_embeds, text_embeds, text_mask, batch_size)
+    i2t = _rerank(itc, k, match)
+    t2i = _rerank(itc.t(), k, lambda texts, images: match(images, texts))
+    return RetrievalScores(itc, i2t, t2i)
+
+
+def _rerank(similarity: torch.Tensor, k: int, score_pairs) -> torch.Tensor:
+    """similarity [Nq, Nc]: each row's top-k columns get score_pairs(rows, columns) [P], the rest -inf."""
+    k = min(k, similarity.shape[1])
+    columns = similarity.topk(k, dim=1).indices
+    rows = torch.arange(similarity.shape[0], device=similarity.device).repeat_interleave(k)
+    scores = score_pairs(rows, columns.flatten()).view(-1, k)
+    return torch.full_like(similarity, float("-inf")).scatter(1, columns, scores.to(similarity.dtype))
+
+
+def _match_logits(model, image_embeds, text_embeds, text_mask, batch_size, image_index, text_index) -> torch.Tensor:
+    """ITM match logits [P] of the pairs (image_index[p], text_index[p])."""
+    scores = []
+    for images, texts in zip(image_index.split(batch_size), text_index.split(batch_size)):
+        pair_images = image_embeds[images]
+        image_mask = torch.ones(pair_images.shape[:2], dtype=torch.bool, device=pair_images.device)
+        scores.append(itm_logits(model, pair_images, image_mask, text_embeds[texts], text_mask[texts])[:, 1])
+    return torch.cat(scores)
