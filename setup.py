@@ -1,5 +1,112 @@
-"""Install mplug-kernels; the CUDA extension mplug_kernels._C is built where nvcc exists."""
-from setuptools import find_packages, setup
+"""Install mplug-kernels; the CUDA extension mplug_kernels._C is built with CMake wherever nvcc exists.
+
+Environment: CUDA_HOME (else nvcc on PATH) picks nvcc; MPLUG_KERNELS_CUDA_ARCHS (default "80;90",
+PTX for the newest); MAX_JOBS (parallel compile jobs); MPLUG_KERNELS_SKIP_CUDA_BUILD=1 skips it.
+"""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCHS = "80;90"
+
+
+def find_nvcc():
+    """(path of nvcc, None) from CUDA_HOME then PATH, or (None, why it was not found)."""
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home:
+        candidate = Path(cuda_home) / "bin" / "nvcc"
+        if candidate.is_file():
+            return str(candidate), None
+    on_path = shutil.which("nvcc")
+    if on_path:
+        return on_path, None
+    return None, f"nvcc not found (CUDA_HOME={cuda_home or 'unset'}, and no nvcc on PATH)"
+
+
+def cuda_build_disabled_reason():
+    """Why the CUDA extension is not built, or None when it is."""
+    if os.environ.get("MPLUG_KERNELS_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+        return "MPLUG_KERNELS_SKIP_CUDA_BUILD is set"
+    return find_nvcc()[1]
+
+
+def find_tool(name):
+    """A build tool from PATH or from its PyPI package (cmake, ninja); None when absent."""
+    on_path = shutil.which(name)
+    if on_path:
+        return on_path
+    if importlib.util.find_spec(name) is None:
+        return None
+    module = __import__(name)
+    binary = Path(getattr(module, "BIN_DIR", getattr(module, "CMAKE_BIN_DIR", ""))) / name
+    return str(binary) if binary.is_file() else None
+
+
+def pybind11_include():
+    """pybind11's header directory: the pybind11 package, else the copy shipped inside torch."""
+    if importlib.util.find_spec("pybind11") is not None:
+        import pybind11
+
+        return pybind11.get_include()
+    torch_spec = importlib.util.find_spec("torch")
+    if torch_spec is not None and torch_spec.origin:
+        bundled = Path(torch_spec.origin).parent / "include"
+        if (bundled / "pybind11" / "pybind11.h").is_file():
+            return str(bundled)
+    raise RuntimeError("mplug-kernels: building the CUDA extension needs pybind11 (pip install pybind11)")
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Builds CMakeExtensions with CMake + nvcc; drops them with one printed line when nvcc is missing."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        reason = cuda_build_disabled_reason()
+        if reason:
+            print(f"mplug-kernels: CUDA backend off ({reason}); installing the Triton and PyTorch backends only",
+                  file=sys.stderr)
+            self.extensions = []
+
+    def build_extension(self, ext):
+        cmake = find_tool("cmake")
+        if cmake is None:
+            raise RuntimeError("mplug-kernels: nvcc was found but cmake was not (pip install cmake)")
+        nvcc = find_nvcc()[0]
+        output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        archs = os.environ.get("MPLUG_KERNELS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).replace(",", ";")
+        ninja = find_tool("ninja")
+        configure = [
+            cmake, "-S", str(ROOT), "-B", str(build_dir),
+            *(["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []),
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DPYBIND11_INCLUDE_DIR={pybind11_include()}",
+            f"-DMPLUG_KERNELS_CUDA_ARCHS={archs}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={output_dir}",
+        ]
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        print(f"mplug-kernels: building the CUDA extension with {nvcc} for sm {archs} ({jobs} jobs)", file=sys.stderr)
+        subprocess.run(configure, check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
+        built = output_dir / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+        if not built.is_file():
+            raise RuntimeError(f"mplug-kernels: CMake finished but {built} is missing")
+
 
 setup(
     name="mplug-kernels",
@@ -12,4 +119,6 @@ setup(
         "test": ["pytest", "pytest-benchmark"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
     },
+    ext_modules=[CMakeExtension("mplug_kernels._C")],
+    cmdclass={"build_ext": CMakeBuild},
 )

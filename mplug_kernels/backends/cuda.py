@@ -1,11 +1,25 @@
-"""The ``cuda`` backend: hand-written CUDA C++ kernels from the ``mplug_kernels._C`` extension."""
+"""The ``cuda`` backend: hand-written CUDA C++ kernels from the ``mplug_kernels._C`` extension.
+
+The extension takes raw pointers, element strides and the current stream (it does not link
+libtorch); this module allocates outputs and workspaces with torch and passes them in.
+"""
 from __future__ import annotations
 
-from typing import Optional
+from functools import lru_cache
+from typing import List, Optional, Sequence, Tuple
+
+import torch
 
 from mplug_kernels.backends.base import Backend
 
+HEAD_DIMS = (32, 64, 80, 96, 128)
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+MAX_SPLITS = 64
+_NO_VIEW = (0, 0, 0, 0)
+_forced_num_splits: Optional[int] = None
 
+
+@lru_cache(maxsize=None)
 def load_extension():
     """The compiled ``mplug_kernels._C`` module, or the ImportError explaining why it is absent."""
     try:
@@ -15,14 +29,146 @@ def load_extension():
     return _C
 
 
+def build_info() -> dict:
+    """Whether ``_C`` is built (``built``), for which ``archs``, with which ``nvcc``, else the ``error``."""
+    extension = load_extension()
+    if isinstance(extension, ImportError):
+        return {
+            "built": False, "archs": None, "nvcc": None,
+            "error": f"{extension} (reinstall with nvcc on PATH or CUDA_HOME set; `pip install -v .` shows why)",
+        }
+    info = extension.build_info()
+    return {"built": True, "archs": info["archs"], "nvcc": f"{info['nvcc']} ({info['nvcc_path']})", "error": None,
+            "dtypes": info["dtypes"], "head_dims": info["head_dims"], "kernels": len(info["kernels"])}
+
+
+def force_num_splits(num_splits: Optional[int]) -> None:
+    """Pin the split-KV count of the CUDA forward (None restores the heuristic); for tests and tuning."""
+    global _forced_num_splits
+    if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in 1..{MAX_SPLITS} or None, got {num_splits}")
+    _forced_num_splits = num_splits
+
+
+def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
+    """x when the kernels can read its rows with 16-byte loads, else a contiguous, aligned copy."""
+    aligned_strides = all(stride % 8 == 0 or size == 1 for stride, size in zip(x.stride()[:-1], x.shape[:-1]))
+    if x.stride(-1) == 1 and aligned_strides and x.data_ptr() % 16 == 0:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _mask_bytes(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    return (mask if mask.stride(-1) == 1 else mask.contiguous()).view(torch.uint8)
+
+
+def _view(x: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
+    """(data_ptr, stride_b, stride_s, stride_h) of a [B, S, H, D] tensor."""
+    return _NO_VIEW if x is None else (x.data_ptr(), x.stride(0), x.stride(1), x.stride(2))
+
+
+def _pointer(x: Optional[torch.Tensor]) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+def _sources(ks, vs, masks, dks=None, dvs=None) -> list:
+    dks = dks or [None] * len(ks)
+    dvs = dvs or [None] * len(ks)
+    return [
+        (_view(k), _view(v), _pointer(m), m.stride(0) if m is not None else 0, k.shape[1], _view(dk), _view(dv))
+        for k, v, m, dk, dv in zip(ks, vs, masks, dks, dvs)
+    ]
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def forward(
+    q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
+    masks: Sequence[Optional[torch.Tensor]], softmax_scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Lq, H, D] and lse float32 [B, H, Lq] of q over the concatenated sources (CUDA kernels)."""
+    extension = load_extension()
+    q = _kernel_ready(q)
+    ks, vs = [_kernel_ready(k) for k in ks], [_kernel_ready(v) for v in vs]
+    masks = [_mask_bytes(m) for m in masks]
+    batch, q_len, heads, head_dim = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
+    query_tiles = -(-q_len // extension.QUERY_ROWS_PER_BLOCK)
+    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+    num_splits, split_size = extension.plan_splits(
+        batch * heads * query_tiles, sum(k.shape[1] for k in ks), sm_count, _forced_num_splits or 0
+    )
+    part_out = part_lse = None
+    if num_splits > 1:
+        part_out = torch.empty((num_splits, batch * heads, q_len, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_splits, batch * heads, q_len), dtype=torch.float32, device=q.device)
+    with torch.cuda.device(q.device):
+        extension.attention_forward(
+            dtype=DTYPE_NAMES[q.dtype], shape=tuple(q.shape), scale=softmax_scale, q=_view(q), out=_view(out),
+            lse=lse.data_ptr(), sources=_sources(ks, vs, masks), num_splits=num_splits, split_size=split_size,
+            part_out=_pointer(part_out), part_lse=_pointer(part_lse), stream=_stream(q.device),
+        )
+    return out, lse
+
+
+def backward(
+    dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, ks: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]], out: torch.Tensor,
+    lse: torch.Tensor, softmax_scale: float, deterministic: bool,
+) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """(dq, dks, dvs); dQ by float32 atomics unless deterministic (then a dQ kernel without atomics)."""
+    extension = load_extension()
+    q, dout, out = _kernel_ready(q), _kernel_ready(dout), _kernel_ready(out)
+    ks, vs = [_kernel_ready(k) for k in ks], [_kernel_ready(v) for v in vs]
+    masks = [_mask_bytes(m) for m in masks]
+    lse = lse.float().contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
+    delta = torch.empty_like(lse)
+    dks = [torch.empty(k.shape, dtype=k.dtype, device=k.device) for k in ks]
+    dvs = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in vs]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if deterministic else None
+    dq_accum = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    with torch.cuda.device(q.device):
+        extension.attention_backward(
+            dtype=DTYPE_NAMES[q.dtype], shape=tuple(q.shape), scale=softmax_scale, q=_view(q), out=_view(out),
+            lse=lse.data_ptr(), sources=_sources(ks, vs, masks, dks, dvs), dout=_view(dout), dq=_view(dq),
+            dq_accum=_pointer(dq_accum), dlse=_pointer(dlse), delta=delta.data_ptr(), stream=_stream(q.device),
+        )
+    return (dq if deterministic else dq_accum.to(q.dtype)), dks, dvs
+
+
 class CudaBackend(Backend):
     name = "cuda"
+    dtypes = tuple(DTYPE_NAMES)
+    head_dims = HEAD_DIMS
 
     def unavailable_reason(self) -> Optional[str]:
         extension = load_extension()
         if isinstance(extension, ImportError):
             return f"extension mplug_kernels._C not built ({extension})"
-        return "extension mplug_kernels._C exports no attention kernels yet"
+        return None
+
+    def reasons(self, call):
+        found = super().reasons(call)
+        if found or call.device_type != "cuda":
+            return found
+        if not torch.cuda.is_available():
+            return ["no CUDA device"]
+        if torch.cuda.get_device_capability() < (8, 0):
+            return [f"needs compute capability >= 8.0, the current device has {torch.cuda.get_device_capability()}"]
+        return []
 
     def rank(self, call) -> int:
-        return 0
+        # behind triton (10) until these kernels have been verified and benchmarked on a GPU
+        return 15
+
+    def forward(self, q, ks, vs, masks, scale):
+        return forward(q, ks, vs, masks, scale)
+
+    def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic):
+        return backward(dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic)

@@ -1,0 +1,83 @@
+// Host interface of the mplug_kernels CUDA attention kernels: plain structs, raw pointers and strides.
+// No PyTorch and no CUDA headers here, so the pybind11 binding compiles with the host compiler alone.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace mplug {
+
+constexpr int kMaxSources = 4;
+constexpr int kMaxSplits = 64;
+constexpr int kQueryRowsPerBlock = 32;
+constexpr int kKeysPerTile = 64;
+
+// The head dims with compiled kernels.
+using SupportedHeadDims = std::integer_sequence<int, 32, 64, 80, 96, 128>;
+
+enum class ElementType { float16, bfloat16 };
+
+// One [B, S, H, D] tensor: base pointer and element strides of B, S and H (the D stride is 1).
+struct TensorView {
+  void* data = nullptr;
+  int64_t stride_b = 0;
+  int64_t stride_s = 0;
+  int64_t stride_h = 0;
+};
+
+// One key/value source: keys, values, an optional uint8 key padding mask [B, length] and the
+// gradients of keys and values (backward only).
+struct SourceView {
+  TensorView k;
+  TensorView v;
+  const uint8_t* mask = nullptr;
+  int64_t mask_stride_b = 0;
+  int64_t length = 0;
+  TensorView dk;
+  TensorView dv;
+};
+
+// Everything one forward or backward call needs. Pointers not used by a call stay null.
+struct AttentionArgs {
+  ElementType dtype = ElementType::float16;
+  int64_t batch = 0;
+  int64_t heads = 0;
+  int64_t q_len = 0;
+  int64_t head_dim = 0;
+  float scale = 1.0f;
+  TensorView q;
+  TensorView out;
+  float* lse = nullptr;        // [B, H, Lq] natural log
+  int num_sources = 0;
+  SourceView sources[kMaxSources];
+  // forward split-KV: partial outputs [splits, B*H, Lq, D] and their lse [splits, B*H, Lq]
+  int num_splits = 1;
+  int64_t split_size = 0;
+  float* part_out = nullptr;
+  float* part_lse = nullptr;
+  // backward
+  TensorView dout;
+  TensorView dq;               // written directly by the deterministic dQ kernel
+  float* dq_accum = nullptr;   // float32 [B, Lq, H, D] contiguous, zeroed: atomic dQ when set
+  const float* dlse = nullptr; // [B, H, Lq] contiguous, optional
+  float* delta = nullptr;      // workspace [B, H, Lq]
+  void* stream = nullptr;      // cudaStream_t
+};
+
+struct SplitPlan {
+  int num_splits;
+  int64_t split_size;
+};
+
+// How many key splits keep `sm_count` multiprocessors busy for `blocks` (B*H*query tiles) blocks.
+SplitPlan plan_splits(int64_t blocks, int64_t total_keys, int sm_count, int forced_splits);
+
+void attention_forward(const AttentionArgs& args);
+void attention_backward(const AttentionArgs& args);
+
+std::vector<int> supported_head_dims();
+std::vector<std::string> kernel_names();
+
+}  // namespace mplug

@@ -1,0 +1,97 @@
+// Argument checks, dtype dispatch and the split-KV plan; host code only.
+#include <algorithm>
+#include <stdexcept>
+
+#include "attention.h"
+#include "launchers.h"
+
+namespace mplug {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+constexpr int64_t kMaxGridX = 2147483647;
+constexpr int64_t kMaxGridYZ = 65535;
+
+void require(bool condition, const std::string& message) {
+  if (!condition) throw std::invalid_argument(message);
+}
+
+void check_common(const AttentionArgs& args) {
+  require(args.batch >= 0 && args.heads > 0 && args.q_len >= 0, "batch, heads and q_len must be >= 0 (heads > 0)");
+  require(args.num_sources >= 1 && args.num_sources <= kMaxSources,
+          "num_sources must be in 1.." + std::to_string(kMaxSources) + ", got " + std::to_string(args.num_sources));
+  require(args.batch * args.heads <= kMaxGridX, "batch * heads exceeds the CUDA grid limit");
+  require(ceil_div(args.q_len, kQueryRowsPerBlock) <= kMaxGridYZ, "q_len exceeds the CUDA grid limit");
+  for (int s = 0; s < args.num_sources; ++s) require(args.sources[s].length >= 0, "source lengths must be >= 0");
+}
+
+}  // namespace
+
+SplitPlan plan_splits(int64_t blocks, int64_t total_keys, int sm_count, int forced_splits) {
+  const int64_t key_tiles = std::max<int64_t>(1, ceil_div(total_keys, kKeysPerTile));
+  int64_t wanted = 1;
+  if (forced_splits > 0) {
+    wanted = std::min<int64_t>(forced_splits, key_tiles);
+  } else if (blocks < sm_count) {
+    wanted = std::min<int64_t>({ceil_div(2 * sm_count, std::max<int64_t>(blocks, 1)),
+                                ceil_div(total_keys, 2 * kKeysPerTile), kMaxSplits});
+  }
+  wanted = std::max<int64_t>(1, std::min<int64_t>(wanted, kMaxSplits));
+  const int64_t split_size = ceil_div(ceil_div(std::max<int64_t>(total_keys, 1), wanted), kKeysPerTile) * kKeysPerTile;
+  return SplitPlan{static_cast<int>(std::max<int64_t>(1, ceil_div(total_keys, split_size))), split_size};
+}
+
+void attention_forward(const AttentionArgs& args) {
+  check_common(args);
+  require(args.num_splits >= 1 && args.num_splits <= kMaxSplits, "num_splits must be in 1..64");
+  require(args.split_size > 0 && args.split_size % kKeysPerTile == 0, "split_size must be a positive multiple of 64");
+  require(args.num_splits == 1 || (args.part_out != nullptr && args.part_lse != nullptr),
+          "split-KV needs part_out and part_lse buffers");
+  if (args.batch * args.heads * args.q_len == 0) return;
+  if (args.dtype == ElementType::float16) {
+    forward_float16(args);
+  } else {
+    forward_bfloat16(args);
+  }
+}
+
+void attention_backward(const AttentionArgs& args) {
+  check_common(args);
+  int64_t key_tiles = 0;
+  for (int s = 0; s < args.num_sources; ++s) key_tiles += ceil_div(args.sources[s].length, kKeysPerTile);
+  require(key_tiles <= kMaxGridYZ, "total key length exceeds the CUDA grid limit");
+  require(args.delta != nullptr, "backward needs a delta workspace");
+  if (args.batch * args.heads == 0) return;
+  if (args.dtype == ElementType::float16) {
+    backward_float16(args);
+  } else {
+    backward_bfloat16(args);
+  }
+}
+
+namespace {
+
+template <int... Ds>
+std::vector<int> head_dims_of(std::integer_sequence<int, Ds...>) {
+  return {Ds...};
+}
+
+}  // namespace
+
+std::vector<int> supported_head_dims() { return head_dims_of(SupportedHeadDims{}); }
+
+std::vector<std::string> kernel_names() {
+  std::vector<std::string> names;
+  for (const char* dtype : {"float16", "bfloat16"}) {
+    for (int head_dim : supported_head_dims()) {
+      for (const char* kernel : {"forward", "dkdv", "dq"}) {
+        names.push_back(std::string(kernel) + "<" + dtype + ", " + std::to_string(head_dim) + ">");
+      }
+    }
+    for (const char* kernel : {"combine", "delta"}) names.push_back(std::string(kernel) + "<" + dtype + ">");
+  }
+  return names;
+}
+
+}  // namespace mplug

@@ -1,0 +1,115 @@
+// pybind11 module mplug_kernels._C: raw pointers, element strides and a stream handle in, no torch.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <tuple>
+
+#include "attention.h"
+#include "build_config.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// (data_ptr, stride_b, stride_s, stride_h) of a [B, S, H, D] tensor; (0, 0, 0, 0) when absent.
+using View = std::tuple<uintptr_t, int64_t, int64_t, int64_t>;
+// (k, v, mask data_ptr or 0, mask stride_b, length, dk, dv)
+using Source = std::tuple<View, View, uintptr_t, int64_t, int64_t, View, View>;
+// (batch, q_len, heads, head_dim)
+using Shape = std::tuple<int64_t, int64_t, int64_t, int64_t>;
+
+mplug::TensorView to_view(const View& view) {
+  return mplug::TensorView{reinterpret_cast<void*>(std::get<0>(view)), std::get<1>(view), std::get<2>(view),
+                           std::get<3>(view)};
+}
+
+mplug::ElementType to_dtype(const std::string& name) {
+  if (name == "float16") return mplug::ElementType::float16;
+  if (name == "bfloat16") return mplug::ElementType::bfloat16;
+  throw std::invalid_argument("dtype must be 'float16' or 'bfloat16', got '" + name + "'");
+}
+
+mplug::AttentionArgs make_args(const std::string& dtype, const Shape& shape, double scale, const View& q,
+                               const View& out, uintptr_t lse, const std::vector<Source>& sources, uintptr_t stream) {
+  if (sources.empty() || sources.size() > mplug::kMaxSources) {
+    throw std::invalid_argument("sources must hold 1.." + std::to_string(mplug::kMaxSources) + " entries, got " +
+                                std::to_string(sources.size()));
+  }
+  mplug::AttentionArgs args;
+  args.dtype = to_dtype(dtype);
+  std::tie(args.batch, args.q_len, args.heads, args.head_dim) = shape;
+  args.scale = static_cast<float>(scale);
+  args.q = to_view(q);
+  args.out = to_view(out);
+  args.lse = reinterpret_cast<float*>(lse);
+  args.num_sources = static_cast<int>(sources.size());
+  for (size_t s = 0; s < sources.size(); ++s) {
+    const auto& [k, v, mask, mask_stride_b, length, dk, dv] = sources[s];
+    args.sources[s] = mplug::SourceView{to_view(k),  to_view(v), reinterpret_cast<const uint8_t*>(mask),
+                                        mask_stride_b, length,   to_view(dk), to_view(dv)};
+  }
+  args.stream = reinterpret_cast<void*>(stream);
+  return args;
+}
+
+void forward(const std::string& dtype, const Shape& shape, double scale, const View& q, const View& out,
+             uintptr_t lse, const std::vector<Source>& sources, int num_splits, int64_t split_size,
+             uintptr_t part_out, uintptr_t part_lse, uintptr_t stream) {
+  mplug::AttentionArgs args = make_args(dtype, shape, scale, q, out, lse, sources, stream);
+  args.num_splits = num_splits;
+  args.split_size = split_size;
+  args.part_out = reinterpret_cast<float*>(part_out);
+  args.part_lse = reinterpret_cast<float*>(part_lse);
+  mplug::attention_forward(args);
+}
+
+void backward(const std::string& dtype, const Shape& shape, double scale, const View& q, const View& out,
+              uintptr_t lse, const std::vector<Source>& sources, const View& dout, const View& dq,
+              uintptr_t dq_accum, uintptr_t dlse, uintptr_t delta, uintptr_t stream) {
+  mplug::AttentionArgs args = make_args(dtype, shape, scale, q, out, lse, sources, stream);
+  args.dout = to_view(dout);
+  args.dq = to_view(dq);
+  args.dq_accum = reinterpret_cast<float*>(dq_accum);
+  args.dlse = reinterpret_cast<const float*>(dlse);
+  args.delta = reinterpret_cast<float*>(delta);
+  mplug::attention_backward(args);
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["archs"] = MPLUG_CUDA_ARCHS;
+  info["nvcc"] = MPLUG_NVCC_VERSION;
+  info["nvcc_path"] = MPLUG_NVCC_PATH;
+  info["head_dims"] = mplug::supported_head_dims();
+  info["dtypes"] = std::vector<std::string>{"float16", "bfloat16"};
+  info["max_sources"] = mplug::kMaxSources;
+  info["max_splits"] = mplug::kMaxSplits;
+  info["kernels"] = mplug::kernel_names();
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "CUDA C++ attention kernels of mplug_kernels (layout [B, S, H, D], float16/bfloat16)";
+  m.def("attention_forward", &forward, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"), py::arg("shape"),
+        py::arg("scale"), py::arg("q"), py::arg("out"), py::arg("lse"), py::arg("sources"), py::arg("num_splits"),
+        py::arg("split_size"), py::arg("part_out"), py::arg("part_lse"), py::arg("stream"),
+        "out [B, Lq, H, D] and lse [B, H, Lq] of q over the concatenated sources (split-KV when num_splits > 1)");
+  m.def("attention_backward", &backward, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"),
+        py::arg("shape"), py::arg("scale"), py::arg("q"), py::arg("out"), py::arg("lse"), py::arg("sources"),
+        py::arg("dout"), py::arg("dq"), py::arg("dq_accum"), py::arg("dlse"), py::arg("delta"), py::arg("stream"),
+        "dq, and every source's dk and dv; dQ by atomics into dq_accum when it is set, else deterministic");
+  m.def(
+      "plan_splits",
+      [](int64_t blocks, int64_t total_keys, int sm_count, int forced_splits) {
+        const mplug::SplitPlan plan = mplug::plan_splits(blocks, total_keys, sm_count, forced_splits);
+        return std::make_tuple(plan.num_splits, plan.split_size);
+      },
+      py::arg("blocks"), py::arg("total_keys"), py::arg("sm_count"), py::arg("forced_splits"),
+      "(num_splits, split_size) of the forward's split-KV for `blocks` = B * H * query tiles");
+  m.def("build_info", &build_info, "archs, nvcc version, head dims, dtypes and kernel names compiled in");
+  m.attr("QUERY_ROWS_PER_BLOCK") = mplug::kQueryRowsPerBlock;
+  m.attr("KEYS_PER_TILE") = mplug::kKeysPerTile;
+}

@@ -1,0 +1,177 @@
+"""The CUDA extension mplug_kernels._C: build info, exported kernels, argument errors, the split
+plan, the host-tested row math, and (on a GPU) forced split-KV and both dQ paths vs float64."""
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from mplug_kernels.backends import AttentionCall, BACKENDS
+from mplug_kernels.backends import cuda as cuda_backend
+from attention_testing import (
+    MASK_KINDS,
+    assert_within_budget,
+    grads,
+    low_precision_baseline,
+    make_mask,
+    random_tensor,
+    reference64,
+    skip_unless_supported,
+)
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+EXTENSION = cuda_backend.load_extension()
+BUILT = not isinstance(EXTENSION, ImportError)
+needs_extension = pytest.mark.skipif(not BUILT, reason=f"mplug_kernels._C not built: {EXTENSION}")
+NO_VIEW = (0, 0, 0, 0)
+
+
+def _forward_args(**overrides):
+    """Keyword arguments of _C.attention_forward for a tiny call with null pointers."""
+    args = dict(
+        dtype="float16", shape=(1, 1, 1, 64), scale=0.125, q=NO_VIEW, out=NO_VIEW, lse=0,
+        sources=[(NO_VIEW, NO_VIEW, 0, 0, 64, NO_VIEW, NO_VIEW)], num_splits=1, split_size=64,
+        part_out=0, part_lse=0, stream=0,
+    )
+    args.update(overrides)
+    return args
+
+
+def test_build_info_says_whether_built():
+    info = cuda_backend.build_info()
+    assert {"built", "archs", "nvcc", "error"} <= set(info)
+    assert info["built"] == BUILT
+    if BUILT:
+        assert info["error"] is None and info["archs"] and info["nvcc"]
+        assert all(int(arch.rstrip("af")) >= 80 for arch in info["archs"].split(";"))
+    else:
+        assert "_C" in info["error"]
+
+
+@needs_extension
+def test_extension_exports_every_kernel():
+    info = EXTENSION.build_info()
+    assert tuple(info["head_dims"]) == cuda_backend.HEAD_DIMS == BACKENDS["cuda"].head_dims
+    assert info["dtypes"] == list(cuda_backend.DTYPE_NAMES.values())
+    expected = {f"{kernel}<{dtype}, {d}>" for kernel, dtype, d in
+                itertools.product(["forward", "dkdv", "dq"], info["dtypes"], info["head_dims"])}
+    expected |= {f"{kernel}<{dtype}>" for kernel, dtype in itertools.product(["combine", "delta"], info["dtypes"])}
+    assert set(info["kernels"]) == expected
+    assert callable(EXTENSION.attention_forward) and callable(EXTENSION.attention_backward)
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(dtype="float32"), "dtype must be 'float16' or 'bfloat16'"),
+        (dict(shape=(1, 1, 1, 48)), "head_dim 48"),
+        (dict(sources=[]), "sources must hold 1..4"),
+        (dict(sources=[(NO_VIEW, NO_VIEW, 0, 0, 64, NO_VIEW, NO_VIEW)] * 5), "sources must hold 1..4"),
+        (dict(num_splits=65), "num_splits must be in 1..64"),
+        (dict(split_size=100), "split_size must be a positive multiple of 64"),
+        (dict(num_splits=2), "split-KV needs part_out and part_lse"),
+    ],
+)
+def test_bad_arguments_raise_value_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        EXTENSION.attention_forward(**_forward_args(**overrides))
+
+
+@needs_extension
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where no CUDA device can run")
+def test_launch_failure_raises_runtime_error_with_cuda_message():
+    with pytest.raises(RuntimeError, match=r"mplug_kernels CUDA error in forward_kernel: cudaError"):
+        EXTENSION.attention_forward(**_forward_args())
+
+
+@needs_extension
+@pytest.mark.parametrize("blocks", [1, 24, 131, 132, 768])
+@pytest.mark.parametrize("total_keys", [0, 1, 64, 577, 1025, 20000])
+@pytest.mark.parametrize("forced", [0, 1, 3, 64])
+def test_split_plan_covers_keys_without_empty_splits(blocks, total_keys, forced):
+    num_splits, split_size = EXTENSION.plan_splits(blocks, total_keys, 132, forced)
+    assert 1 <= num_splits <= 64 and split_size > 0 and split_size % EXTENSION.KEYS_PER_TILE == 0
+    assert num_splits * split_size >= total_keys
+    assert (num_splits - 1) * split_size < max(total_keys, 1)
+    if forced:
+        assert num_splits <= forced
+    elif blocks >= 132:
+        assert num_splits == 1
+
+
+def test_row_math_on_host(tmp_path):
+    """The per-row softmax/merge math of csrc/row_math.h, compiled for the host with g++."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler")
+    binary = tmp_path / "row_math_test"
+    subprocess.run([compiler, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{CSRC}",
+                    str(CSRC / "tests" / "row_math_test.cpp"), "-o", str(binary)], check=True)
+    result = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dtype, head_dim, reason", [(torch.float32, 64, "dtype"), (torch.float16, 40, "head dim")])
+def test_backend_declares_what_it_cannot_run(dtype, head_dim, reason):
+    call = AttentionCall("cuda", dtype, head_dim, 1, False, False, True)
+    reasons = " ".join(BACKENDS["cuda"].reasons(call))
+    assert reason in reasons or (not BUILT and "not built" in reasons)
+    assert BACKENDS["cuda"].rank(call) > BACKENDS["triton"].rank(call)
+
+
+@pytest.fixture
+def forced_splits():
+    yield cuda_backend.force_num_splits
+    cuda_backend.force_num_splits(None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 64])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_with_forced_splits_over_three_sources(forced_splits, num_splits, mask_kind, dtype):
+    generator = torch.Generator().manual_seed(num_splits)
+    q = random_tensor(3, 25, 4, 64, dtype=dtype, generator=generator)
+    lengths = [257, 25, 70]
+    ks = [random_tensor(3, n, 4, 64, dtype=dtype, generator=generator) for n in lengths]
+    vs = [random_tensor(3, n, 4, 64, dtype=dtype, generator=generator) for n in lengths]
+    masks = [make_mask(mask_kind, 3, n, generator) for n in lengths]
+    skip_unless_supported("cuda", q, ks, vs, masks)
+    forced_splits(num_splits)
+    out, lse = cuda_backend.forward(q, ks, vs, masks, 0.125)
+    _, _, _, out64, lse64 = reference64(q, ks, vs, masks, 0.125)
+    baseline_out, baseline_lse = low_precision_baseline(q, ks, vs, masks, 0.125)
+    assert_within_budget("out", out, out64, baseline_out, factor=2)
+    assert_within_budget("lse", lse, lse64, baseline_lse, factor=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("with_dlse", [False, True])
+def test_backward_both_dq_paths_over_two_sources(deterministic, with_dlse):
+    generator = torch.Generator().manual_seed(7)
+    dtype = torch.bfloat16
+    q = random_tensor(2, 40, 3, 96, dtype=dtype, generator=generator, requires_grad=True)
+    lengths = [300, 30]
+    ks = [random_tensor(2, n, 3, 96, dtype=dtype, generator=generator, requires_grad=True) for n in lengths]
+    vs = [random_tensor(2, n, 3, 96, dtype=dtype, generator=generator, requires_grad=True) for n in lengths]
+    masks = [make_mask("padding", 2, n, generator) for n in lengths]
+    skip_unless_supported("cuda", q, ks, vs, masks)
+    scale = 96 ** -0.5
+    dout = random_tensor(2, 40, 3, 96, dtype=dtype, generator=generator)
+    dlse = random_tensor(2, 3, 40, dtype=torch.float32, generator=generator) if with_dlse else None
+    with torch.no_grad():
+        out, lse = cuda_backend.forward(q, ks, vs, masks, scale)
+        dq, dks, dvs = cuda_backend.backward(dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic)
+    q64, ks64, vs64, out64, lse64 = reference64(q, ks, vs, masks, scale)
+    inputs64 = [q64, *ks64, *vs64]
+    expected = grads([out64] + ([lse64] if with_dlse else []), inputs64, [dout] + ([dlse] if with_dlse else []))
+    baseline = grads(list(low_precision_baseline(q, ks, vs, masks, scale))[: 2 if with_dlse else 1],
+                     [q, *ks, *vs], [dout] + ([dlse] if with_dlse else []))
+    for name, ours, ref, base in zip(["dq", "dk0", "dk1", "dv0", "dv1"], [dq, *dks, *dvs], expected, baseline):
+        assert_within_budget(name, ours, ref, base, factor=3)
