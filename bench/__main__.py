@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bench import fusion, model_bench, report
-from bench.common import RESULTS_DIR, add_common_arguments, default_device, quick_mode, write_results
+from bench.common import RESULTS_DIR, add_common_arguments, apply_common_arguments, default_device, quick_mode, write_results
 
 QUICK_VISION_LENS = (17, 33)
 OTHER_KERNEL_BENCHMARKS = ("bench_concat_attention", "bench_fusion_layers")
@@ -63,16 +63,17 @@ def run_model(args, device) -> Path:
 
 def run_kernels(args) -> None:
     """The kernel benchmarks, each as its own process writing into the same folder."""
-    quick = ["--quick"] if args.quick else []
+    flags = (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
     names = ["bench_co_attention"] + [n for n in OTHER_KERNEL_BENCHMARKS if (Path(__file__).parent / f"{n}.py").exists()]
     for name in names:
         print(f"== python -m bench.{name}", flush=True)
-        subprocess.run([sys.executable, "-m", f"bench.{name}", "--json-dir", str(args.json_dir), *quick], check=True)
+        subprocess.run([sys.executable, "-m", f"bench.{name}", "--json-dir", str(args.json_dir), *flags], check=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the main job; returns the exit status."""
     args = parse_args(argv)
+    apply_common_arguments(args)
     device = default_device()
     print(f"device {device} | config {args.config} | results in {args.json_dir}", flush=True)
     written = [run_fusion(args, device)]

@@ -17,6 +17,7 @@ import torch
 
 from bench.common import (
     add_common_arguments,
+    apply_common_arguments,
     bench_dtype,
     default_device,
     measured_bandwidth_gbs,
@@ -217,6 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_co_attention", description=__doc__.splitlines()[0])
     add_common_arguments(parser)
     args = parser.parse_args(argv)
+    apply_common_arguments(args)
     device = default_device()
     rows, extra = run(device, select_grid(device, args.quick or quick_mode()), args.backends, args.min_run_time)
     path = write_results("co_attention", device, rows, args.json_dir, **extra)

@@ -77,7 +77,7 @@ def _git_commit() -> str:
 
 
 def environment(device: torch.device) -> Dict[str, object]:
-    """Device name, versions, commit, date and command: stored with every result."""
+    """Device name, versions, commit, date, command, CPU threads and load average: stored with every result."""
     try:
         import triton
 
@@ -94,6 +94,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "cpu_threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
@@ -117,11 +118,18 @@ def quick_mode() -> bool:
 
 
 def add_common_arguments(parser) -> None:
-    """The flags every benchmark CLI shares: --json-dir, --quick, --backends, --min-run-time."""
+    """The flags every benchmark CLI shares: --json-dir, --quick, --backends, --min-run-time, --threads."""
     parser.add_argument("--json-dir", type=Path, default=None, help=f"where JSON and PNG go (default {RESULTS_DIR})")
     parser.add_argument("--quick", action="store_true", help=f"tiny grid for a smoke run (also env {QUICK_ENV_VAR}=1)")
     parser.add_argument("--backends", nargs="+", default=None, help="only these backends (default: every available)")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="CPU timing: seconds per measurement")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def apply_common_arguments(args) -> None:
+    """Act on the shared flags that change the process (--threads)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def progress(items, desc: str):

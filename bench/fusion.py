@@ -89,6 +89,21 @@ def flop_ratios(config: MPLUGConfig, vision_lens: Sequence[int], text_len: int) 
     return ratios
 
 
+def _attention_op_flops(q_shape, k_shapes, v_shapes, *args, out_shape=None, **kwargs) -> int:
+    batch, q_len, heads, head_dim = q_shape
+    return sum(4 * batch * heads * q_len * k_shape[1] * head_dim for k_shape in k_shapes)
+
+
+def counted_flops(function: Callable[[], object]) -> int:
+    """FLOPs torch.utils.flop_counter counts while function runs, our attention op included (QK^T and PV)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attention_op = torch.ops.mplug_kernels.attention_forward
+    with FlopCounterMode(display=False, custom_mapping={attention_op: _attention_op_flops}) as counter:
+        function()
+    return counter.get_total_flops()
+
+
 def fusion_backends(
     device: torch.device, dtype: torch.dtype, config: MPLUGConfig, requested: Optional[Sequence[str]] = None
 ) -> Tuple[List[str], Dict[str, str]]:

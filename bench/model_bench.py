@@ -57,17 +57,26 @@ def train_step_function(model: MPLUG, inputs: Dict[str, torch.Tensor]) -> Callab
 
 
 def generate_function(model: MPLUG, inputs: Dict[str, torch.Tensor], use_cache: bool) -> Callable[[], object]:
-    """VQA beam search (beam 5, exactly 10 answer tokens: random weights would otherwise stop at arbitrary lengths)."""
+    """VQA beam search, beam 5, up to 10 tokens; the end token is banned before token 10 (min_length 9), so random
+    weights cannot stop the search early and every setup decodes the same number of steps."""
 
     def generate():
         model.eval()
         with torch.no_grad():
             return model.vqa_generate(
                 inputs["images"], inputs["text_ids"], inputs["text_mask"], num_beams=NUM_BEAMS,
-                min_length=ANSWER_TOKENS, max_length=ANSWER_TOKENS, use_cache=use_cache,
+                min_length=ANSWER_TOKENS - 1, max_length=ANSWER_TOKENS, use_cache=use_cache,
             )
 
     return generate
+
+
+def task_function(model: MPLUG, inputs: Dict[str, torch.Tensor], setup: str, task: str) -> Callable[[], object]:
+    """Switch model to the setup's backend and return the task's zero-argument callable."""
+    model.set_attn_backend(SETUPS[setup]["backend"])
+    if task == "train_step":
+        return train_step_function(model, inputs)
+    return generate_function(model, inputs, SETUPS[setup]["use_cache"])
 
 
 def measure(task: str, setup: str, function: Callable[[], object], batch: int, device, min_run_time: float) -> dict:
@@ -92,12 +101,7 @@ def run(
     inputs = make_batch(config, batch, device, dtype)
     rows = []
     for setup, task in progress(list(itertools.product(SETUPS, TASKS)), "model"):
-        model.set_attn_backend(SETUPS[setup]["backend"])
-        if task == "train_step":
-            function = train_step_function(model, inputs)
-        else:
-            function = generate_function(model, inputs, SETUPS[setup]["use_cache"])
-        rows.append(measure(task, setup, function, batch, device, min_run_time))
+        rows.append(measure(task, setup, task_function(model, inputs, setup, task), batch, device, min_run_time))
     return rows, {
         "benchmark": "model",
         "config": config_name,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -246,10 +247,10 @@ def readme_block(results_root: Path = RESULTS_ROOT, relative_to: Optional[Path] 
         section = f"#### {path.relative_to(results_root)}\n\n{table(payload)}"
         plot = path.with_suffix(".png")
         if plot.exists():
-            section += f"\n\n![{path.stem}]({plot.relative_to(relative_to).as_posix()})"
+            section += f"\n\n![{path.stem}]({Path(os.path.relpath(plot, relative_to)).as_posix()})"
         sections.append(section)
     if not sections:
-        sections.append(f"No results committed under {results_root.relative_to(relative_to).as_posix()} yet.")
+        sections.append(f"No results committed under {Path(os.path.relpath(results_root, relative_to)).as_posix()} yet.")
     return "\n\n".join([README_START, *sections, README_END])
 
 
