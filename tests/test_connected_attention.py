@@ -8,13 +8,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mplug_kernels.nn import ConnectedAttention
+from mplug_kernels.nn.connected_attention import concatenated_connected_attention
 from attention_testing import (
     DEVICE,
     KERNEL_BACKENDS,
     ON_GPU,
     TEST_DTYPES,
     assert_within_budget,
-    low_precision_baseline,
     make_mask,
     random_tensor,
     skip_unless_supported,
@@ -55,25 +55,6 @@ def _inputs(vision_len, text_len, dtype, mask_kind, seed):
     return vision, text, *_masks(mask_kind, vision_len, text_len, generator)
 
 
-def _as_keep(mask, length):
-    if mask is None:
-        return torch.ones(BATCH, length, dtype=torch.bool, device=DEVICE)
-    return mask if mask.dtype == torch.bool else mask[:, 0, 0, :] > -1
-
-
-def cat_connected_layer(layer, vision, text, vision_mask, text_mask):
-    """The layer written the obvious way: torch.cat([v; t]), attention in the inputs' dtype, split, outer residual."""
-    x = torch.cat([vision, text], dim=1)
-    keep = torch.cat([_as_keep(vision_mask, vision.shape[1]), _as_keep(text_mask, text.shape[1])], dim=1)
-    heads = lambda y: y.unflatten(-1, (HEADS, HIDDEN // HEADS))
-    projections = layer.attention.self
-    q, k, v = heads(projections.query(x)), heads(projections.key(x)), heads(projections.value(x))
-    context, _ = low_precision_baseline(q, [k], [v], [keep], (HIDDEN // HEADS) ** -0.5)
-    x = layer.attention.output.LayerNorm(x + layer.attention.output.dense(context.flatten(2)))
-    x = layer.output.LayerNorm(x + layer.output.dense(torch.nn.functional.gelu(layer.intermediate.dense(x))))
-    return vision + x[:, : vision.shape[1]], x[:, vision.shape[1] :]
-
-
 def _run(layer, function, vision, text, vision_mask, text_mask, seeds):
     """Outputs and the gradients of sum(out * seed) w.r.t. vision, text and every parameter."""
     vision = vision.detach().to(next(layer.parameters()).dtype).requires_grad_()
@@ -91,8 +72,9 @@ def _check_layer(backend, dtype, vision, text, vision_mask, text_mask):
     generator = torch.Generator().manual_seed(7)
     seeds = [random_tensor(*x.shape, dtype=torch.float64, generator=generator) for x in (vision, text)]
     ours = _run(layer, lambda m, *a: m(*a), vision, text, vision_mask, text_mask, seeds)
-    expected = _run(copy.deepcopy(layer).double(), cat_connected_layer, vision, text, vision_mask, text_mask, seeds)
-    baseline = _run(layer, cat_connected_layer, vision, text, vision_mask, text_mask, seeds)
+    reference = lambda m, *a: concatenated_connected_attention(m, *a, backend="reference")
+    expected = _run(copy.deepcopy(layer).double(), reference, vision, text, vision_mask, text_mask, seeds)
+    baseline = _run(layer, concatenated_connected_attention, vision, text, vision_mask, text_mask, seeds)
     names = ["vision_out", "text_out", "d_vision", "d_text"] + [f"d_{n}" for n, _ in layer.named_parameters()]
     for name, got, want, base in zip(names, ours, expected, baseline):
         assert got.dtype == dtype and got.shape == want.shape

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mplug_kernels.nn.co_attention import AttentionOutput, CoAttention, key_padding_mask_from, split_heads
+from mplug_kernels.ops.co_attention import co_attention
 from mplug_kernels.ops.concat_attention import concat_attention
 
 
@@ -72,3 +73,26 @@ class ConnectedAttention(nn.Module):
         attended = self._self_attention((vision, text), keeps)
         vision_new, text_new = (self.output(self.intermediate(x), x) for x in attended)
         return vision + vision_new, text_new
+
+
+def concatenated_connected_attention(
+    layer: ConnectedAttention,
+    vision: torch.Tensor,
+    text: torch.Tensor,
+    vision_mask: Optional[torch.Tensor] = None,
+    text_mask: Optional[torch.Tensor] = None,
+    backend: str = "sdpa",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The layer written the obvious way (torch.cat([v; t]), one attention, split): the baseline for tests and benchmarks."""
+    batch, vision_len, text_len = vision.shape[0], vision.shape[1], text.shape[1]
+    keeps = [key_padding_mask_from(vision_mask, batch, vision_len), key_padding_mask_from(text_mask, batch, text_len)]
+    keep = None
+    if any(k is not None for k in keeps):
+        keep = torch.cat([k if k is not None else vision.new_ones((batch, n), dtype=torch.bool)
+                          for k, n in zip(keeps, (vision_len, text_len))], dim=1)
+    x = torch.cat([vision, text], dim=1)
+    projections, heads = layer.attention.self, layer.attention.num_heads
+    q, k, v = (split_heads(linear(x), heads) for linear in (projections.query, projections.key, projections.value))
+    x = layer.attention.output(co_attention(q, k, v, keep, backend=backend).flatten(2), x)
+    x = layer.output(layer.intermediate(x), x)
+    return vision + x[:, :vision_len], x[:, vision_len:]
