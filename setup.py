@@ -74,11 +74,15 @@ class CMakeBuild(build_ext):
 
     def finalize_options(self):
         super().finalize_options()
-        reason = cuda_build_disabled_reason()
-        if reason:
-            print(f"mplug-kernels: CUDA backend off ({reason}); installing the Triton and PyTorch backends only",
-                  file=sys.stderr)
+        self.cuda_off_reason = cuda_build_disabled_reason()
+        if self.cuda_off_reason:
             self.extensions = []
+
+    def run(self):
+        if self.cuda_off_reason:
+            print(f"mplug-kernels: CUDA backend off ({self.cuda_off_reason}); installing the Triton and PyTorch "
+                  "backends only", file=sys.stderr)
+        super().run()
 
     def build_extension(self, ext):
         cmake = find_tool("cmake")

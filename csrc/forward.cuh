@@ -138,6 +138,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionArgs a
     __syncthreads();
   }
   __pipeline_wait_prior(0);
+  __syncthreads();
   write_rows<T, D>(args, b, h, m0, out_acc, rows);
 }
 

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "attention.h"
+#include "key_tiles.h"
 #include "row_math.h"
 
 namespace mplug {
@@ -85,47 +86,6 @@ __device__ __forceinline__ void load_rows_async(T* tile, const T* rows, int64_t 
 __device__ __forceinline__ void zero_floats(float* tile, int count) {
   for (int i = threadIdx.x; i < count; i += kThreads) tile[i] = 0.0f;
 }
-
-// Keys [start, end) of one source: one tile of at most kBlockN keys.
-struct KeyTile {
-  int source;
-  int64_t start;
-  int64_t end;
-};
-
-// The key tiles of the virtual concatenation of all sources restricted to [lo, hi).
-struct TileWalk {
-  int64_t lo[kMaxSources];
-  int64_t hi[kMaxSources];
-  int64_t count[kMaxSources];
-  int64_t total;
-
-  __device__ static TileWalk over(const AttentionArgs& args, int64_t lo, int64_t hi) {
-    TileWalk walk;
-    walk.total = 0;
-    int64_t offset = 0;
-    for (int s = 0; s < kMaxSources; ++s) {
-      const int64_t length = s < args.num_sources ? args.sources[s].length : 0;
-      walk.lo[s] = min(max(lo - offset, int64_t{0}), length);
-      walk.hi[s] = min(max(hi - offset, int64_t{0}), length);
-      walk.count[s] = (walk.hi[s] - walk.lo[s] + kBlockN - 1) / kBlockN;
-      walk.total += walk.count[s];
-      offset += length;
-    }
-    return walk;
-  }
-
-  __device__ KeyTile at(int64_t index) const {
-    for (int s = 0; s < kMaxSources; ++s) {
-      if (index < count[s]) {
-        const int64_t start = lo[s] + index * kBlockN;
-        return KeyTile{s, start, min(start + kBlockN, hi[s])};
-      }
-      index -= count[s];
-    }
-    return KeyTile{0, 0, 0};
-  }
-};
 
 // Whether key `start + n` of a tile is visible: inside the tile and not padded.
 __device__ __forceinline__ bool key_visible(const SourceView& source, const KeyTile& tile, int64_t b, int n) {

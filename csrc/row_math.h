@@ -4,11 +4,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define MPLUG_HD __host__ __device__ __forceinline__
-#else
-#define MPLUG_HD inline
-#endif
+#include "host_device.h"
 
 namespace mplug {
 

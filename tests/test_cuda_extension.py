@@ -104,14 +104,14 @@ def test_split_plan_covers_keys_without_empty_splits(blocks, total_keys, forced)
         assert num_splits == 1
 
 
-def test_row_math_on_host(tmp_path):
-    """The per-row softmax/merge math of csrc/row_math.h, compiled for the host with g++."""
+def test_kernel_helpers_on_host(tmp_path):
+    """The kernels' row math and key-tile walk (csrc/row_math.h, key_tiles.h), compiled for the host with g++."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no host C++ compiler")
-    binary = tmp_path / "row_math_test"
+    binary = tmp_path / "host_test"
     subprocess.run([compiler, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{CSRC}",
-                    str(CSRC / "tests" / "row_math_test.cpp"), "-o", str(binary)], check=True)
+                    str(CSRC / "tests" / "host_test.cpp"), "-o", str(binary)], check=True)
     result = subprocess.run([str(binary)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

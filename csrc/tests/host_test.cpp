@@ -1,10 +1,12 @@
-// Host test of row_math.h: the streaming softmax, split merging and lse recomputation used by the
-// CUDA kernels agree with a direct double-precision softmax. Exit status 0 on success.
+// Host test of the kernels' host/device helpers: row_math.h (streaming softmax, split merging and
+// lse recomputation agree with a direct double-precision softmax) and key_tiles.h (the tiles of
+// every split cover each key of the concatenated sources exactly once). Exit status 0 on success.
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <vector>
 
+#include "key_tiles.h"
 #include "row_math.h"
 
 namespace {
@@ -91,9 +93,52 @@ void check_row(const std::vector<float>& scores, const std::vector<bool>& visibl
   expect_close(total, std::isinf(lse) ? 0.0 : 1.0, 1e-5, name);
 }
 
+void expect(bool condition, const char* what) {
+  if (!condition) {
+    std::printf("FAIL %s\n", what);
+    ++failures;
+  }
+}
+
+// Walks the tiles of every split of the concatenated sources and checks they cover each key once.
+void check_tile_walk(const std::vector<int64_t>& lengths, int64_t split_size) {
+  mplug::AttentionArgs args;
+  args.num_sources = static_cast<int>(lengths.size());
+  int64_t total = 0;
+  std::vector<int64_t> offsets;
+  for (size_t s = 0; s < lengths.size(); ++s) {
+    args.sources[s].length = lengths[s];
+    offsets.push_back(total);
+    total += lengths[s];
+  }
+  std::vector<int> covered(static_cast<size_t>(total), 0);
+  for (int64_t split_lo = 0; split_lo < std::max<int64_t>(total, 1); split_lo += split_size) {
+    const mplug::TileWalk walk = mplug::TileWalk::over(args, split_lo, split_lo + split_size);
+    for (int64_t t = 0; t < walk.total; ++t) {
+      const mplug::KeyTile tile = walk.at(t);
+      expect(tile.source >= 0 && tile.source < args.num_sources, "tile source in range");
+      expect(tile.end - tile.start >= 1 && tile.end - tile.start <= mplug::kKeysPerTile, "tile holds 1..64 keys");
+      expect(tile.start >= 0 && tile.end <= lengths[tile.source], "tile inside its source");
+      for (int64_t key = tile.start; key < tile.end; ++key) {
+        const int64_t virtual_key = offsets[tile.source] + key;
+        expect(virtual_key >= split_lo && virtual_key < split_lo + split_size, "tile inside its split");
+        ++covered[static_cast<size_t>(virtual_key)];
+      }
+    }
+  }
+  for (int count : covered) expect(count == 1, "every key covered exactly once");
+}
+
 }  // namespace
 
 int main() {
+  for (int64_t split_size : {64, 128, 320, 1 << 20}) {
+    check_tile_walk({577}, split_size);
+    check_tile_walk({257, 25}, split_size);
+    check_tile_walk({0, 63, 65, 1}, split_size);
+    check_tile_walk({901, 0, 30, 128}, split_size);
+    check_tile_walk({0}, split_size);
+  }
   std::mt19937 generator(1234);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   for (size_t length : {1, 63, 64, 65, 577, 1025}) {
@@ -113,6 +158,6 @@ int main() {
   }
   std::vector<float> large = {80.0f, 85.0f, -80.0f, 88.0f};
   check_row(large, std::vector<bool>(4, true), large, "large scores");
-  if (failures == 0) std::printf("row_math: all checks passed\n");
+  if (failures == 0) std::printf("host_test: all checks passed\n");
   return failures == 0 ? 0 : 1;
 }
