@@ -7,7 +7,6 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather
 
 IGNORE_INDEX = -100
 
@@ -21,11 +20,29 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+class _GatherBatch(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every process's gradient for our rows (all_reduce, then slice).
+    (torch.distributed.nn's all_gather, deprecated, did not reproduce the one-process gradients under gloo.)"""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, features.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+
+
 def gather_batch(features: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """[B, E] from every process, concatenated in rank order (gradients flow back) -> ([W * B, E], offset of ours)."""
     if not _distributed():
         return features, 0
-    return torch.cat(all_gather(features), dim=0), dist.get_rank() * features.shape[0]
+    return _GatherBatch.apply(features), dist.get_rank() * features.shape[0]
 
 
 def global_token_mean(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from mplug.objectives import (
     sample_hard_negatives,
     upcast,
 )
+
+
+OBJECTIVES = ("itc", "itm", "mlm", "prefix_lm")
 
 
 class RetrievalScores(NamedTuple):
@@ -76,36 +79,52 @@ def pretrain_losses(
     mlm_inputs: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     prefix_lengths: Optional[torch.Tensor] = None,
     update_queue: bool = True,
+    objectives: Sequence[str] = OBJECTIVES,
 ) -> Dict[str, torch.Tensor]:
     """images [B, 3, H, W], right-padded texts [CLS] .. [SEP] ids [B, L] with bool mask -> {"itc", "itm", "mlm",
-    "prefix_lm"} scalar losses (B >= 2 for hard negatives).
+    "prefix_lm"} scalar losses (or those named in ``objectives``; ITM needs B >= 2 for hard negatives).
 
     Random choices (MLM masking, PrefixLM split, hard negatives) use ``generator``; ``mlm_inputs`` = (masked ids,
     labels) and ``prefix_lengths`` [B] fix the first two. In training mode the ITC queues take this batch's features.
+    Under DistributedDataParallel, ITC contrasts the batches of all processes and the token losses average over all
+    tokens, so the gradients equal one process's on the combined batch (ITM draws negatives within each process).
     """
+    unknown = set(objectives) - set(OBJECTIVES)
+    if unknown or not objectives:
+        raise ValueError(f"objectives must be a non-empty subset of {OBJECTIVES}, got {tuple(objectives)}")
     _check_batches(images, "text_ids", text_ids)
-    config = model.config
     image_embeds, image_mask = encode_images(model, images)
     text_embeds = model.text_encoder(text_ids, text_mask)
     image_feat, text_feat = contrastive_features(model, image_embeds, text_embeds)
     temp = model.temp.clamp(0.001, 0.5)
-    losses = {"itc": itc_loss(image_feat, text_feat, temp, model.image_queue, model.text_queue)[0]}
-    losses["itm"] = _itm_loss(model, image_embeds, image_mask, text_embeds, text_mask, image_feat, text_feat, temp, generator)
+    losses = {}
+    if "itc" in objectives:
+        losses["itc"] = itc_loss(image_feat, text_feat, temp, model.image_queue, model.text_queue)[0]
+    if "itm" in objectives:
+        losses["itm"] = _itm_loss(model, image_embeds, image_mask, text_embeds, text_mask, image_feat, text_feat, temp, generator)
+    if "mlm" in objectives:
+        losses["mlm"] = _mlm_loss(model, image_embeds, image_mask, text_ids, text_mask, mlm_inputs, mlm_probability, generator)
+    if "prefix_lm" in objectives:
+        if prefix_lengths is None:
+            prefix_lengths = random_prefix_lengths(text_mask, generator)
+        losses["prefix_lm"] = _prefix_lm_loss(model, image_embeds, image_mask, text_ids, text_mask, prefix_lengths)
+    if update_queue and model.training:
+        enqueue(model.image_queue, model.text_queue, model.queue_ptr, image_feat, text_feat)
+    return losses
+
+
+def _mlm_loss(model, image_embeds, image_mask, text_ids, text_mask, mlm_inputs, probability, generator):
+    """Masked tokens predicted from the fused text (masked text encoded, then fused with the image)."""
+    config = model.config
     if mlm_inputs is None:
         special_ids = (config.pad_token_id, config.bos_token_id, config.eos_token_id)
         mlm_inputs = mask_tokens(
             text_ids, text_mask, vocab_size=config.vocab_size, mask_token_id=config.mask_token_id,
-            special_ids=special_ids, probability=mlm_probability, generator=generator,
+            special_ids=special_ids, probability=probability, generator=generator,
         )
-    masked_ids, mlm_labels = mlm_inputs
+    masked_ids, labels = mlm_inputs
     _, masked_out = model.fusion_encoder(image_embeds, image_mask, model.text_encoder(masked_ids, text_mask), text_mask)
-    losses["mlm"] = token_loss(model.mlm_head(masked_out), mlm_labels)
-    if prefix_lengths is None:
-        prefix_lengths = random_prefix_lengths(text_mask, generator)
-    losses["prefix_lm"] = _prefix_lm_loss(model, image_embeds, image_mask, text_ids, text_mask, prefix_lengths)
-    if update_queue and model.training:
-        enqueue(model.image_queue, model.text_queue, model.queue_ptr, image_feat, text_feat)
-    return losses
+    return token_loss(model.mlm_head(masked_out), labels)
 
 
 def _itm_loss(model, image_embeds, image_mask, text_embeds, text_mask, image_feat, text_feat, temp, generator):
