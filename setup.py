@@ -120,8 +120,8 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
-        "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "numpy", "matplotlib", "tqdm"],
+        "bench": ["pytest-benchmark", "numpy", "matplotlib", "tqdm"],
     },
     ext_modules=[CMakeExtension("mplug_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},

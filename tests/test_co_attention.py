@@ -6,7 +6,7 @@ import torch
 
 import mplug_kernels
 from mplug_kernels import reference
-from mplug_kernels.ops import attention_triton
+from mplug_kernels.backends.kernel_inputs import force_num_splits
 from attention_testing import (
     DEVICE,
     KERNEL_BACKENDS,
@@ -34,7 +34,7 @@ BATCH, HEADS = 2, 2
 @pytest.fixture(autouse=True)
 def _restore_split_heuristic():
     yield
-    attention_triton.force_num_splits(None)
+    force_num_splits(None)
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def test_forward_head_dims(backend, dtype, head_dim):
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 def test_split_kv_forced(backend, num_splits, mask_kind):
-    attention_triton.force_num_splits(num_splits)
+    force_num_splits(num_splits)
     _check_forward(backend, *_inputs(25, 577, 64, LOW_PRECISION_DTYPES[0], mask_kind, seed=num_splits))
 
 

@@ -12,6 +12,7 @@ import torch
 
 from mplug_kernels.backends import AttentionCall, BACKENDS
 from mplug_kernels.backends import cuda as cuda_backend
+from mplug_kernels.backends.kernel_inputs import force_num_splits
 from attention_testing import (
     MASK_KINDS,
     assert_within_budget,
@@ -126,8 +127,8 @@ def test_backend_declares_what_it_cannot_run(dtype, head_dim, reason):
 
 @pytest.fixture
 def forced_splits():
-    yield cuda_backend.force_num_splits
-    cuda_backend.force_num_splits(None)
+    yield force_num_splits
+    force_num_splits(None)
 
 
 @pytest.mark.gpu

@@ -11,12 +11,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from mplug_kernels.backends.base import Backend
+from mplug_kernels.backends.kernel_inputs import forced_num_splits, mask_bytes
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
-MAX_SPLITS = 64
 _NO_VIEW = (0, 0, 0, 0)
-_forced_num_splits: Optional[int] = None
 
 
 @lru_cache(maxsize=None)
@@ -42,26 +41,12 @@ def build_info() -> dict:
             "dtypes": info["dtypes"], "head_dims": info["head_dims"], "kernels": len(info["kernels"])}
 
 
-def force_num_splits(num_splits: Optional[int]) -> None:
-    """Pin the split-KV count of the CUDA forward (None restores the heuristic); for tests and tuning."""
-    global _forced_num_splits
-    if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in 1..{MAX_SPLITS} or None, got {num_splits}")
-    _forced_num_splits = num_splits
-
-
 def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
     """x when the kernels can read its rows with 16-byte loads, else a contiguous, aligned copy."""
     aligned_strides = all(stride % 8 == 0 or size == 1 for stride, size in zip(x.stride()[:-1], x.shape[:-1]))
     if x.stride(-1) == 1 and aligned_strides and x.data_ptr() % 16 == 0:
         return x
     return x.clone(memory_format=torch.contiguous_format)
-
-
-def _mask_bytes(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if mask is None:
-        return None
-    return (mask if mask.stride(-1) == 1 else mask.contiguous()).view(torch.uint8)
 
 
 def _view(x: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
@@ -94,14 +79,14 @@ def forward(
     extension = load_extension()
     q = _kernel_ready(q)
     ks, vs = [_kernel_ready(k) for k in ks], [_kernel_ready(v) for v in vs]
-    masks = [_mask_bytes(m) for m in masks]
+    masks = [mask_bytes(m) for m in masks]
     batch, q_len, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     query_tiles = -(-q_len // extension.QUERY_ROWS_PER_BLOCK)
     sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
     num_splits, split_size = extension.plan_splits(
-        batch * heads * query_tiles, sum(k.shape[1] for k in ks), sm_count, _forced_num_splits or 0
+        batch * heads * query_tiles, sum(k.shape[1] for k in ks), sm_count, forced_num_splits() or 0
     )
     part_out = part_lse = None
     if num_splits > 1:
@@ -125,7 +110,7 @@ def backward(
     extension = load_extension()
     q, dout, out = _kernel_ready(q), _kernel_ready(dout), _kernel_ready(out)
     ks, vs = [_kernel_ready(k) for k in ks], [_kernel_ready(v) for v in vs]
-    masks = [_mask_bytes(m) for m in masks]
+    masks = [mask_bytes(m) for m in masks]
     lse = lse.float().contiguous()
     dlse = None if dlse is None else dlse.float().contiguous()
     delta = torch.empty_like(lse)

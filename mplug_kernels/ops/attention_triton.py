@@ -15,10 +15,10 @@ import triton
 import triton.language as tl
 
 from mplug_kernels.backends.triton import interpreter_on
+from mplug_kernels.backends.kernel_inputs import MAX_SPLITS, forced_num_splits, mask_bytes
 
 LOG2E = 1.4426950408889634
 MAX_SOURCES = 4
-MAX_SPLITS = 64
 
 
 @triton.jit
@@ -286,13 +286,6 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _mask_bytes(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if mask is None:
-        return None
-    mask = mask if mask.stride(-1) == 1 else mask.contiguous()
-    return mask.view(torch.int8)
-
-
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -305,17 +298,6 @@ def _block_m(q_len: int) -> int:
     return min(64, max(16, triton.next_power_of_2(q_len)))
 
 
-_forced_num_splits: Optional[int] = None
-
-
-def force_num_splits(num_splits: Optional[int]) -> None:
-    """Pin the split-KV count of the Triton forward (None restores the heuristic); for tests and tuning."""
-    global _forced_num_splits
-    if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in 1..{MAX_SPLITS} or None, got {num_splits}")
-    _forced_num_splits = num_splits
-
-
 def _multiprocessor_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -324,8 +306,8 @@ def _multiprocessor_count(device: torch.device) -> int:
 
 def choose_num_splits(programs: int, total_keys: int, block_n: int, device: torch.device) -> int:
     """Split the keys when B*H*query-tiles would leave streaming multiprocessors idle."""
-    if _forced_num_splits is not None:
-        return min(_forced_num_splits, max(1, triton.cdiv(total_keys, block_n)))
+    if forced_num_splits() is not None:
+        return min(forced_num_splits(), max(1, triton.cdiv(total_keys, block_n)))
     sms = _multiprocessor_count(device)
     if programs >= sms:
         return 1
@@ -356,7 +338,7 @@ def forward(
     q = _last_dim_contiguous(q)
     ks = [_last_dim_contiguous(k) for k in ks]
     vs = [_last_dim_contiguous(v) for v in vs]
-    masks = [_mask_bytes(m) for m in masks]
+    masks = [mask_bytes(m) for m in masks]
     batch, q_len, heads, head_dim = q.shape
     out = q.new_empty(q.shape)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
@@ -398,7 +380,7 @@ def backward(
     q, dout = _last_dim_contiguous(q), _last_dim_contiguous(dout)
     ks = [_last_dim_contiguous(k) for k in ks]
     vs = [_last_dim_contiguous(v) for v in vs]
-    masks = [_mask_bytes(m) for m in masks]
+    masks = [mask_bytes(m) for m in masks]
     batch, q_len, heads, head_dim = q.shape
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
     if dlse is not None:

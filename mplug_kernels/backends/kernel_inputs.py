@@ -1,0 +1,29 @@
+"""What the Triton and CUDA kernel backends share: the split-KV override and mask preparation."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+MAX_SPLITS = 64
+_forced_num_splits: Optional[int] = None
+
+
+def force_num_splits(num_splits: Optional[int]) -> None:
+    """Pin the split-KV count of the Triton and CUDA forwards (None restores their heuristics); for tests and tuning."""
+    global _forced_num_splits
+    if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in 1..{MAX_SPLITS} or None, got {num_splits}")
+    _forced_num_splits = num_splits
+
+
+def forced_num_splits() -> Optional[int]:
+    """The pinned split-KV count, or None when the kernels choose."""
+    return _forced_num_splits
+
+
+def mask_bytes(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A bool [B, Lk] key mask as a uint8 view with a contiguous key axis (a copy only when it is strided)."""
+    if mask is None:
+        return None
+    return (mask if mask.stride(-1) == 1 else mask.contiguous()).view(torch.uint8)
