@@ -210,7 +210,7 @@ class CoAttention(nn.Module):
         *,
         vision_kv=None,
     ) -> torch.Tensor:
-        """text [B, Lt, hidden] over vision [B, Lv, kv_width] (or a tuple of memory sources, or a ``vision_kv`` cache entry); mask bool/additive -> text [B, Lt, hidden]."""
+        """text [B, Lt, hidden] over vision [B, Lv, kv_width] or a tuple of memory sources (a ``vision_kv`` cache entry, when given, replaces them); mask bool/additive -> text [B, Lt, hidden]."""
         sources = vision_kv.features if vision_kv is not None else _as_sources(encoder_hidden_states)
         keeps = memory_masks(encoder_attention_mask, sources)
         q = split_heads(self.self.query(hidden_states), self.num_heads)

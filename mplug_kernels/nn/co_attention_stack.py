@@ -84,6 +84,10 @@ class VisionKVCache:
         return self.project()._key_values[index]
 
 
+def _memory_layout(layer: CoAttention) -> Tuple[int, int, int]:
+    return layer.num_heads, layer.self.key.in_features, layer.self.key.out_features
+
+
 class CoAttentionStack:
     """A run of CoAttention layers over the same memory: ``cache = stack.vision_kv(vision)``, then ``layers[i](text, vision_kv=cache[i])``."""
 
@@ -94,8 +98,9 @@ class CoAttentionStack:
         for i, layer in enumerate(layers):
             if not isinstance(layer, CoAttention):
                 raise TypeError(f"layers[{i}] must be a CoAttention, got {type(layer).__name__}")
-            shape = (layer.num_heads, layer.self.key.in_features, layer.self.key.out_features)
-            first = (layers[0].num_heads, layers[0].self.key.in_features, layers[0].self.key.out_features)
+        first = _memory_layout(layers[0])
+        for i, layer in enumerate(layers):
+            shape = _memory_layout(layer)
             if shape != first:
                 raise ValueError(
                     f"layers[{i}] has (heads, kv_width, hidden) = {shape} but layers[0] has {first}; a stack shares one memory layout"

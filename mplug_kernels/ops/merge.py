@@ -11,14 +11,16 @@ def _check_states(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) ->
         raise TypeError("outs and lses must be tuples of tensors (one partial attention each)")
     if not outs or len(outs) != len(lses):
         raise ValueError(f"outs and lses must be non-empty and of equal length, got {len(outs)} and {len(lses)}")
-    batch, q_len, heads, _ = outs[0].shape if outs[0].dim() == 4 else (None,) * 4
+    if not all(isinstance(x, torch.Tensor) for x in (*outs, *lses)):
+        raise TypeError("every entry of outs and lses must be a torch.Tensor")
+    first = outs[0]
+    if first.dim() != 4:
+        raise ValueError(f"outs[0] must be [B, Lq, H, D], got shape {tuple(first.shape)}")
+    batch, q_len, heads, _ = first.shape
     for i, (out, lse) in enumerate(zip(outs, lses)):
-        if not isinstance(out, torch.Tensor) or not isinstance(lse, torch.Tensor):
-            raise TypeError(f"outs[{i}] and lses[{i}] must be tensors")
-        if out.dim() != 4 or out.shape != outs[0].shape or out.dtype != outs[0].dtype:
+        if out.shape != first.shape or out.dtype != first.dtype:
             raise ValueError(
-                f"outs[{i}] ({tuple(out.shape)}, {out.dtype}) must be [B, Lq, H, D] like outs[0] "
-                f"({tuple(outs[0].shape)}, {outs[0].dtype})"
+                f"outs[{i}] ({tuple(out.shape)}, {out.dtype}) must be [B, Lq, H, D] like outs[0] ({tuple(first.shape)}, {first.dtype})"
             )
         if tuple(lse.shape) != (batch, heads, q_len) or not lse.is_floating_point():
             raise ValueError(f"lses[{i}] must be a float [B, H, Lq] = ({batch}, {heads}, {q_len}) tensor, got {tuple(lse.shape)} {lse.dtype}")
