@@ -22,6 +22,42 @@ MAX_SOURCES = 4
 
 
 @triton.jit
+def _load_rows(base, offs_rows, stride_rows, offs_d, rows_ok, head_dim):
+    """A [rows, BLOCK_D] tile of one (batch, head) slice; zero outside the valid rows and the head dim."""
+    return tl.load(base + offs_rows[:, None] * stride_rows + offs_d[None, :],
+                   mask=rows_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+
+
+@triton.jit
+def _load_key_tile(
+    K, V, MASK, b, h, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_mb,
+    offs_n, in_range, offs_d, head_dim, HAS_MASK: tl.constexpr,
+):
+    """k, v tiles [BLOCK_N, BLOCK_D] and which of their keys may be attended (in range and not padding)."""
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, in_range, head_dim)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, in_range, head_dim)
+    key_ok = in_range
+    if HAS_MASK:
+        keep = tl.load(MASK + b * stride_mb + offs_n, mask=in_range, other=0)
+        key_ok = key_ok & (keep != 0)
+    return k, v, key_ok
+
+
+@triton.jit
+def _load_query_tile(
+    Q, DO, LSE, DELTA, b, h, bh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
+    offs_m, q_len, offs_d, head_dim,
+):
+    """q, dO tiles [BLOCK_M, BLOCK_D], their lse and delta rows, and which rows exist (backward)."""
+    row_ok = offs_m < q_len
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, row_ok, head_dim)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, row_ok, head_dim)
+    lse = tl.load(LSE + bh * q_len + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * q_len + offs_m, mask=row_ok, other=0.0)
+    return q, do, lse, delta, row_ok
+
+
+@triton.jit
 def _attend_source(
     acc, m_i, l_i, q, K, V, MASK,
     stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_mb,
@@ -29,17 +65,10 @@ def _attend_source(
     HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Fold keys [lo, hi) of one source into the running (acc, m_i, l_i); scores in log2 units."""
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    d_ok = offs_d[None, :] < head_dim
     for start in range(lo, hi, BLOCK_N):
         offs_n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        key_ok = offs_n < hi
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=key_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None] & d_ok, other=0.0)
-        if HAS_MASK:
-            keep = tl.load(MASK + b * stride_mb + offs_n, mask=key_ok, other=0)
-            key_ok = key_ok & (keep != 0)
+        k, v, key_ok = _load_key_tile(K, V, MASK, b, h, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+                                      stride_vh, stride_mb, offs_n, offs_n < hi, offs_d, head_dim, HAS_MASK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -83,8 +112,7 @@ def _forward_kernel(
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < q_len
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, row_ok, head_dim)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -202,39 +230,30 @@ def _dkdv_kernel(
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < head_dim
-    key_ok = offs_n < k_len
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=key_ok[:, None] & d_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=key_ok[:, None] & d_ok, other=0.0)
-    if HAS_MASK:
-        keep = tl.load(MASK + b * stride_mb + offs_n, mask=key_ok, other=0)
-        key_ok = key_ok & (keep != 0)
+    in_range = offs_n < k_len
+    k, v, key_ok = _load_key_tile(K, V, MASK, b, h, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+                                  stride_vh, stride_mb, offs_n, in_range, offs_d, head_dim, HAS_MASK)
     qk_scale = softmax_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, q_len, BLOCK_M):
         offs_m = (start_m + tl.arange(0, BLOCK_M)).to(tl.int64)
-        row_ok = offs_m < q_len
-        io_mask = row_ok[:, None] & d_ok
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                    mask=io_mask, other=0.0)
-        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                     mask=io_mask, other=0.0)
-        lse = tl.load(LSE + pid_bh * q_len + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + pid_bh * q_len + offs_m, mask=row_ok, other=0.0)
+        q, do, lse, delta, row_ok = _load_query_tile(
+            Q, DO, LSE, DELTA, b, h, pid_bh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
+            offs_m, q_len, offs_d, head_dim,
+        )
         p, ds = _probs_and_dscores(q, do, k, v, lse, delta, key_ok, row_ok, qk_scale, PRECISION)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * softmax_scale
             a_ptrs = DQ_ACC + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_am + offs_d[None, :]
-            tl.atomic_add(a_ptrs, dq, mask=io_mask)
+            tl.atomic_add(a_ptrs, dq, mask=row_ok[:, None] & d_ok)
     dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
-    in_range = (offs_n < k_len)[:, None] & d_ok
-    tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=in_range)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=in_range)
+    store_mask = in_range[:, None] & d_ok
+    tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
@@ -254,27 +273,17 @@ def _dq_kernel(
     h = pid_bh % num_heads
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < head_dim
-    row_ok = offs_m < q_len
-    io_mask = row_ok[:, None] & d_ok
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=io_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=io_mask, other=0.0)
-    lse = tl.load(LSE + pid_bh * q_len + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + pid_bh * q_len + offs_m, mask=row_ok, other=0.0)
+    q, do, lse, delta, row_ok = _load_query_tile(
+        Q, DO, LSE, DELTA, b, h, pid_bh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
+        offs_m, q_len, offs_d, head_dim,
+    )
+    io_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
     qk_scale = softmax_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, k_len, BLOCK_N):
         offs_n = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
-        key_ok = offs_n < k_len
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=key_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=key_ok[:, None] & d_ok, other=0.0)
-        if HAS_MASK:
-            keep = tl.load(MASK + b * stride_mb + offs_n, mask=key_ok, other=0)
-            key_ok = key_ok & (keep != 0)
+        k, v, key_ok = _load_key_tile(K, V, MASK, b, h, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+                                      stride_vh, stride_mb, offs_n, offs_n < k_len, offs_d, head_dim, HAS_MASK)
         p, ds = _probs_and_dscores(q, do, k, v, lse, delta, key_ok, row_ok, qk_scale, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     a_ptrs = DQ_ACC + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_am + offs_d[None, :]
