@@ -14,7 +14,6 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "out"
-SLOW_CALL_S = 1.0
 
 
 def default_device() -> torch.device:
@@ -30,8 +29,7 @@ def bench_dtype(device: torch.device) -> torch.dtype:
 def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.2) -> float:
     """Median wall time of fn in milliseconds: triton.testing.do_bench on a GPU, torch.utils.benchmark on the CPU.
 
-    On the CPU a first call longer than SLOW_CALL_S is the measurement itself (its one-time costs are noise
-    next to it); a first call longer than min_run_time is followed by one timed call.
+    On the CPU the first call warms up; when it took longer than min_run_time one more call is timed.
     """
     if device.type == "cuda":
         import triton.testing
@@ -42,8 +40,6 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float 
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
-    if first > SLOW_CALL_S:
-        return first * 1e3
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
     if first > min_run_time:
         return timer.timeit(number=1).median * 1e3
