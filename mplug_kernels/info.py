@@ -16,6 +16,16 @@ def _typical_call(device_type: str) -> AttentionCall:
     return AttentionCall(device_type, dtype, 64, 1, True, True, True)
 
 
+def _extension_line() -> str:
+    info = build_info()
+    if not info["built"]:
+        return f"CUDA extension _C: not built ({info['error']})"
+    return (
+        f"CUDA extension _C: built for archs {info['archs']} with nvcc {info['nvcc']}; "
+        f"{info['kernels']} kernels, dtypes {info['dtypes']}, head dims {info['head_dims']}"
+    )
+
+
 def report() -> str:
     """The text printed by ``python -m mplug_kernels.info``."""
     try:
@@ -30,7 +40,7 @@ def report() -> str:
         f"mplug_kernels {__version__}",
         f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}",
         f"device: {device}",
-        f"CUDA extension _C: {build_info()}",
+        _extension_line(),
         f"backends for {_typical_call(device_type).describe()}:",
     ]
     call = _typical_call(device_type)
