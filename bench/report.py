@@ -225,7 +225,8 @@ def model_table(payload: dict) -> str:
     body = [[r["task"], r["label"], r["batch"], r.get("ms", r.get("error")), r.get("per_second"), r.get("peak_memory_mb")]
             for r in payload["rows"]]
     speedups = "\n".join(f"- {task}: fused / eager = {ratio:.2f}x" for task, ratio in payload.get("speedups", {}).items())
-    return f"mPLUG {payload.get('config')} full model; {environment_line(payload)}\n\n{markdown_table(header, body)}\n{speedups}"
+    return f"mPLUG {payload.get('config')} full model, image {payload.get('image_size')} (Lv {payload.get('vision_len')}), " \
+        f"{payload.get('dtype')}, {payload.get('generation')}; {environment_line(payload)}\n\n{markdown_table(header, body)}\n{speedups}"
 
 
 def table(payload: dict) -> str:
