@@ -123,6 +123,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "numpy", "matplotlib", "tqdm"],
         "bench": ["pytest-benchmark", "numpy", "matplotlib", "tqdm"],
     },
+    entry_points={"console_scripts": ["mplug-bench = bench.__main__:main"]},
     ext_modules=[CMakeExtension("mplug_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a machine with nothing but this repo and a CUDA PyTorch (no network needed):
 # builds the CUDA extension in place, runs the whole test suite (GPU tests included) and the kernel
-# benchmarks, and writes logs, JUnit XML, benchmark JSON and summary.json under $OUT.
+# benchmarks (the main job with --all, concat attention, fusion layers), and writes logs, JUnit XML, benchmark JSON and summary.json under $OUT.
 #   OUT=/some/dir bench/gpu_check.sh        (default OUT=bench/out/gpu_check)
 # MPLUG_KERNELS_CUDA_ARCHS defaults to this GPU's own architecture; MAX_JOBS to the core count.
 set -uo pipefail
@@ -34,12 +34,9 @@ run_step install "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
 run_step info "$PYTHON" -m mplug_kernels.info
 run_step tests "$PYTHON" -m pytest tests -q -rs --durations=25 --junitxml="$OUT/tests.xml"
 run_step bench_tests "$PYTHON" -m pytest bench -q -rs --junitxml="$OUT/bench_tests.xml"
-for module in bench.bench_co_attention bench.bench_concat_attention; do
-  if "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)"; then
-    run_step "${module#bench.}" "$PYTHON" -m "$module" --json-dir "$OUT"
-  else
-    echo "== ${module#bench.}: module $module does not exist in this checkout; skipped"
-  fi
+run_step main_job "$PYTHON" -m bench --all --json-dir "$OUT"
+for module in bench.bench_concat_attention bench.bench_fusion_layers; do
+  run_step "${module#bench.}" "$PYTHON" -m "$module" --json-dir "$OUT"
 done
 
 summary=""

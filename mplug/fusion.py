@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mplug_kernels._checks import check_mask
+from mplug_kernels.profiling import nvtx_range
 from mplug_kernels.nn import CoAttentionStack, ConnectedAttention
 
 from mplug.config import MPLUGConfig
@@ -94,11 +95,13 @@ class FusionEncoder(nn.Module):
         for start, stop in layer_runs(self.config):
             first = self.encoder.layer[start]
             if isinstance(first, ConnectedAttention):
-                vision, text = self._run(first, vision, text, image_mask, text_mask)
+                vision, text = self._run(f"fusion.layer{start}", first, vision, text, image_mask, text_mask)
             elif self.config.fusion == "coattn":
                 text, vision = (
-                    self._run(first, text, text_mask, vision, image_mask),
-                    self._run(self.vision_encoder.layer[start], vision, image_mask, text, text_mask),
+                    self._run(f"fusion.layer{start}", first, text, text_mask, vision, image_mask),
+                    self._run(
+                        f"fusion.vision_layer{start}", self.vision_encoder.layer[start], vision, image_mask, text, text_mask
+                    ),
                 )
             else:
                 text = self._co_attention_run(start, stop, vision, image_mask, text, text_mask)
@@ -109,14 +112,15 @@ class FusionEncoder(nn.Module):
         layers = list(self.encoder.layer)[start:stop]
         vision_kv = CoAttentionStack([layer.crossattention for layer in layers]).vision_kv(vision).project()
         for index, layer in enumerate(layers):
-            text = self._run(layer, text, text_mask, None, vision_mask, vision_kv[index])
+            text = self._run(f"fusion.layer{start + index}", layer, text, text_mask, None, vision_mask, vision_kv[index])
         return text
 
-    def _run(self, layer: nn.Module, *args):
-        """layer(*args), recomputed in the backward pass when gradient checkpointing is on and training."""
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, *args, use_reentrant=False)
-        return layer(*args)
+    def _run(self, range_name: str, layer: nn.Module, *args):
+        """layer(*args) inside a profiler range, recomputed in the backward pass under gradient checkpointing."""
+        with nvtx_range(range_name):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                return checkpoint(layer, *args, use_reentrant=False)
+            return layer(*args)
 
 
 def check_fusion_inputs(image_embeds, image_mask, text_embeds, text_mask, hidden_size: int) -> None:

@@ -10,6 +10,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from mplug_kernels.profiling import nvtx_annotate
+
 StepFn = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 """(sequences [N, P + t] so far, parents [N] row each row continues, None at the first step) -> logits [N, V]."""
 
@@ -155,6 +157,7 @@ class DecoderStep:
             self.memory = tuple(states.repeat_interleave(num_beams, dim=0) for states in memory)
             self.memory_masks = tuple(mask.repeat_interleave(num_beams, dim=0) for mask in memory_masks)
 
+    @nvtx_annotate("decoder.step")
     def __call__(self, sequences: torch.Tensor, parents: Optional[torch.Tensor]) -> torch.Tensor:
         """sequences [N, T] so far, parents [N] or None -> next-token logits [N, V]."""
         if not self.use_cache:

@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from mplug_kernels.backends import AttentionCall, get_backend, select_backend
+from mplug_kernels.profiling import nvtx_range
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -132,5 +133,6 @@ def attend(
     """Dispatch q attending to the sources to ``backend`` ('auto' picks); returns out or (out, lse)."""
     call = AttentionCall.of(q, ks, vs, masks, return_lse)
     chosen = select_backend(backend, call)
-    out, lse = chosen.attend(q, ks, vs, masks, softmax_scale)
+    with nvtx_range(f"attention.{chosen.name}"):
+        out, lse = chosen.attend(q, ks, vs, masks, softmax_scale)
     return (out, lse) if return_lse else out
