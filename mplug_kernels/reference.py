@@ -13,16 +13,32 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _joined_keys(
-    ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]], dtype
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    k = torch.cat([x.to(dtype) for x in ks], dim=1)
-    v = torch.cat([x.to(dtype) for x in vs], dim=1)
+def joined_sources(
+    ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """torch.cat of the sources: k, v [B, sum Lk, H, D] and the bool keep mask [B, sum Lk] (None when nothing is masked)."""
+    k = ks[0] if len(ks) == 1 else torch.cat(list(ks), dim=1)
+    v = vs[0] if len(vs) == 1 else torch.cat(list(vs), dim=1)
+    if all(m is None for m in masks):
+        return k, v, None
     keep = torch.cat(
         [m if m is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) for m, x in zip(masks, ks)],
         dim=1,
     )
     return k, v, keep
+
+
+def never_empty(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(keep with fully masked rows reopened, alive [B]): the caller zeroes the output where alive is False."""
+    alive = keep.any(dim=1)
+    return keep | ~alive[:, None], alive
+
+
+def _joined_keys(ks, vs, masks, dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k, v, keep = joined_sources(ks, vs, masks)
+    if keep is None:
+        keep = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
+    return k.to(dtype), v.to(dtype), keep
 
 
 def _probabilities(q, k, keep, scale) -> Tuple[torch.Tensor, torch.Tensor]:

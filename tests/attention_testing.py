@@ -8,7 +8,7 @@ import torch
 
 from mplug_kernels import reference
 from mplug_kernels.backends import BACKENDS, AttentionCall
-from mplug_kernels.backends.sdpa import joined_sources, never_empty
+from mplug_kernels.backends.sdpa import masked_sources, zero_dead_rows
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -46,17 +46,14 @@ def reference64(q, ks, vs, masks, scale):
 
 def low_precision_baseline(q, ks, vs, masks, scale):
     """PyTorch's own attention math run in q's dtype (no upcast): the error budget for our kernels."""
-    k, v, keep = joined_sources(ks, vs, masks)
+    k, v, keep, alive = masked_sources(ks, vs, masks)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    alive = None
     if keep is not None:
-        safe_keep, alive = never_empty(keep)
-        scores = scores.masked_fill(~safe_keep[:, None, None, :], float("-inf"))
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores.float(), dim=-1)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    out = zero_dead_rows(torch.einsum("bhqk,bkhd->bqhd", probs, v), alive)
     if alive is not None:
-        out = out * alive[:, None, None, None].to(out.dtype)
         lse = lse.masked_fill(~alive[:, None, None], float("-inf"))
     return out, lse
 

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from mplug_kernels.backends.base import Backend
-from mplug_kernels.backends.sdpa import joined_sources, never_empty
+from mplug_kernels.backends.sdpa import masked_sources, zero_dead_rows
+from mplug_kernels.reference import joined_sources
 
 
 @lru_cache(maxsize=None)
@@ -60,14 +61,10 @@ class XFormersBackend(Backend):
     def attend(self, q, ks, vs, masks, scale):
         import xformers.ops as xops
 
-        k, v, keep = joined_sources(ks, vs, masks)
+        k, v, keep, alive = masked_sources(ks, vs, masks)
         bias = None
-        alive = None
         if keep is not None:
-            safe_keep, alive = never_empty(keep)
-            bias = torch.zeros(safe_keep.shape, dtype=q.dtype, device=q.device).masked_fill(~safe_keep, float("-inf"))
+            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
             bias = bias[:, None, None, :].expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
         out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)
-        if alive is not None:
-            out = out * alive[:, None, None, None].to(out.dtype)
-        return out, None
+        return zero_dead_rows(out, alive), None

@@ -5,25 +5,21 @@ import torch
 import torch.nn.functional as F
 
 from mplug_kernels.backends.base import Backend
+from mplug_kernels.reference import joined_sources, never_empty
 
 
-def joined_sources(ks, vs, masks):
-    """k, v [B, sum Lk, H, D] and the bool keep mask [B, sum Lk] (None when nothing is masked)."""
-    k = ks[0] if len(ks) == 1 else torch.cat(list(ks), dim=1)
-    v = vs[0] if len(vs) == 1 else torch.cat(list(vs), dim=1)
-    if all(m is None for m in masks):
-        return k, v, None
-    keep = torch.cat(
-        [m if m is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) for m, x in zip(masks, ks)],
-        dim=1,
-    )
-    return k, v, keep
+def masked_sources(ks, vs, masks):
+    """k, v joined by torch.cat, the keep mask [B, sum Lk] with fully masked rows reopened (or None), alive [B] (or None)."""
+    k, v, keep = joined_sources(ks, vs, masks)
+    if keep is None:
+        return k, v, None, None
+    safe_keep, alive = never_empty(keep)
+    return k, v, safe_keep, alive
 
 
-def never_empty(keep):
-    """(keep with fully masked rows reopened, alive [B]): zero the output of rows where alive is False."""
-    alive = keep.any(dim=1)
-    return keep | ~alive[:, None], alive
+def zero_dead_rows(out: torch.Tensor, alive) -> torch.Tensor:
+    """out [B, Lq, H, D] with the batch rows whose keys are all masked set to zero."""
+    return out if alive is None else out * alive[:, None, None, None].to(out.dtype)
 
 
 class SdpaBackend(Backend):
@@ -36,15 +32,9 @@ class SdpaBackend(Backend):
         return 40
 
     def attend(self, q, ks, vs, masks, scale):
-        k, v, keep = joined_sources(ks, vs, masks)
-        attn_mask = None
-        alive = None
-        if keep is not None:
-            safe_keep, alive = never_empty(keep)
-            attn_mask = safe_keep[:, None, None, :]
+        k, v, keep, alive = masked_sources(ks, vs, masks)
+        attn_mask = None if keep is None else keep[:, None, None, :]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale
         ).transpose(1, 2)
-        if alive is not None:
-            out = out * alive[:, None, None, None].to(out.dtype)
-        return out, None
+        return zero_dead_rows(out, alive), None

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from mplug_kernels.backends.sdpa import never_empty
+from mplug_kernels.reference import never_empty
 from mplug_kernels.ops.concat_attention import concat_attention
 from mplug_kernels.ops.merge import merge_attention_states
 
