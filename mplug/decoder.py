@@ -4,7 +4,7 @@ Which attention runs where:
 - cross-attention to the memory [v; t] (or [v] alone): ``mplug_kernels.nn.CoAttention`` with the
   memory sources as a tuple (``concat_attention`` on the configured backend; never concatenated).
   Without a cache each call projects the memory per layer (the authors' way); a cache projects it
-  once for all layers with one wide GEMM per source (``project_stack``);
+  once for all layers with one wide GEMM per source (a ``CoAttentionStack`` cache);
 - causal self-attention, one new query per sequence (a cached generation step): ``co_attention``
   over the cached keys on the configured backend (a single query needs no causal mask);
 - causal self-attention over several queries (training, the uncached baseline, a cache's first
@@ -22,39 +22,26 @@ from torch import nn
 from mplug_kernels import co_attention
 from mplug_kernels._checks import check_mask
 from mplug_kernels.nn.co_attention import AttentionOutput, AttentionProjections, split_heads
-from mplug_kernels.nn.co_attention_stack import project_stack
+from mplug_kernels.nn.co_attention_stack import CoAttentionStack, LayerVisionKV, VisionKVCache
 
 from mplug.config import MPLUGConfig
 from mplug.text import Embeddings, FeedForwardBlock, LayerStack, PredictionHead, bert_attention, check_text_inputs
 
-KeyValues = Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]
-
-
-class MemoryEntry:
-    """One decoder layer's projected memory, read by ``CoAttention.forward(vision_kv=...)``."""
-
-    projected = True
-
-    def __init__(self, features: Tuple[torch.Tensor, ...], key_values: KeyValues):
-        self.features = features
-        self._key_values = key_values
-
-    def key_values(self) -> KeyValues:
-        """(ks, vs) [B, L_i, H, D] per memory source."""
-        return self._key_values
-
-
 class DecoderCache:
     """Decoder state for incremental decoding: per-layer self-attention K/V [B, L, H, D] (grown each
-    step) with their bool key mask [B, L], and the memory sources [B, L_i, hidden] with their masks
-    and every layer's memory K/V (computed once)."""
+    step) with their bool key mask [B, L], and the memory: its masks and a projected VisionKVCache
+    holding the sources [B, L_i, hidden] and every layer's memory K/V (computed once)."""
 
-    def __init__(self, features: Tuple[torch.Tensor, ...], memory_masks: Tuple[torch.Tensor, ...], memory_kv: List[KeyValues]):
-        self.features = features
+    def __init__(self, memory_kv: VisionKVCache, memory_masks: Tuple[torch.Tensor, ...]):
+        self.memory_kv = memory_kv.project()
         self.memory_masks = memory_masks
-        self.memory_kv = memory_kv
         self.self_kv: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(memory_kv)
         self.key_mask: Optional[torch.Tensor] = None
+
+    @property
+    def features(self) -> Tuple[torch.Tensor, ...]:
+        """The memory sources [B, L_i, hidden]."""
+        return self.memory_kv.features
 
     @property
     def length(self) -> int:
@@ -66,9 +53,9 @@ class DecoderCache:
         """Rows of the cache (B, or B * beams after a reorder)."""
         return self.features[0].shape[0]
 
-    def memory(self, layer: int) -> MemoryEntry:
+    def memory(self, layer: int) -> LayerVisionKV:
         """Layer ``layer``'s memory K/V entry."""
-        return MemoryEntry(self.features, self.memory_kv[layer])
+        return self.memory_kv[layer]
 
     def reorder(self, beam_indices: torch.Tensor, memory: bool = True) -> "DecoderCache":
         """Keep rows ``beam_indices`` (long [N]) of every cached tensor, in place; returns self.
@@ -82,8 +69,8 @@ class DecoderCache:
         self.self_kv = [None if kv is None else pick(kv) for kv in self.self_kv]
         self.key_mask = None if self.key_mask is None else pick([self.key_mask])[0]
         if memory:
-            self.features, self.memory_masks = pick(self.features), pick(self.memory_masks)
-            self.memory_kv = [(pick(ks), pick(vs)) for ks, vs in self.memory_kv]
+            self.memory_kv = self.memory_kv.select_rows(beam_indices)
+            self.memory_masks = pick(self.memory_masks)
         return self
 
 
@@ -130,7 +117,7 @@ class DecoderLayer(FeedForwardBlock):
         self.attention = CausalSelfAttention(config)
         self.crossattention = bert_attention(config)
 
-    def forward(self, x, key_mask, past, memory, memory_masks, memory_kv: Optional[MemoryEntry]):
+    def forward(self, x, key_mask, past, memory, memory_masks, memory_kv: Optional[LayerVisionKV]):
         """x [B, L, hidden] -> (x [B, L, hidden], this layer's self-attention (k, v)); memory_kv=None projects memory here."""
         x, kv = self.attention(x, key_mask, past)
         return self.feed_forward(self.crossattention(x, memory, memory_masks, vision_kv=memory_kv)), kv
@@ -155,8 +142,8 @@ class TextDecoder(nn.Module):
         """An empty DecoderCache with every layer's memory K/V from one wide GEMM per source
         (memory: (image_out[, text_out]) [B, L_i, hidden], masks bool [B, L_i] or None)."""
         features, masks = check_memory(memory, memory_masks, self.config.hidden_size)
-        memory_kv = project_stack([layer.crossattention for layer in self.layers], features)
-        return DecoderCache(features, masks, memory_kv)
+        stack = CoAttentionStack([layer.crossattention for layer in self.layers])
+        return DecoderCache(stack.vision_kv(*features), masks)
 
     def forward(
         self,

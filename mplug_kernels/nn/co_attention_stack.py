@@ -83,6 +83,14 @@ class VisionKVCache:
         """Layer ``index``'s (ks, vs) [B, Lk_i, H, D]."""
         return self.project()._key_values[index]
 
+    def select_rows(self, rows: torch.Tensor) -> "VisionKVCache":
+        """A cache holding batch rows ``rows`` (long [N]) of the features and of any K/V already projected."""
+        pick = lambda xs: tuple(x.index_select(0, rows) for x in xs)
+        selected = VisionKVCache(self.layers, pick(self.features))
+        if self._key_values is not None:
+            selected._key_values = [(pick(ks), pick(vs)) for ks, vs in self._key_values]
+        return selected
+
 
 def _memory_layout(layer: CoAttention) -> Tuple[int, int, int]:
     return layer.num_heads, layer.self.key.in_features, layer.self.key.out_features
