@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mplug_kernels import co_attention
+from mplug_kernels.backends.sdpa import zero_dead_rows
+from mplug_kernels.reference import never_empty
 from mplug_kernels._checks import check_mask
 from mplug_kernels.nn.co_attention import AttentionOutput, AttentionProjections, split_heads
 from mplug_kernels.nn.co_attention_stack import CoAttentionStack, LayerVisionKV, VisionKVCache
@@ -79,13 +81,12 @@ def causal_attention(q, k, v, key_mask, past_length: int, backend: str) -> torch
     if q.shape[1] == 1:
         return co_attention(q, k, v, key_mask, backend=backend)
     positions = torch.arange(q.shape[1], device=q.device)[:, None] + past_length
-    keep = (torch.arange(k.shape[1], device=q.device)[None, :] <= positions) & key_mask[:, None, :]
-    alive = keep.any(dim=-1)
-    keep = keep | ~alive[..., None]
+    causal = torch.arange(k.shape[1], device=q.device)[None, :] <= positions
+    keep, alive = never_empty(causal & key_mask[:, None, :])
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep[:, None]
     ).transpose(1, 2)
-    return out * alive[..., None, None].to(out.dtype)
+    return zero_dead_rows(out, alive)
 
 
 class CausalSelfAttention(nn.Module):

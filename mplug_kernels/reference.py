@@ -29,9 +29,9 @@ def joined_sources(
 
 
 def never_empty(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(keep with fully masked rows reopened, alive [B]): the caller zeroes the output where alive is False."""
-    alive = keep.any(dim=1)
-    return keep | ~alive[:, None], alive
+    """(keep [..., Lk] with fully masked rows reopened, alive [...]): the caller zeroes the output where alive is False."""
+    alive = keep.any(dim=-1)
+    return keep | ~alive[..., None], alive
 
 
 def _joined_keys(ks, vs, masks, dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -18,8 +18,10 @@ def masked_sources(ks, vs, masks):
 
 
 def zero_dead_rows(out: torch.Tensor, alive) -> torch.Tensor:
-    """out [B, Lq, H, D] with the batch rows whose keys are all masked set to zero."""
-    return out if alive is None else out * alive[:, None, None, None].to(out.dtype)
+    """out [B, Lq, H, D] zeroed where alive ([B] per batch row or [B, Lq] per query) is False."""
+    if alive is None:
+        return out
+    return out * alive.reshape(*alive.shape, *[1] * (out.dim() - alive.dim())).to(out.dtype)
 
 
 class SdpaBackend(Backend):

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from mplug_kernels.backends.sdpa import zero_dead_rows
 from mplug_kernels.reference import never_empty
 from mplug_kernels.ops.concat_attention import concat_attention
 from mplug_kernels.ops.merge import merge_attention_states
@@ -94,9 +95,8 @@ def _attend_shared_source(queries, source, keep, scale):
         safe_keep, alive = never_empty(keep)
         scores = scores.masked_fill(~safe_keep[:, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.exp(scores - lse[..., None]).to(source.dtype), source)
+    out = zero_dead_rows(torch.matmul(torch.exp(scores - lse[..., None]).to(source.dtype), source), alive)
     if alive is not None:
-        out = out * alive[:, None, None].to(out.dtype)
         lse = lse.masked_fill(~alive[:, None], float("-inf"))
     return out, lse
 
