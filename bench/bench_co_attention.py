@@ -16,13 +16,13 @@ from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tup
 import torch
 
 from bench.common import (
+    Grids,
     add_common_arguments,
     apply_common_arguments,
     bench_dtype,
     default_device,
     measured_bandwidth_gbs,
     progress,
-    quick_mode,
     time_ms,
     write_results,
 )
@@ -30,11 +30,13 @@ from mplug_kernels import co_attention
 from mplug_kernels.backends import BACKENDS, AttentionCall
 from mplug_kernels.backends.triton import interpreter_on
 
+GRIDS = Grids(
+    quick={"batch": (1,), "q_len": (25,), "k_len": (257,)},
+    gpu={"batch": (1, 8, 64), "q_len": (25, 64), "k_len": (257, 577, 1025)},
+    cpu={"batch": (1, 2), "q_len": (25, 64), "k_len": (257, 577)},
+)
 HEADS = 12
 HEAD_DIM = 64
-GPU_GRID = {"batch": (1, 8, 64), "q_len": (25, 64), "k_len": (257, 577, 1025)}
-CPU_GRID = {"batch": (1, 2), "q_len": (25, 64), "k_len": (257, 577)}
-QUICK_GRID = {"batch": (1,), "q_len": (25,), "k_len": (257,)}
 PASSES = ("fwd", "bwd", "fwd_bwd")
 SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 
@@ -72,13 +74,6 @@ class Runner:
     name: str
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     context: Callable[[], ContextManager] = contextlib.nullcontext
-
-
-def select_grid(device: torch.device, quick: bool) -> Dict[str, Tuple[int, ...]]:
-    """The quick grid, the full grid on a GPU, or the scaled-down grid on the CPU."""
-    if quick:
-        return QUICK_GRID
-    return GPU_GRID if device.type == "cuda" else CPU_GRID
 
 
 def grid_shapes(grid: Dict[str, Sequence[int]]) -> List[Shape]:
@@ -220,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     apply_common_arguments(args)
     device = default_device()
-    rows, extra = run(device, select_grid(device, args.quick or quick_mode()), args.backends, args.min_run_time)
+    rows, extra = run(device, GRIDS.select(device, args.quick), args.backends, args.min_run_time)
     path = write_results("co_attention", device, rows, args.json_dir, **extra)
     payload = report.load(path)
     report.plot_kernel(payload, path.with_suffix(".png"))

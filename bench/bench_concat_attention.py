@@ -17,6 +17,7 @@ import torch
 
 from bench.bench_co_attention import HEAD_DIM, HEADS, PASSES, SDPA_KERNELS, Runner, Shape, derived_metrics
 from bench.common import (
+    Grids,
     add_common_arguments,
     apply_common_arguments,
     bench_dtype,
@@ -24,7 +25,6 @@ from bench.common import (
     measured_bandwidth_gbs,
     peak_memory_mb,
     progress,
-    quick_mode,
     time_ms,
     write_results,
 )
@@ -32,10 +32,12 @@ from mplug_kernels import concat_attention
 from mplug_kernels.backends import BACKENDS, AttentionCall
 from mplug_kernels.backends.triton import interpreter_on
 
+GRIDS = Grids(
+    quick={"batch": (1,), "vision_len": (65,), "decoder_q_len": (5,)},
+    gpu={"batch": (8, 64), "vision_len": (257, 577), "decoder_q_len": (1, 5, 25)},
+    cpu={"batch": (2,), "vision_len": (257, 577), "decoder_q_len": (1, 25)},
+)
 TEXT_LEN = 25
-GPU_GRID = {"batch": (8, 64), "vision_len": (257, 577), "decoder_q_len": (1, 5, 25)}
-CPU_GRID = {"batch": (2,), "vision_len": (257, 577), "decoder_q_len": (1, 25)}
-QUICK_GRID = {"batch": (1,), "vision_len": (65,), "decoder_q_len": (5,)}
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     apply_common_arguments(args)
     device = default_device()
-    grid = QUICK_GRID if args.quick or quick_mode() else (GPU_GRID if device.type == "cuda" else CPU_GRID)
+    grid = GRIDS.select(device, args.quick)
     rows, extra = run(device, grid, args.backends, args.min_run_time)
     path = write_results("concat_attention", device, rows, args.json_dir, **extra)
     print(report.kernel_table(report.load(path)))

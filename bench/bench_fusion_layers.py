@@ -19,23 +19,25 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from bench.common import (
+    Grids,
     add_common_arguments,
     apply_common_arguments,
     bench_dtype,
     default_device,
     peak_memory_mb,
     progress,
-    quick_mode,
     time_ms,
     write_results,
 )
 from mplug_kernels.nn import CoAttention, CoAttentionStack, ConnectedAttention
 from mplug_kernels.nn.connected_attention import concatenated_connected_attention
 
+GRIDS = Grids(
+    quick={"batch": 1, "vision_lens": (65,), "absorb_q_lens": (5,)},
+    gpu={"batch": 64, "vision_lens": (257, 577), "absorb_q_lens": (1, 5, 25, 64, 80)},
+    cpu={"batch": 2, "vision_lens": (257,), "absorb_q_lens": (1, 25, 80)},
+)
 HIDDEN, HEADS, FFN, TEXT_LEN, STACK_LAYERS = 768, 12, 3072, 25, 3
-GPU_GRID = {"batch": 64, "vision_lens": (257, 577), "absorb_q_lens": (1, 5, 25, 64, 80)}
-CPU_GRID = {"batch": 2, "vision_lens": (257,), "absorb_q_lens": (1, 25, 80)}
-QUICK_GRID = {"batch": 1, "vision_lens": (65,), "absorb_q_lens": (5,)}
 PASSES = ("fwd", "fwd_bwd")
 
 
@@ -187,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     apply_common_arguments(args)
     device = default_device()
-    grid = QUICK_GRID if args.quick or quick_mode() else (GPU_GRID if device.type == "cuda" else CPU_GRID)
+    grid = GRIDS.select(device, args.quick)
     backend = args.backends[0] if args.backends else "auto"
     rows, extra = run(device, grid, backend, args.min_run_time)
     path = write_results("fusion_layers", device, rows, args.json_dir, **extra)

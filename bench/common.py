@@ -8,8 +8,9 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -130,6 +131,21 @@ QUICK_ENV_VAR = "MPLUG_BENCH_QUICK"
 def quick_mode() -> bool:
     """True when MPLUG_BENCH_QUICK=1: every benchmark shrinks to a tiny grid (smoke tests, CPU pytest runs)."""
     return os.environ.get(QUICK_ENV_VAR, "0") == "1"
+
+
+@dataclass(frozen=True)
+class Grids:
+    """A benchmark's shape grids: ``quick`` (smoke runs), ``gpu`` (the full grid) and ``cpu`` (scaled down)."""
+
+    quick: Any
+    gpu: Any
+    cpu: Any
+
+    def select(self, device: torch.device, quick: bool = False):
+        """The quick grid with --quick or MPLUG_BENCH_QUICK=1, else the GPU or the CPU grid for device."""
+        if quick or quick_mode():
+            return self.quick
+        return self.gpu if device.type == "cuda" else self.cpu
 
 
 def add_common_arguments(parser) -> None:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from bench.bench_co_attention import PASSES, available_runners, grid_shapes, pass_functions, select_grid
-from bench.common import bench_dtype, default_device, quick_mode
+from bench.bench_co_attention import GRIDS, PASSES, available_runners, grid_shapes, pass_functions
+from bench.common import bench_dtype, default_device
 
 DEVICE = default_device()
 DTYPE = bench_dtype(DEVICE)
 RUNNERS, SKIPPED = available_runners(DEVICE, DTYPE)
-SHAPES = grid_shapes(select_grid(DEVICE, quick_mode()))
+SHAPES = grid_shapes(GRIDS.select(DEVICE))
 
 
 @pytest.mark.parametrize("runner", RUNNERS, ids=lambda runner: runner.name)

@@ -5,12 +5,12 @@ import pytest
 
 from bench import bench_concat_attention as concat
 from bench.bench_co_attention import PASSES
-from bench.common import bench_dtype, default_device, quick_mode
+from bench.common import bench_dtype, default_device
 
 DEVICE = default_device()
 DTYPE = bench_dtype(DEVICE)
 RUNNERS, SKIPPED = concat.available_runners(DEVICE, DTYPE)
-GRID = concat.QUICK_GRID if quick_mode() else (concat.GPU_GRID if DEVICE.type == "cuda" else concat.CPU_GRID)
+GRID = concat.GRIDS.select(DEVICE)
 SHAPES = concat.grid_shapes(GRID)
 
 
