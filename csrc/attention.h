@@ -13,6 +13,7 @@ constexpr int kMaxSources = 4;
 constexpr int kMaxSplits = 64;
 constexpr int kQueryRowsPerBlock = 32;
 constexpr int kKeysPerTile = 64;
+constexpr int kThreadsPerBlock = 128;
 
 // The head dims with compiled kernels.
 using SupportedHeadDims = std::integer_sequence<int, 32, 64, 80, 96, 128>;

@@ -78,6 +78,7 @@ void backward(const std::string& dtype, const Shape& shape, double scale, const 
 
 py::dict build_info() {
   py::dict info;
+  info["platform"] = MPLUG_PLATFORM;
   info["archs"] = MPLUG_CUDA_ARCHS;
   info["nvcc"] = MPLUG_NVCC_VERSION;
   info["nvcc_path"] = MPLUG_NVCC_PATH;

@@ -146,11 +146,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionArgs a
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const AttentionArgs args) {
   static_assert(kMaxSplits == 64, "each lane handles splits lane and lane + 32");
-  __shared__ float weights[kWarps][kMaxSplits];
-  const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int64_t num_bh = args.batch * args.heads;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= num_bh * args.q_len) return;
   const int64_t bh = row / args.q_len;
   const int64_t m = row % args.q_len;
@@ -161,15 +159,17 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const AttentionArgs a
   const float w_lo = lane < splits ? merge_weight(lse_lo, lse_max) : 0.0f;
   const float w_hi = lane + 32 < splits ? merge_weight(lse_hi, lse_max) : 0.0f;
   const float weight_sum = warp_sum(w_lo + w_hi);
-  weights[warp][lane] = w_lo;
-  weights[warp][lane + 32] = w_hi;
-  __syncwarp();
   const float normalizer = weight_sum > 0.0f ? 1.0f / weight_sum : 0.0f;
   T* out = element<T>(args.out, bh / args.heads, m, bh % args.heads);
-  for (int64_t d = lane; d < args.head_dim; d += 32) {
+  for (int64_t d0 = 0; d0 < args.head_dim; d0 += 32) {
+    const int64_t d = d0 + lane;
     float acc = 0.0f;
-    for (int s = 0; s < splits; ++s) acc += weights[warp][s] * args.part_out[(s * num_bh * args.q_len + row) * args.head_dim + d];
-    out[d] = from_float<T>(acc * normalizer);
+    for (int s = 0; s < splits; ++s) {
+      // every lane takes part in the shuffle, also lanes past head_dim
+      const float weight = __shfl_sync(0xffffffffu, s < 32 ? w_lo : w_hi, s % 32);
+      if (d < args.head_dim) acc += weight * args.part_out[(s * num_bh * args.q_len + row) * args.head_dim + d];
+    }
+    if (d < args.head_dim) out[d] = from_float<T>(acc * normalizer);
   }
   if (lane == 0) args.lse[row] = merged_lse(lse_max, weight_sum);
 }

@@ -2,24 +2,23 @@
 // asynchronous tile loads, key-tile enumeration over several sources and tensor-core block GEMMs.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_pipeline.h>
-#include <cuda_runtime.h>
-#include <mma.h>
-
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
 #include "attention.h"
+// The CUDA toolkit headers and `launch`; the CPU emulator build (csrc/tests/emulator) names its own.
+#ifndef MPLUG_PLATFORM_HEADER
+#define MPLUG_PLATFORM_HEADER "cuda_platform.cuh"
+#endif
+#include MPLUG_PLATFORM_HEADER
 #include "key_tiles.h"
 #include "row_math.h"
 
 namespace mplug {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = kThreadsPerBlock;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBlockM = kQueryRowsPerBlock;
 constexpr int kBlockN = kKeysPerTile;
@@ -127,24 +126,6 @@ __device__ __forceinline__ void block_gemm(const T* a, int lda, const T* b, int 
     }
     wmma::store_matrix_sync(c_tile, acc, ldc, wmma::mem_row_major);
   }
-}
-
-// Throws std::runtime_error naming `what` when a CUDA call or launch failed.
-inline void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string("mplug_kernels CUDA error in ") + what + ": " + cudaGetErrorName(status) +
-                             ": " + cudaGetErrorString(status));
-  }
-}
-
-// Launches `kernel` with `smem_bytes` of dynamic shared memory and checks both the launch and
-// the shared-memory opt-in.
-template <typename Kernel>
-void launch(Kernel kernel, const char* name, dim3 grid, size_t smem_bytes, const AttentionArgs& args) {
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)),
-             name);
-  kernel<<<grid, kThreads, smem_bytes, static_cast<cudaStream_t>(args.stream)>>>(args);
-  check_cuda(cudaGetLastError(), name);
 }
 
 template <int D>

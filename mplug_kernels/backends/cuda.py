@@ -2,9 +2,15 @@
 
 The extension takes raw pointers, element strides and the current stream (it does not link
 libtorch); this module allocates outputs and workspaces with torch and passes them in.
+
+Where ``MPLUG_KERNELS_CUDA_EMULATOR`` names a module file, that CPU emulation build of the same
+kernel sources (see tests/cuda_emulator.py) replaces ``_C`` and the backend runs on CPU tensors.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
 from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
 
@@ -16,16 +22,39 @@ from mplug_kernels.backends.kernel_inputs import forced_num_splits, mask_bytes
 HEAD_DIMS = (32, 64, 80, 96, 128)
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _NO_VIEW = (0, 0, 0, 0)
+EMULATOR_ENV = "MPLUG_KERNELS_CUDA_EMULATOR"
+# The emulator plans split-KV as for an H100's 132 multiprocessors.
+EMULATED_SM_COUNT = 132
+
+
+def _load_module_file(path: str):
+    spec = importlib.util.spec_from_file_location("_C", path)
+    if spec is None or not os.path.isfile(path):
+        raise ImportError(f"{EMULATOR_ENV}={path} is not a module file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @lru_cache(maxsize=None)
 def load_extension():
-    """The compiled ``mplug_kernels._C`` module, or the ImportError explaining why it is absent."""
+    """The kernels' module (``mplug_kernels._C``, or the emulator build named by
+    ``MPLUG_KERNELS_CUDA_EMULATOR``), or the ImportError explaining why it is absent."""
     try:
+        emulator = os.environ.get(EMULATOR_ENV)
+        if emulator:
+            return _load_module_file(emulator)
         from mplug_kernels import _C
     except ImportError as error:
         return error
     return _C
+
+
+def kernel_device_type() -> str:
+    """"cpu" when the loaded extension is the CPU emulator, else "cuda"."""
+    extension = load_extension()
+    emulated = not isinstance(extension, ImportError) and extension.build_info()["platform"] == "cpu-emulator"
+    return "cpu" if emulated else "cuda"
 
 
 def build_info() -> dict:
@@ -37,7 +66,7 @@ def build_info() -> dict:
             "error": f"{extension} (reinstall with nvcc on PATH or CUDA_HOME set; `pip install -v .` shows why)",
         }
     info = extension.build_info()
-    return {"built": True, "archs": info["archs"], "nvcc": f"{info['nvcc']} ({info['nvcc_path']})", "error": None,
+    return {"built": True, "platform": info["platform"], "archs": info["archs"], "nvcc": f"{info['nvcc']} ({info['nvcc_path']})", "error": None,
             "dtypes": info["dtypes"], "head_dims": info["head_dims"], "kernels": len(info["kernels"])}
 
 
@@ -68,7 +97,17 @@ def _sources(ks, vs, masks, dks=None, dvs=None) -> list:
 
 
 def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return EMULATED_SM_COUNT
+
+
+def _on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def forward(
@@ -84,15 +123,14 @@ def forward(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     query_tiles = -(-q_len // extension.QUERY_ROWS_PER_BLOCK)
-    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
     num_splits, split_size = extension.plan_splits(
-        batch * heads * query_tiles, sum(k.shape[1] for k in ks), sm_count, forced_num_splits() or 0
+        batch * heads * query_tiles, sum(k.shape[1] for k in ks), _sm_count(q.device), forced_num_splits() or 0
     )
     part_out = part_lse = None
     if num_splits > 1:
         part_out = torch.empty((num_splits, batch * heads, q_len, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((num_splits, batch * heads, q_len), dtype=torch.float32, device=q.device)
-    with torch.cuda.device(q.device):
+    with _on_device(q.device):
         extension.attention_forward(
             dtype=DTYPE_NAMES[q.dtype], shape=tuple(q.shape), scale=softmax_scale, q=_view(q), out=_view(out),
             lse=lse.data_ptr(), sources=_sources(ks, vs, masks), num_splits=num_splits, split_size=split_size,
@@ -118,7 +156,7 @@ def backward(
     dvs = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in vs]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if deterministic else None
     dq_accum = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    with torch.cuda.device(q.device):
+    with _on_device(q.device):
         extension.attention_backward(
             dtype=DTYPE_NAMES[q.dtype], shape=tuple(q.shape), scale=softmax_scale, q=_view(q), out=_view(out),
             lse=lse.data_ptr(), sources=_sources(ks, vs, masks, dks, dvs), dout=_view(dout), dq=_view(dq),
@@ -131,6 +169,10 @@ class CudaBackend(Backend):
     name = "cuda"
     dtypes = tuple(DTYPE_NAMES)
     head_dims = HEAD_DIMS
+
+    @property
+    def devices(self) -> Tuple[str, ...]:
+        return (kernel_device_type(),)
 
     def unavailable_reason(self) -> Optional[str]:
         extension = load_extension()
