@@ -1,13 +1,14 @@
 """`python -m mplug_kernels.info`: versions, devices, and every backend's availability with its reasons."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
 
 from mplug_kernels import __version__
 from mplug_kernels.backends import BACKENDS, AttentionCall
-from mplug_kernels.backends.cuda import build_info
+from mplug_kernels.backends.cuda import EMULATOR_ENV, build_info
 
 
 def _typical_call(device_type: str) -> AttentionCall:
@@ -20,6 +21,8 @@ def _extension_line() -> str:
     info = build_info()
     if not info["built"]:
         return f"CUDA extension _C: not built ({info['error']})"
+    if info["platform"] == "cpu-emulator":
+        return f"CUDA kernels: CPU emulator build from {os.environ.get(EMULATOR_ENV)} ({info['kernels']} kernels)"
     return (
         f"CUDA extension _C: built for archs {info['archs']} with nvcc {info['nvcc']}; "
         f"{info['kernels']} kernels, dtypes {info['dtypes']}, head dims {info['head_dims']}"

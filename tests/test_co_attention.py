@@ -21,6 +21,7 @@ from attention_testing import (
     random_tensor,
     reference64,
     skip_unless_supported,
+    widest_dtype,
 )
 
 SEQ_LENS = [(1, 1), (1, 577), (7, 197), (25, 257), (25, 577), (33, 1025), (64, 257), (80, 901)]
@@ -117,7 +118,7 @@ def test_backward_head_dims(backend, head_dim):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_deterministic_backward_is_bitwise_repeatable(backend):
-    q, k, v, mask = _inputs(25, 257, 64, torch.float32, "padding", seed=5, requires_grad=True)
+    q, k, v, mask = _inputs(25, 257, 64, widest_dtype(backend), "padding", seed=5, requires_grad=True)
     skip_unless_supported(backend, q, [k], [v], [mask])
     dout = torch.randn_like(q)
     runs = []
@@ -154,7 +155,7 @@ def test_non_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["sdpa", "reference"])
 def test_fully_masked_batch_gives_zeros_not_nan(backend):
-    q, k, v, mask = _inputs(7, 197, 64, torch.float32, "one_row_fully_masked", seed=2, requires_grad=True)
+    q, k, v, mask = _inputs(7, 197, 64, widest_dtype(backend), "one_row_fully_masked", seed=2, requires_grad=True)
     skip_unless_supported(backend, q, [k], [v], [mask], return_lse=False)
     out = mplug_kernels.co_attention(q, k, v, mask, backend=backend)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
@@ -166,7 +167,7 @@ def test_fully_masked_batch_gives_zeros_not_nan(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["sdpa", "reference"])
 def test_inputs_are_not_modified(backend):
-    q, k, v, mask = _inputs(7, 197, 64, torch.float32, "padding", seed=4, requires_grad=True)
+    q, k, v, mask = _inputs(7, 197, 64, widest_dtype(backend), "padding", seed=4, requires_grad=True)
     skip_unless_supported(backend, q, [k], [v], [mask], return_lse=False)
     before = [t.detach().clone() for t in (q, k, v, mask)]
     out = mplug_kernels.co_attention(q, k, v, mask, backend=backend)

@@ -18,6 +18,7 @@ from attention_testing import (
     random_tensor,
     reference64,
     skip_unless_supported,
+    widest_dtype,
 )
 
 BATCH, HEADS, HEAD_DIM = 2, 2, 64
@@ -137,12 +138,12 @@ def test_backward_matches_cat_reference(backend, dtype, k_lens):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
 @pytest.mark.parametrize("mask_kind", ["one_source_fully_masked", "one_row_fully_masked"])
 def test_backward_with_fully_masked(backend, mask_kind):
-    _check_backward(backend, *_inputs((5,), (7, 25), torch.float32, mask_kind, seed=4, requires_grad=True))
+    _check_backward(backend, *_inputs((5,), (7, 25), widest_dtype(backend), mask_kind, seed=4, requires_grad=True))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["sdpa", "reference"])
 def test_fully_masked_row_gives_zeros_not_nan(backend):
-    queries, ks, vs, masks = _inputs((5, 3), (7, 25), torch.float32, "one_row_fully_masked", seed=5, requires_grad=True)
+    queries, ks, vs, masks = _inputs((5, 3), (7, 25), widest_dtype(backend), "one_row_fully_masked", seed=5, requires_grad=True)
     skip_unless_supported(backend, queries[0], ks, vs, list(masks), return_lse=False)
     outs = _call(queries, ks, vs, masks, backend, return_lse=False)
     for out in outs:
@@ -173,7 +174,7 @@ def test_non_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
 def test_inputs_are_not_modified(backend):
-    queries, ks, vs, masks = _inputs((7, 1), (25, 7), torch.float32, "padding", seed=6, requires_grad=True)
+    queries, ks, vs, masks = _inputs((7, 1), (25, 7), widest_dtype(backend), "padding", seed=6, requires_grad=True)
     skip_unless_supported(backend, queries[0], ks, vs, list(masks))
     tensors = [*queries, *ks, *vs, *masks]
     before = [t.detach().clone() for t in tensors]

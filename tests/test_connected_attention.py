@@ -18,6 +18,7 @@ from attention_testing import (
     make_mask,
     random_tensor,
     skip_unless_supported,
+    widest_dtype,
 )
 
 BATCH, HIDDEN, HEADS, FFN = 2, 64, 2, 128
@@ -94,7 +95,8 @@ def test_matches_cat_implementation(backend, dtype, vision_len, text_len):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 def test_mask_kinds(backend, mask_kind):
-    _check_layer(backend, torch.float32, *_inputs(25, 7, torch.float32, mask_kind, seed=3))
+    dtype = widest_dtype(backend)
+    _check_layer(backend, dtype, *_inputs(25, 7, dtype, mask_kind, seed=3))
 
 
 def test_non_contiguous_inputs():
@@ -131,8 +133,9 @@ class _RecordOps(TorchDispatchMode):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_no_concatenation_on_the_path(backend):
-    vision, text, vision_mask, text_mask = _inputs(25, 7, torch.float32, "bool", seed=6)
-    layer = _layer(torch.float32, backend=backend)
+    dtype = widest_dtype(backend)
+    vision, text, vision_mask, text_mask = _inputs(25, 7, dtype, "bool", seed=6)
+    layer = _layer(dtype, backend=backend)
     skip_unless_supported(backend, text.unflatten(-1, (HEADS, -1)), [text.unflatten(-1, (HEADS, -1))],
                           [text.unflatten(-1, (HEADS, -1))], [None], return_lse=False)
     with _RecordOps() as recorded:

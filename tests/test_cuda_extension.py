@@ -1,5 +1,6 @@
-"""The CUDA extension mplug_kernels._C: build info, exported kernels, argument errors, the split
-plan, the host-tested row math, and (on a GPU) forced split-KV and both dQ paths vs float64."""
+"""The CUDA kernels' extension: build info, exported kernels, argument errors and the split plan;
+the host-tested row math; and forced split-KV and both dQ paths against float64, which run on a
+GPU, or where none exists on the CPU emulator build of the same kernel sources."""
 from __future__ import annotations
 
 import itertools
@@ -27,8 +28,21 @@ from attention_testing import (
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 EXTENSION = cuda_backend.load_extension()
 BUILT = not isinstance(EXTENSION, ImportError)
-needs_extension = pytest.mark.skipif(not BUILT, reason=f"mplug_kernels._C not built: {EXTENSION}")
+needs_extension = pytest.mark.skipif(not BUILT, reason=f"no kernel extension: {EXTENSION}")
 NO_VIEW = (0, 0, 0, 0)
+
+
+def _installed_extension():
+    """mplug_kernels._C as pip built it (never the emulator), or the ImportError."""
+    try:
+        from mplug_kernels import _C
+    except ImportError as error:
+        return error
+    return _C
+
+
+INSTALLED = _installed_extension()
+needs_installed = pytest.mark.skipif(isinstance(INSTALLED, ImportError), reason=f"mplug_kernels._C not built: {INSTALLED}")
 
 
 def _forward_args(**overrides):
@@ -48,9 +62,16 @@ def test_build_info_says_whether_built():
     assert info["built"] == BUILT
     if BUILT:
         assert info["error"] is None and info["archs"] and info["nvcc"]
-        assert all(int(arch.rstrip("af")) >= 80 for arch in info["archs"].split(";"))
+        assert info["platform"] in ("cuda", "cpu-emulator")
     else:
         assert "_C" in info["error"]
+
+
+@needs_installed
+def test_installed_extension_targets_sm80_or_newer():
+    info = INSTALLED.build_info()
+    assert info["platform"] == "cuda"
+    assert all(int(arch.rstrip("af")) >= 80 for arch in info["archs"].split(";"))
 
 
 @needs_extension
@@ -83,11 +104,11 @@ def test_bad_arguments_raise_value_error(overrides, message):
         EXTENSION.attention_forward(**_forward_args(**overrides))
 
 
-@needs_extension
+@needs_installed
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where no CUDA device can run")
 def test_launch_failure_raises_runtime_error_with_cuda_message():
     with pytest.raises(RuntimeError, match=r"mplug_kernels CUDA error in forward_kernel: cudaError"):
-        EXTENSION.attention_forward(**_forward_args())
+        INSTALLED.attention_forward(**_forward_args())
 
 
 @needs_extension
@@ -105,14 +126,23 @@ def test_split_plan_covers_keys_without_empty_splits(blocks, total_keys, forced)
         assert num_splits == 1
 
 
-def test_kernel_helpers_on_host(tmp_path):
-    """The kernels' row math and key-tile walk (csrc/row_math.h, key_tiles.h), compiled for the host with g++."""
+@pytest.mark.parametrize(
+    "program, includes",
+    [
+        # the kernels' row math and key-tile walk (csrc/row_math.h, key_tiles.h)
+        ("host_test.cpp", [CSRC]),
+        # the CPU emulator behaves like the GPU and raises on the mistakes it promises to catch
+        ("emulator/emulator_test.cpp", [CSRC, CSRC / "tests" / "emulator"]),
+    ],
+)
+def test_host_program_passes(tmp_path, program, includes):
+    """A C++ test program under csrc/tests, compiled for the host with g++; exit status 0 means it passed."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no host C++ compiler")
-    binary = tmp_path / "host_test"
-    subprocess.run([compiler, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{CSRC}",
-                    str(CSRC / "tests" / "host_test.cpp"), "-o", str(binary)], check=True)
+    binary = tmp_path / "program"
+    subprocess.run([compiler, "-std=c++20", "-O1", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+                    *[f"-I{path}" for path in includes], str(CSRC / "tests" / program), "-o", str(binary)], check=True)
     result = subprocess.run([str(binary)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -131,7 +161,6 @@ def forced_splits():
     force_num_splits(None)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 64])
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -151,7 +180,6 @@ def test_forward_with_forced_splits_over_three_sources(forced_splits, num_splits
     assert_within_budget("lse", lse, lse64, baseline_lse, factor=2)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("with_dlse", [False, True])
 def test_backward_both_dq_paths_over_two_sources(deterministic, with_dlse):

@@ -38,6 +38,8 @@ class TritonBackend(Backend):
         found = super().reasons(call)
         if call.device_type == "cpu" and not interpreter_on():
             found.append("runs on the CPU only under TRITON_INTERPRET=1")
+        if call.device_type == "cpu" and call.dtype == torch.bfloat16:
+            found.append("the Triton CPU interpreter's tl.dot on bfloat16 is wrong (bfloat16 runs on a GPU)")
         if call.device_type == "cuda" and not torch.cuda.is_available():
             found.append("no CUDA device")
         return found

@@ -3,12 +3,16 @@
 //
 // Each block runs on its own: its kThreadsPerBlock threads are user-level fibers on one OS thread,
 // switched only at barriers, so the emulation is deterministic. It is strict where the hardware
-// is silent or undefined: shared memory starts as NaN bytes each block; cp.async copies land at
-// __pipeline_wait_prior (or at issue, in eager mode) so a read before the wait sees stale data;
-// __syncthreads reached from different call sites, or after a thread exited, is an error; a
-// barrier no thread can pass is a deadlock error; wmma and cp.async check their alignment rules;
-// a launch checks its grid and shared-memory size against sm_90 limits. Errors raise
-// std::runtime_error from the launch, which pybind11 turns into a Python RuntimeError.
+// is silent or undefined:
+// - shared memory starts as NaN bytes in every block;
+// - cp.async copies land at __pipeline_wait_prior, so a read before the wait sees stale data (or,
+//   with MPLUG_KERNELS_EMULATOR_EAGER_COPIES=1, at issue, so overwriting a tile that other warps
+//   still read shows);
+// - __syncthreads reached from different call sites, or after a thread exited, is an error, and so
+//   is a barrier that no thread can pass (deadlock);
+// - wmma and cp.async check their alignment rules; a launch checks its grid and its shared memory
+//   against sm_90's limits.
+// Errors raise std::runtime_error from the launch, which pybind11 turns into a Python RuntimeError.
 // Use: compile the kernel sources with -DMPLUG_PLATFORM_HEADER="cpu_platform.h" and this folder on
 // the include path (tests/cuda_emulator.py does).
 #pragma once
@@ -143,21 +147,23 @@ inline Runtime& runtime() {
   return instance;
 }
 
-// Copies land when issued (eager) instead of at __pipeline_wait_prior (deferred, the default).
-inline void set_eager_copies(bool eager) { runtime().eager_copies = eager; }
-
 inline void yield() {
   Runtime& r = runtime();
   swapcontext(&r.threads[r.current].context, &r.scheduler);
 }
 
-// Records the first error and stops this thread; the launch raises it once the scheduler sees it.
-[[noreturn]] inline void fail(const std::string& message) {
+// Records the first error, naming the current block and thread; the launch raises it.
+inline void record_error(const std::string& message) {
   Runtime& r = runtime();
   if (r.error.empty()) {
     r.error = message + " (block " + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
               std::to_string(blockIdx.z) + ", thread " + std::to_string(threadIdx.x) + ")";
   }
+}
+
+// Records an error and stops this thread for good.
+[[noreturn]] inline void fail(const std::string& message) {
+  record_error(message);
   for (;;) yield();
 }
 
@@ -223,9 +229,13 @@ inline void thread_main() {
   Runtime& r = runtime();
   r.body();
   Thread& self = r.threads[r.current];
+  const int warp = warp_of_current();
+  if (r.block.arrived > 0 || r.warps[warp].arrived > 0) {
+    record_error("a thread exited while others of its block or warp wait at a barrier");
+  }
   self.done = true;
   ++r.exited;
-  ++r.warp_exited[warp_of_current()];
+  ++r.warp_exited[warp];
   ++r.events;
   swapcontext(&self.context, &r.scheduler);
 }
@@ -280,6 +290,10 @@ inline void run_grid(const char* name, dim3 grid, size_t smem_bytes, std::functi
   }
   Runtime& r = runtime();
   r.body = std::move(body);
+  // cp.async copies land when issued instead of at __pipeline_wait_prior: catches a tile
+  // overwritten while other warps still read it, where the default catches a read before the wait
+  const char* eager = std::getenv("MPLUG_KERNELS_EMULATOR_EAGER_COPIES");
+  r.eager_copies = eager != nullptr && std::string(eager) == "1";
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
