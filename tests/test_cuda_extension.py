@@ -161,10 +161,24 @@ def forced_splits():
     force_num_splits(None)
 
 
+@pytest.fixture(params=["default", "eager-copies", "warps-descending", "lockstep"])
+def emulator_setting(request, monkeypatch):
+    """The emulator's cp.async timing (copies land at the wait by default, at issue when eager) and warp
+    order between barriers (one warp after the other, ascending by default). On a GPU the hardware
+    decides, so only the default run takes place."""
+    if request.param != "default" and cuda_backend.kernel_device_type() == "cuda":
+        pytest.skip("an emulator setting; the GPU run covers the hardware's own timing")
+    if request.param == "eager-copies":
+        monkeypatch.setenv("MPLUG_KERNELS_EMULATOR_EAGER_COPIES", "1")
+    elif request.param != "default":
+        monkeypatch.setenv("MPLUG_KERNELS_EMULATOR_SCHEDULE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 64])
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_forward_with_forced_splits_over_three_sources(forced_splits, num_splits, mask_kind, dtype):
+def test_forward_with_forced_splits_over_three_sources(forced_splits, emulator_setting, num_splits, mask_kind, dtype):
     generator = torch.Generator().manual_seed(num_splits)
     q = random_tensor(3, 25, 4, 64, dtype=dtype, generator=generator)
     lengths = [257, 25, 70]
@@ -182,7 +196,7 @@ def test_forward_with_forced_splits_over_three_sources(forced_splits, num_splits
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("with_dlse", [False, True])
-def test_backward_both_dq_paths_over_two_sources(deterministic, with_dlse):
+def test_backward_both_dq_paths_over_two_sources(emulator_setting, deterministic, with_dlse):
     generator = torch.Generator().manual_seed(7)
     dtype = torch.bfloat16
     q = random_tensor(2, 40, 3, 96, dtype=dtype, generator=generator, requires_grad=True)

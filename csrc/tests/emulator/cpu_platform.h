@@ -2,8 +2,10 @@
 // on a machine without a GPU and the Python test suite can check them against float64.
 //
 // Each block runs on its own: its kThreadsPerBlock threads are user-level fibers on one OS thread,
-// switched only at barriers, so the emulation is deterministic. It is strict where the hardware
-// is silent or undefined:
+// switched only at barriers, so the emulation is deterministic. Between two __syncthreads one warp
+// runs after the other (MPLUG_KERNELS_EMULATOR_SCHEDULE: warps-ascending, the default;
+// warps-descending; or lockstep, all warps a step at a time). It is strict where the hardware is
+// silent or undefined:
 // - shared memory starts as NaN bytes in every block;
 // - cp.async copies land at __pipeline_wait_prior, so a read before the wait sees stale data (or,
 //   with MPLUG_KERNELS_EMULATOR_EAGER_COPIES=1, at issue, so overwriting a tile that other warps
@@ -127,6 +129,11 @@ struct Barrier {
   const void* site = nullptr;
 };
 
+// The order in which a block's warps run between two __syncthreads: one warp after the other
+// (ascending, the default, or descending), so that a warp racing ahead of the others overwrites
+// what they have yet to read; or all warps a step at a time (lockstep).
+enum class Schedule { warps_ascending, warps_descending, lockstep };
+
 struct Runtime {
   ucontext_t scheduler;
   std::vector<Thread> threads = std::vector<Thread>(kThreadsPerBlock);
@@ -138,6 +145,7 @@ struct Runtime {
   int warp_exited[kBlockWarps] = {};
   float exchange[kBlockWarps][2][kLanes];
   bool eager_copies = false;
+  Schedule schedule = Schedule::warps_ascending;
   std::string error;
   std::function<void()> body;
 };
@@ -252,6 +260,28 @@ inline void start_thread(Thread& thread) {
   thread.open.clear();
 }
 
+// Resumes each live lane of `warp` once.
+inline void resume_lanes(int warp) {
+  Runtime& r = runtime();
+  for (int t = warp * kLanes; t < (warp + 1) * kLanes && r.error.empty(); ++t) {
+    if (r.threads[t].done) continue;
+    r.current = t;
+    threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
+    swapcontext(&r.scheduler, &r.threads[t].context);
+  }
+}
+
+// Runs `warp` one step (lockstep), or until all its lanes wait at __syncthreads or exited.
+inline void run_warp(int warp) {
+  Runtime& r = runtime();
+  if (r.schedule == Schedule::lockstep) return resume_lanes(warp);
+  uint64_t events_before;
+  do {
+    events_before = r.events;
+    resume_lanes(warp);
+  } while (r.events != events_before && r.error.empty());
+}
+
 // Runs one block: every thread until it exits; raises on an emulation error or a deadlock.
 inline void run_block(const char* name) {
   Runtime& r = runtime();
@@ -264,11 +294,8 @@ inline void run_block(const char* name) {
   for (Thread& thread : r.threads) start_thread(thread);
   while (r.exited < kThreadsPerBlock && r.error.empty()) {
     const uint64_t events_before = r.events;
-    for (int t = 0; t < kThreadsPerBlock && r.error.empty(); ++t) {
-      if (r.threads[t].done) continue;
-      r.current = t;
-      threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
-      swapcontext(&r.scheduler, &r.threads[t].context);
+    for (int w = 0; w < kBlockWarps && r.error.empty(); ++w) {
+      run_warp(r.schedule == Schedule::warps_descending ? kBlockWarps - 1 - w : w);
     }
     if (r.error.empty() && r.events == events_before) r.error = "deadlock: every live thread waits at a barrier";
   }
@@ -294,6 +321,18 @@ inline void run_grid(const char* name, dim3 grid, size_t smem_bytes, std::functi
   // overwritten while other warps still read it, where the default catches a read before the wait
   const char* eager = std::getenv("MPLUG_KERNELS_EMULATOR_EAGER_COPIES");
   r.eager_copies = eager != nullptr && std::string(eager) == "1";
+  const char* schedule = std::getenv("MPLUG_KERNELS_EMULATOR_SCHEDULE");
+  const std::string order = schedule != nullptr ? schedule : "warps-ascending";
+  if (order == "warps-ascending") {
+    r.schedule = Schedule::warps_ascending;
+  } else if (order == "warps-descending") {
+    r.schedule = Schedule::warps_descending;
+  } else if (order == "lockstep") {
+    r.schedule = Schedule::lockstep;
+  } else {
+    throw std::runtime_error("MPLUG_KERNELS_EMULATOR_SCHEDULE must be warps-ascending, warps-descending or lockstep, got '" +
+                             order + "'");
+  }
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {

@@ -63,6 +63,17 @@ void syncthreads_orders_shared_memory() {
   for (int t = 0; t < kThreadsPerBlock; ++t) expect(seen[t] == (t + 1) % kThreadsPerBlock * 3, "neighbour's value after __syncthreads");
 }
 
+void a_missing_syncthreads_shows_as_unwritten_shared_memory() {
+  bool neighbour_unwritten = false;
+  const std::string error = error_of(dim3(1), kThreadsPerBlock * sizeof(float), [&] {
+    float* slots = reinterpret_cast<float*>(smem);
+    slots[threadIdx.x] = 1.0f;
+    // reads the next warp's slot with no __syncthreads in between
+    if (threadIdx.x == 0) neighbour_unwritten = std::isnan(slots[32]);
+  });
+  expect(error.empty() && neighbour_unwritten, "warp 0 runs ahead of warp 1 and sees its slot unwritten");
+}
+
 void every_block_runs_once_with_fresh_nan_shared_memory() {
   std::vector<int> runs(2 * 3 * 4, 0);
   bool all_nan = true;
@@ -207,6 +218,7 @@ void mistakes_raise_errors() {
 int main() {
   shuffles_reduce_and_broadcast();
   syncthreads_orders_shared_memory();
+  if (std::getenv("MPLUG_KERNELS_EMULATOR_SCHEDULE") == nullptr) a_missing_syncthreads_shows_as_unwritten_shared_memory();
   every_block_runs_once_with_fresh_nan_shared_memory();
   async_copies_land_at_the_wait();
   wait_prior_keeps_the_newest_groups_pending();
