@@ -14,7 +14,7 @@ import subprocess
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
@@ -52,6 +52,11 @@ def _source_hash(compiler: str) -> str:
                         *EMULATOR.glob("*.h"), Path(__file__)]):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def kernel_objects(module: Path) -> List[Path]:
+    """The object files of the kernels and their host API (everything but the Python binding) of a built module."""
+    return [module.parent / (source + ".o") for source in SOURCES if source != "bindings.cpp"]
 
 
 def build(build_root: Path = ROOT / "build" / "cpu_emulator") -> Path:

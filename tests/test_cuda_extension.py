@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cuda_emulator
 from mplug_kernels.backends import AttentionCall, BACKENDS
 from mplug_kernels.backends import cuda as cuda_backend
 from mplug_kernels.backends.kernel_inputs import force_num_splits
@@ -145,6 +146,20 @@ def test_host_program_passes(tmp_path, program, includes):
                     *[f"-I{path}" for path in includes], str(CSRC / "tests" / program), "-o", str(binary)], check=True)
     result = subprocess.run([str(binary)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_emulated_kernels_stay_in_bounds_under_valgrind(tmp_path):
+    """csrc/tests/emulator/bounds_test.cpp under memcheck: no read or write outside a tensor, every output written."""
+    compiler, valgrind = cuda_emulator.host_compiler(), shutil.which("valgrind")
+    if compiler is None or valgrind is None:
+        pytest.skip("needs a host C++ compiler and valgrind")
+    module = cuda_emulator.build()
+    binary = tmp_path / "bounds_test"
+    subprocess.run([compiler, *cuda_emulator.FLAGS, f"-I{CSRC}", f"-I{CSRC / 'tests' / 'emulator'}",
+                    str(CSRC / "tests" / "emulator" / "bounds_test.cpp"), *map(str, cuda_emulator.kernel_objects(module)),
+                    "-o", str(binary)], check=True)
+    result = subprocess.run([valgrind, "--error-exitcode=3", "--quiet", str(binary)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
 
 
 @pytest.mark.parametrize("dtype, head_dim, reason", [(torch.float32, 64, "dtype"), (torch.float16, 40, "head dim")])

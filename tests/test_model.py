@@ -114,6 +114,30 @@ def test_every_backend_gives_the_reference_outputs_and_grads(backend, fusion):
         torch.testing.assert_close(grad, expected_grads[name], atol=2e-4 * scale, rtol=1e-3, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_low_precision_model_on_our_kernels_within_twice_sdpa_error(backend):
+    """The whole model in float16 (bfloat16 on a GPU), head dim 32: its error against the float32 model
+    is at most twice that of the same model on PyTorch SDPA in the same dtype (flash-attn's rule)."""
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+    reasons = BACKENDS[backend].reasons(AttentionCall(DEVICE.type, dtype, 32, 2, True, True, False))
+    if reasons:
+        pytest.skip(f"backend {backend}: {'; '.join(reasons)}")
+    model = tiny_model(vision_width=96, vision_heads=3, hidden_size=128, num_heads=4, intermediate_size=256,
+                       attn_backend="reference")
+    images, text_ids, text_mask, answer_ids = inputs(model.config)
+    with torch.no_grad():
+        expected = run(model, images, text_ids, text_mask, answer_ids)
+        low = model.to(dtype)
+        ours = run(low.set_attn_backend(backend), images.to(dtype), text_ids, text_mask, answer_ids)
+        baseline = run(low.set_attn_backend("sdpa"), images.to(dtype), text_ids, text_mask, answer_ids)
+    for name, out, base, ref in zip(("image_out", "text_out", "logits"), ours, baseline, expected):
+        assert torch.isfinite(out).all(), name
+        # the max error is dominated by float16 rounding outside attention; the mean error sees attention too
+        for statistic in (torch.max, torch.mean):
+            error, base_error = statistic((out.float() - ref).abs()).item(), statistic((base.float() - ref).abs()).item()
+            assert error <= 2 * base_error, f"{name}: {statistic.__name__} error {error:.3e} vs sdpa {base_error:.3e}"
+
+
 def test_set_attn_backend_reaches_every_attention_layer():
     model = tiny_model(fusion="coattn")
     attention_modules = [m for m in model.modules() if hasattr(m, "backend")]

@@ -34,6 +34,14 @@
 
 #include "attention.h"
 
+// Under valgrind the fiber stacks are registered, so switching between them is not read as a stack overflow.
+#if __has_include(<valgrind/valgrind.h>)
+#include <valgrind/valgrind.h>
+#define MPLUG_EMULATOR_REGISTER_STACK(begin, end) VALGRIND_STACK_REGISTER(begin, end)
+#else
+#define MPLUG_EMULATOR_REGISTER_STACK(begin, end) 0
+#endif
+
 #define __global__
 #define __device__
 #define __host__
@@ -249,7 +257,10 @@ inline void thread_main() {
 }
 
 inline void start_thread(Thread& thread) {
-  if (!thread.stack) thread.stack.reset(new char[kStackBytes]);
+  if (!thread.stack) {
+    thread.stack.reset(new char[kStackBytes]);
+    static_cast<void>(MPLUG_EMULATOR_REGISTER_STACK(thread.stack.get(), thread.stack.get() + kStackBytes));
+  }
   getcontext(&thread.context);
   thread.context.uc_stack.ss_sp = thread.stack.get();
   thread.context.uc_stack.ss_size = kStackBytes;
