@@ -53,7 +53,7 @@ def load_extension():
 def kernel_device_type() -> str:
     """"cpu" when the loaded extension is the CPU emulator, else "cuda"."""
     extension = load_extension()
-    emulated = not isinstance(extension, ImportError) and extension.build_info()["platform"] == "cpu-emulator"
+    emulated = not isinstance(extension, ImportError) and extension.build_info().get("platform") == "cpu-emulator"
     return "cpu" if emulated else "cuda"
 
 
@@ -66,7 +66,7 @@ def build_info() -> dict:
             "error": f"{extension} (reinstall with nvcc on PATH or CUDA_HOME set; `pip install -v .` shows why)",
         }
     info = extension.build_info()
-    return {"built": True, "platform": info["platform"], "archs": info["archs"], "nvcc": f"{info['nvcc']} ({info['nvcc_path']})", "error": None,
+    return {"built": True, "platform": info.get("platform", "cuda"), "archs": info["archs"], "nvcc": f"{info['nvcc']} ({info['nvcc_path']})", "error": None,
             "dtypes": info["dtypes"], "head_dims": info["head_dims"], "kernels": len(info["kernels"])}
 
 

@@ -1,0 +1,100 @@
+"""Mutation check of the CUDA kernel tests: plants one known bug at a time in a copy of the tree and
+runs the emulated cuda tests, which must fail for every bug. Proves the emulator and the tests can
+catch dropped waits and barriers, wrong math, overruns and unwritten outputs.
+
+    python tests/kernel_mutations.py            # every mutation (a few minutes on 2 cores)
+    python tests/kernel_mutations.py --list
+    python tests/kernel_mutations.py --only "dropped wait"
+
+A mutation whose source text no longer exists is reported as stale (the kernels changed): update it.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL_TESTS = ["tests/test_co_attention.py", "tests/test_concat_attention.py", "tests/test_cuda_extension.py",
+                "-k", "cuda and not valgrind"]
+BOUNDS_TEST = ["tests/test_cuda_extension.py", "-k", "valgrind"]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    original: str
+    planted: str
+    tests: tuple = tuple(KERNEL_TESTS)
+
+
+MUTATIONS = [
+    Mutation("forward: dropped wait for the current K/V tile", "csrc/forward.cuh",
+             "    __pipeline_wait_prior(1);\n", ""),
+    Mutation("forward: dropped barrier between QK^T and softmax", "csrc/forward.cuh",
+             "kLd, scores, kScoreLd, false);\n    __syncthreads();\n", "kLd, scores, kScoreLd, false);\n"),
+    Mutation("forward: dropped barrier at the end of a tile", "csrc/forward.cuh",
+             "kLd, out_acc, kAccLd, true);\n    __syncthreads();\n", "kLd, out_acc, kAccLd, true);\n"),
+    Mutation("forward: output not rescaled by the new maximum", "csrc/forward.cuh",
+             "out_acc[r * HeadTile<D>::kAccLd + d] *= alpha;", "out_acc[r * HeadTile<D>::kAccLd + d] *= 1.0f;"),
+    Mutation("mask: one key past the tile visible", "csrc/kernel_utils.cuh",
+             "if (key >= tile.end) return false;", "if (key > tile.end) return false;"),
+    Mutation("combine: last split dropped", "csrc/forward.cuh",
+             "for (int s = 0; s < splits; ++s) {", "for (int s = 0; s + 1 < splits; ++s) {"),
+    Mutation("backward: dropped barrier at the end of a dK/dV query tile", "csrc/backward.cuh",
+             "accumulate_dq_atomic<T, D>(args, tiles, b, h, m0);\n    __syncthreads();\n",
+             "accumulate_dq_atomic<T, D>(args, tiles, b, h, m0);\n"),
+    Mutation("backward: dropped wait for the dQ kernel's K/V tile", "csrc/backward.cuh",
+             "walk.at(t), b, h);\n    __pipeline_commit();\n    __pipeline_wait_prior(0);\n",
+             "walk.at(t), b, h);\n    __pipeline_commit();\n"),
+    Mutation("backward: dlse ignored in delta", "csrc/backward.cuh",
+             "sum - (args.dlse != nullptr ? args.dlse[row] : 0.0f)", "sum"),
+    Mutation("backward: dropped barrier before the probabilities", "csrc/backward.cuh",
+             "tiles.dprobs, kScoreLd, false);\n  __syncthreads();\n", "tiles.dprobs, kScoreLd, false);\n"),
+    Mutation("backward: dK/dV written one key past the tile", "csrc/backward.cuh",
+             "for (int i = threadIdx.x; i < valid * D; i += kThreads) {\n    const int n = i / D;",
+             "for (int i = threadIdx.x; i < (valid + 1) * D; i += kThreads) {\n    const int n = i / D;", tuple(BOUNDS_TEST)),
+    Mutation("forward: lse of the last row never written", "csrc/forward.cuh",
+             "if (lane == 0) args.lse[bh * args.q_len + m] = row_lse(rows[i]);",
+             "if (lane == 0 && m + 1 < args.q_len) args.lse[bh * args.q_len + m] = row_lse(rows[i]);", tuple(BOUNDS_TEST)),
+]
+
+
+def check(mutation: Mutation, python: str) -> str:
+    """'caught', 'MISSED' or 'stale' for one mutation, run in a temporary copy of the tree."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tree = Path(scratch) / "tree"
+        shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".venv", "build", ".git", "__pycache__"))
+        target = tree / mutation.path
+        text = target.read_text()
+        if mutation.original not in text:
+            return "stale"
+        target.write_text(text.replace(mutation.original, mutation.planted, 1))
+        result = subprocess.run([python, "-m", "pytest", *mutation.tests, "-x", "-q", "-p", "no:cacheprovider"],
+                                cwd=tree, capture_output=True, text=True)
+        return "caught" if result.returncode != 0 else "MISSED"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="run the mutations whose name contains this text")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args()
+    selected = [m for m in MUTATIONS if args.only is None or args.only in m.name]
+    if args.list:
+        print("\n".join(m.name for m in selected))
+        return 0
+    outcomes = {}
+    for mutation in selected:
+        outcomes[mutation.name] = check(mutation, sys.executable)
+        print(f"{outcomes[mutation.name]:>7}  {mutation.name}", flush=True)
+    return 0 if all(outcome == "caught" for outcome in outcomes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
