@@ -1,23 +1,38 @@
 #!/usr/bin/env bash
 # GPU check for a machine with nothing but this repo and a CUDA PyTorch (no network needed):
-# builds the CUDA extension in place, runs the whole test suite (GPU tests included) and the kernel
-# benchmarks (the main job with --all, concat attention, fusion layers), and writes logs, JUnit XML, benchmark JSON and summary.json under $OUT.
+# builds the CUDA extension in place, runs the kernel tests, the benchmarks (the main job with --all,
+# concat attention, fusion layers), the model tests and the pytest-benchmark suites, and writes logs,
+# JUnit XML, benchmark JSON and summary.json under $OUT.
 #   OUT=/some/dir bench/gpu_check.sh        (default OUT=bench/out/gpu_check)
 # MPLUG_KERNELS_CUDA_ARCHS defaults to this GPU's own architecture; MAX_JOBS to the core count.
+# The whole run keeps within GPU_CHECK_SECONDS (default 570: the device tool stops a command at 600):
+# each step has a cap and gets at most the time left; a step cut short reports exit 124 and keeps its
+# log. GPU_CHECK_STEPS picks steps (default: all, in priority order), e.g. for a second call
+#   GPU_CHECK_STEPS="install model_tests bench_tests" bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out/gpu_check}"
 PYTHON="${PYTHON:-python}"
+BUDGET="${GPU_CHECK_SECONDS:-570}"
+STEPS=" ${GPU_CHECK_STEPS:-environment install info kernel_tests main_job concat_attention fusion_layers model_tests bench_tests} "
 mkdir -p "$OUT"
 declare -A RESULTS=()
 
-run_step() {  # run_step NAME COMMAND...: log to $OUT/NAME.log, remember the exit status
-  local name=$1
-  shift
-  echo "== $name: $*"
-  "$@" >"$OUT/$name.log" 2>&1
+run_step() {  # run_step NAME CAP_SECONDS COMMAND...: log to $OUT/NAME.log, remember the exit status
+  local name=$1 cap=$2
+  shift 2
+  [[ "$STEPS" == *" $name "* ]] || return 0
+  local left=$((BUDGET - SECONDS - 10))
+  ((left < cap)) && cap=$left
+  if ((cap <= 0)); then
+    echo "== $name: no time left"
+    RESULTS[$name]=124
+    return 0
+  fi
+  echo "== $name (at most ${cap}s): $*"
+  timeout --kill-after=5 "$cap" "$@" >"$OUT/$name.log" 2>&1
   RESULTS[$name]=$?
-  echo "   exit ${RESULTS[$name]} (log: $OUT/$name.log)"
+  echo "   exit ${RESULTS[$name]} after ${SECONDS}s (log: $OUT/$name.log)"
   tail -n 5 "$OUT/$name.log"
 }
 
@@ -29,15 +44,23 @@ DEVICE_ARCH=$("$PYTHON" -c "import torch; major, minor = torch.cuda.get_device_c
 export MPLUG_KERNELS_CUDA_ARCHS="${MPLUG_KERNELS_CUDA_ARCHS:-$DEVICE_ARCH}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
-run_step environment sh -c "nvidia-smi; nvcc --version; $PYTHON -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'"
-run_step install "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
-run_step info "$PYTHON" -m mplug_kernels.info
-run_step tests "$PYTHON" -m pytest tests -q -rs --durations=25 --junitxml="$OUT/tests.xml"
-run_step bench_tests "$PYTHON" -m pytest bench -q -rs --junitxml="$OUT/bench_tests.xml"
-run_step main_job "$PYTHON" -m bench --all --json-dir "$OUT"
+run_step environment 30 sh -c "nvidia-smi; nvcc --version; $PYTHON -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'"
+run_step install 200 "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
+run_step info 30 "$PYTHON" -m mplug_kernels.info
+# Kernel tests first, the model's after the benchmarks. One fixed Triton configuration in the tests
+# (each autotuning candidate has a test of its own); the benchmarks autotune.
+KERNEL_TESTS=(tests/test_co_attention.py tests/test_concat_attention.py tests/test_cuda_extension.py
+  tests/test_merge_attention_states.py tests/test_connected_attention.py tests/test_co_attention_stack.py
+  tests/test_absorbed_co_attention.py tests/test_dispatch.py)
+run_step kernel_tests 200 env MPLUG_KERNELS_TRITON_AUTOTUNE=0 "$PYTHON" -m pytest "${KERNEL_TESTS[@]}" -q -rs \
+  --durations=25 --junitxml="$OUT/kernel_tests.xml"
+run_step main_job 180 "$PYTHON" -m bench --all --json-dir "$OUT"
 for module in bench.bench_concat_attention bench.bench_fusion_layers; do
-  run_step "${module#bench.}" "$PYTHON" -m "$module" --json-dir "$OUT"
+  run_step "${module#bench.bench_}" 60 "$PYTHON" -m "$module" --json-dir "$OUT"
 done
+run_step model_tests 150 env MPLUG_KERNELS_TRITON_AUTOTUNE=0 "$PYTHON" -m pytest tests "${KERNEL_TESTS[@]/#/--ignore=}" \
+  -q -rs --durations=25 --junitxml="$OUT/model_tests.xml"
+run_step bench_tests 120 "$PYTHON" -m pytest bench -q -rs --junitxml="$OUT/bench_tests.xml"
 
 summary=""
 failed=0

@@ -8,6 +8,7 @@ deterministic dQ kernel). Layout [B, S, H, D] with any strides (last dim contigu
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -149,21 +150,35 @@ def _forward_kernel(
         tl.store(LSE + pid_bh * q_len + offs_m, lse, mask=row_ok)
 
 
+FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+    for block_n in (64, 128)
+    for warps in (4, 8)
+    for stages in (2, 3, 4)
+]
+# MPLUG_KERNELS_TRITON_AUTOTUNE=0 runs the forward with this one configuration instead of tuning (GPU test
+# runs, where tuning every new shape would cost more than the tests; every configuration has its own test).
+AUTOTUNE_ENV = "MPLUG_KERNELS_TRITON_AUTOTUNE"
+UNTUNED_META = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
 _tuned_forward_kernel = triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-        for block_n in (64, 128)
-        for warps in (4, 8)
-        for stages in (2, 3, 4)
-    ],
+    configs=FORWARD_CONFIGS,
     key=["q_len", "head_dim", "split_size", "NUM_SOURCES", "SPLIT", "BLOCK_M", "BLOCK_D"],
 )(_forward_kernel)
 
 
+def config_meta(config: triton.Config) -> dict:
+    """The launch keyword arguments of one forward configuration."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
 def _forward_launcher():
-    """The autotuned kernel on a GPU; fixed meta-parameters under the CPU interpreter (tuning there is meaningless)."""
+    """The autotuned kernel on a GPU; one fixed configuration under the CPU interpreter (tuning there is
+    meaningless) or with MPLUG_KERNELS_TRITON_AUTOTUNE=0."""
     if interpreter_on():
         return _forward_kernel, {"BLOCK_N": 64}
+    if os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        return _forward_kernel, dict(UNTUNED_META)
     return _tuned_forward_kernel, {}
 
 
