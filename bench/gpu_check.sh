@@ -47,19 +47,24 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 run_step environment 30 sh -c "nvidia-smi; nvcc --version; $PYTHON -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'"
 run_step install 200 "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
 run_step info 30 "$PYTHON" -m mplug_kernels.info
-# Kernel tests first, the model's after the benchmarks. One fixed Triton configuration in the tests
-# (each autotuning candidate has a test of its own); the benchmarks autotune.
+# Kernel tests first, the model's after the benchmarks; each test file in its own pytest process, 8 at a
+# time (Triton compiles on the CPU), logs and JUnit XML per file. One fixed Triton configuration in the
+# tests (each autotuning candidate has a test of its own); the benchmarks autotune.
 KERNEL_TESTS=(tests/test_co_attention.py tests/test_concat_attention.py tests/test_cuda_extension.py
   tests/test_merge_attention_states.py tests/test_connected_attention.py tests/test_co_attention_stack.py
   tests/test_absorbed_co_attention.py tests/test_dispatch.py)
-run_step kernel_tests 200 env MPLUG_KERNELS_TRITON_AUTOTUNE=0 "$PYTHON" -m pytest "${KERNEL_TESTS[@]}" -q -rs \
-  --durations=25 --junitxml="$OUT/kernel_tests.xml"
+MODEL_TESTS=()
+for file in tests/test_*.py; do
+  [[ " ${KERNEL_TESTS[*]} " == *" $file "* ]] || MODEL_TESTS+=("$file")
+done
+export OUT PYTHON
+PYTEST_ONE_FILE='name=$(basename "$1" .py); MPLUG_KERNELS_TRITON_AUTOTUNE=0 "$PYTHON" -m pytest "$1" -q -rs --durations=10 --junitxml="$OUT/$name.xml" >"$OUT/$name.log" 2>&1; status=$?; echo "$1: exit $status"; exit $((status != 0))'
+run_step kernel_tests 200 sh -c 'printf "%s\n" "$@" | xargs -P 8 -I{} sh -c "$0" _ {}' "$PYTEST_ONE_FILE" "${KERNEL_TESTS[@]}"
 run_step main_job 180 "$PYTHON" -m bench --all --json-dir "$OUT"
 for module in bench.bench_concat_attention bench.bench_fusion_layers; do
   run_step "${module#bench.bench_}" 60 "$PYTHON" -m "$module" --json-dir "$OUT"
 done
-run_step model_tests 150 env MPLUG_KERNELS_TRITON_AUTOTUNE=0 "$PYTHON" -m pytest tests "${KERNEL_TESTS[@]/#/--ignore=}" \
-  -q -rs --durations=25 --junitxml="$OUT/model_tests.xml"
+run_step model_tests 150 sh -c 'printf "%s\n" "$@" | xargs -P 8 -I{} sh -c "$0" _ {}' "$PYTEST_ONE_FILE" "${MODEL_TESTS[@]}"
 run_step bench_tests 120 "$PYTHON" -m pytest bench -q -rs --junitxml="$OUT/bench_tests.xml"
 
 summary=""
