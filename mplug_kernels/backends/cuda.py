@@ -50,6 +50,7 @@ def load_extension():
     return _C
 
 
+@lru_cache(maxsize=None)
 def kernel_device_type() -> str:
     """"cpu" when the loaded extension is the CPU emulator, else "cuda"."""
     extension = load_extension()
@@ -66,7 +67,8 @@ def build_info() -> dict:
             "error": f"{extension} (reinstall with nvcc on PATH or CUDA_HOME set; `pip install -v .` shows why)",
         }
     info = extension.build_info()
-    return {"built": True, "platform": info.get("platform", "cuda"), "archs": info["archs"], "nvcc": f"{info['nvcc']} ({info['nvcc_path']})", "error": None,
+    return {"built": True, "platform": info.get("platform", "cuda"), "archs": info["archs"],
+            "nvcc": f"{info['nvcc']} ({info['nvcc_path']})", "error": None,
             "dtypes": info["dtypes"], "head_dims": info["head_dims"], "kernels": len(info["kernels"])}
 
 
