@@ -32,10 +32,12 @@ __device__ __forceinline__ void issue_key_tile(const AttentionArgs& args, const 
 }
 
 // Each warp folds the scores of its kRowsPerWarp rows into their running softmax, writes the
-// probabilities for the P V product and rescales the rows' output accumulators.
+// probabilities for the P V product and rescales the rows' output accumulators. Rows from
+// `valid_rows` on (past the end of the queries) are skipped, warp-uniformly: their outputs are
+// never written, and a row of the P V product depends on its own row of P only.
 template <typename T, int D>
 __device__ __forceinline__ void softmax_tile(const AttentionArgs& args, const KeyTile& tile, int64_t b,
-                                             const float* scores, T* probs, float* out_acc,
+                                             int valid_rows, const float* scores, T* probs, float* out_acc,
                                              RunningSoftmax (&rows)[kRowsPerWarp]) {
   static_assert(kBlockN == 64, "each lane handles keys lane and lane + 32");
   const int warp = threadIdx.x / 32;
@@ -47,6 +49,7 @@ __device__ __forceinline__ void softmax_tile(const AttentionArgs& args, const Ke
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int r = warp * kRowsPerWarp + i;
+    if (r >= valid_rows) break;
     const float s_lo = visible_lo ? scores[r * kScoreLd + lane] * scale_log2 : -INFINITY;
     const float s_hi = visible_hi ? scores[r * kScoreLd + lane + 32] * scale_log2 : -INFINITY;
     float shift;
@@ -111,8 +114,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionArgs a
   const int64_t split_lo = static_cast<int64_t>(blockIdx.z) * args.split_size;
   const TileWalk walk = TileWalk::over(args, split_lo, split_lo + args.split_size);
 
-  load_rows_async<T, D, kBlockM>(queries, element<const T>(args.q, b, m0, h), args.q.stride_s,
-                                 min(int64_t{kBlockM}, args.q_len - m0));
+  const int valid_rows = static_cast<int>(min(int64_t{kBlockM}, args.q_len - m0));
+  load_rows_async<T, D, kBlockM>(queries, element<const T>(args.q, b, m0, h), args.q.stride_s, valid_rows);
   zero_floats(out_acc, kBlockM * kAccLd);
   if (walk.total > 0) issue_key_tile<T, D>(args, walk.at(0), b, h, keys, values);
   __pipeline_commit();
@@ -131,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionArgs a
     block_gemm<T, wmma::row_major, wmma::col_major, kBlockM / kFrag, kBlockN / kFrag, D / kFrag>(
         queries, kLd, reinterpret_cast<const T*>(keys + current), kLd, scores, kScoreLd, false);
     __syncthreads();
-    softmax_tile<T, D>(args, walk.at(t), b, scores, probs, out_acc, rows);
+    softmax_tile<T, D>(args, walk.at(t), b, valid_rows, scores, probs, out_acc, rows);
     __syncthreads();
     block_gemm<T, wmma::row_major, wmma::row_major, kBlockM / kFrag, D / kFrag, kBlockN / kFrag>(
         probs, kProbLd, reinterpret_cast<const T*>(values + current), kLd, out_acc, kAccLd, true);
