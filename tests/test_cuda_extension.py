@@ -33,16 +33,7 @@ needs_extension = pytest.mark.skipif(not BUILT, reason=f"no kernel extension: {E
 NO_VIEW = (0, 0, 0, 0)
 
 
-def _installed_extension():
-    """mplug_kernels._C as pip built it (never the emulator), or the ImportError."""
-    try:
-        from mplug_kernels import _C
-    except ImportError as error:
-        return error
-    return _C
-
-
-INSTALLED = _installed_extension()
+INSTALLED = cuda_backend.installed_extension()
 needs_installed = pytest.mark.skipif(isinstance(INSTALLED, ImportError), reason=f"mplug_kernels._C not built: {INSTALLED}")
 
 
@@ -142,7 +133,7 @@ def test_split_plan_covers_keys_without_empty_splits(blocks, total_keys, forced)
 )
 def test_host_program_passes(tmp_path, program, includes):
     """A C++ test program under csrc/tests, compiled for the host with g++; exit status 0 means it passed."""
-    compiler = shutil.which("g++") or shutil.which("c++")
+    compiler = cuda_emulator.host_compiler()
     if compiler is None:
         pytest.skip("no host C++ compiler")
     binary = tmp_path / "program"

@@ -12,8 +12,8 @@ from mplug_kernels.backends import BACKENDS, AttentionCall
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def skip_unless_usable(backend: str) -> None:
-    reasons = BACKENDS[backend].reasons(AttentionCall(DEVICE.type, torch.float32, 16, 2, True, True, False))
+def skip_unless_usable(backend: str, dtype: torch.dtype = torch.float32, head_dim: int = 16) -> None:
+    reasons = BACKENDS[backend].reasons(AttentionCall(DEVICE.type, dtype, head_dim, 2, True, True, False))
     if reasons:
         pytest.skip(f"backend {backend}: {'; '.join(reasons)}")
 
@@ -119,9 +119,7 @@ def test_low_precision_model_on_our_kernels_within_twice_sdpa_error(backend):
     """The whole model in float16 (bfloat16 on a GPU), head dim 32: its error against the float32 model
     is at most twice that of the same model on PyTorch SDPA in the same dtype (flash-attn's rule)."""
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
-    reasons = BACKENDS[backend].reasons(AttentionCall(DEVICE.type, dtype, 32, 2, True, True, False))
-    if reasons:
-        pytest.skip(f"backend {backend}: {'; '.join(reasons)}")
+    skip_unless_usable(backend, dtype, head_dim=32)
     model = tiny_model(vision_width=96, vision_heads=3, hidden_size=128, num_heads=4, intermediate_size=256,
                        attn_backend="reference")
     images, text_ids, text_mask, answer_ids = inputs(model.config)

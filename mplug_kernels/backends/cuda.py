@@ -37,17 +37,26 @@ def _load_module_file(path: str):
 
 
 @lru_cache(maxsize=None)
-def load_extension():
-    """The kernels' module (``mplug_kernels._C``, or the emulator build named by
-    ``MPLUG_KERNELS_CUDA_EMULATOR``), or the ImportError explaining why it is absent."""
+def installed_extension():
+    """``mplug_kernels._C`` as pip built it (never the emulator), or the ImportError explaining why it is absent."""
     try:
-        emulator = os.environ.get(EMULATOR_ENV)
-        if emulator:
-            return _load_module_file(emulator)
         from mplug_kernels import _C
     except ImportError as error:
         return error
     return _C
+
+
+@lru_cache(maxsize=None)
+def load_extension():
+    """The kernels' module (``mplug_kernels._C``, or the emulator build named by
+    ``MPLUG_KERNELS_CUDA_EMULATOR``), or the ImportError explaining why it is absent."""
+    emulator = os.environ.get(EMULATOR_ENV)
+    if not emulator:
+        return installed_extension()
+    try:
+        return _load_module_file(emulator)
+    except ImportError as error:
+        return error
 
 
 @lru_cache(maxsize=None)
