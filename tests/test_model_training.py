@@ -1,7 +1,6 @@
 """Training the tiny mPLUG: the loss falls, backends agree on a step, torch.compile of the fusion encoder, DDP on
 the CPU (gloo) equals one process on the combined batch, gradient checkpointing leaves the gradients unchanged."""
 import os
-import socket
 
 import pytest
 import torch
@@ -110,26 +109,29 @@ class PretrainStep(nn.Module):
         return sum(step_losses(self.model, images, ids, mask, self.objectives).values())
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def ddp_rank_step(rank, world_size, data, objectives):
+    """One DDP training step on this rank's share of the batch: (loss averaged over the ranks, gradients)."""
+    model = tiny_model(attn_backend="reference")
+    step = DistributedDataParallel(PretrainStep(model, objectives), find_unused_parameters=True)
+    share = data[0].shape[0] // world_size
+    loss = step(*(x[rank * share : (rank + 1) * share] for x in data))
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return mean_loss / world_size, grads
 
 
-def ddp_worker(rank, world_size, port, data, objectives, out_path):
+def ddp_worker(rank, world_size, store_path, data, objectives, out_path):
+    """The DDP model is freed and both ranks meet at a barrier before gloo is torn down (a rank aborted in
+    teardown once on a loaded CI machine); a file store needs no free port."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
-        model = tiny_model(attn_backend="reference")
-        step = DistributedDataParallel(PretrainStep(model, objectives), find_unused_parameters=True)
-        share = data[0].shape[0] // world_size
-        loss = step(*(x[rank * share : (rank + 1) * share] for x in data))
-        loss.backward()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
+        loss, grads = ddp_rank_step(rank, world_size, data, objectives)
         if rank == 0:
-            grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-            torch.save({"loss": mean_loss / world_size, "grads": grads}, out_path)
+            torch.save({"loss": loss, "grads": grads}, out_path)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -140,7 +142,8 @@ def test_ddp_on_two_cpu_processes_equals_one_process_on_the_combined_batch(tmp_p
     objectives = ("itc", "mlm", "prefix_lm")
     data = batch(4, seed=13, dtype=torch.float32)
     out_path = os.path.join(tmp_path, "rank0.pt")
-    mp.spawn(ddp_worker, args=(2, free_port(), data, objectives, out_path), nprocs=2, join=True)
+    store_path = os.path.join(tmp_path, "gloo_store")
+    mp.spawn(ddp_worker, args=(2, store_path, data, objectives, out_path), nprocs=2, join=True)
     distributed = torch.load(out_path)
     model = tiny_model(attn_backend="reference")
     model.zero_grad()
