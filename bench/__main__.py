@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bench import fusion, model_bench, report
-from bench.common import RESULTS_DIR, add_common_arguments, apply_common_arguments, default_device, quick_mode, write_results
+from bench.common import RESULTS_DIR, benchmark_parser, default_device, parse_benchmark_args, quick_mode, write_results
 
 QUICK_VISION_LENS = (17, 33)
 OTHER_KERNEL_BENCHMARKS = ("bench_concat_attention", "bench_fusion_layers")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
+    parser = benchmark_parser("python -m bench", __doc__)
     parser.add_argument("--config", choices=sorted(fusion.CONFIGS), default=None, help="model size (default base; tiny with --quick)")
     parser.add_argument("--batch", type=int, default=None, help="fusion batch (default 64 on a GPU, 1 on the CPU)")
     parser.add_argument("--model-batch", type=int, default=None, help="full-model batch (default 32 on a GPU, 2 on the CPU)")
@@ -32,7 +31,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--passes", nargs="+", choices=fusion.PASSES, default=fusion.PASSES)
     parser.add_argument("--no-model", action="store_true", help="skip the full-model rows")
     parser.add_argument("--all", action="store_true", help="also run the kernel benchmarks (the whole suite, one call)")
-    args = parser.parse_args(argv)
+    args = parse_benchmark_args(parser, argv)
     args.quick = args.quick or quick_mode()
     args.config = args.config or ("tiny" if args.quick else "base")
     args.vision_lens = args.vision_lens or (QUICK_VISION_LENS if args.quick else fusion.VISION_LENS)
@@ -73,7 +72,6 @@ def run_kernels(args) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the main job; returns the exit status."""
     args = parse_args(argv)
-    apply_common_arguments(args)
     device = default_device()
     print(f"device {device} | config {args.config} | results in {args.json_dir}", flush=True)
     written = [run_fusion(args, device)]

@@ -7,7 +7,6 @@ on a GPU; on the CPU the same grid scaled down in float32.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 from dataclasses import asdict, dataclass
@@ -17,10 +16,8 @@ import torch
 
 from bench.common import (
     Grids,
-    add_common_arguments,
-    apply_common_arguments,
     bench_dtype,
-    default_device,
+    kernel_benchmark_cli,
     measured_bandwidth_gbs,
     progress,
     time_ms,
@@ -210,12 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: run the grid, write co_attention.json and co_attention.png, print the table."""
     from bench import report
 
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_co_attention", description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    apply_common_arguments(args)
-    device = default_device()
-    rows, extra = run(device, GRIDS.select(device, args.quick), args.backends, args.min_run_time)
+    args, device, grid = kernel_benchmark_cli("bench.bench_co_attention", __doc__, GRIDS, argv)
+    rows, extra = run(device, grid, args.backends, args.min_run_time)
     path = write_results("co_attention", device, rows, args.json_dir, **extra)
     payload = report.load(path)
     report.plot_kernel(payload, path.with_suffix(".png"))

@@ -7,7 +7,6 @@ Rows follow bench_co_attention's format, with q_len and k_len the totals and q_l
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 from dataclasses import dataclass
@@ -18,10 +17,8 @@ import torch
 from bench.bench_co_attention import HEAD_DIM, HEADS, PASSES, SDPA_KERNELS, Runner, Shape, derived_metrics
 from bench.common import (
     Grids,
-    add_common_arguments,
-    apply_common_arguments,
     bench_dtype,
-    default_device,
+    kernel_benchmark_cli,
     measured_bandwidth_gbs,
     peak_memory_mb,
     progress,
@@ -176,12 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: run the grid, write concat_attention.json, print the table."""
     from bench import report
 
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_concat_attention", description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    apply_common_arguments(args)
-    device = default_device()
-    grid = GRIDS.select(device, args.quick)
+    args, device, grid = kernel_benchmark_cli("bench.bench_concat_attention", __doc__, GRIDS, argv)
     rows, extra = run(device, grid, args.backends, args.min_run_time)
     path = write_results("concat_attention", device, rows, args.json_dir, **extra)
     print(report.kernel_table(report.load(path)))

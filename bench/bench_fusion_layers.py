@@ -12,7 +12,6 @@ On the CPU the batch and lengths are scaled down (the JSON says which device and
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -20,10 +19,8 @@ import torch
 
 from bench.common import (
     Grids,
-    add_common_arguments,
-    apply_common_arguments,
     bench_dtype,
-    default_device,
+    kernel_benchmark_cli,
     peak_memory_mb,
     progress,
     time_ms,
@@ -184,12 +181,7 @@ def table(rows: List[dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: run the three sections, write fusion_layers.json, print the table."""
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_fusion_layers", description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    apply_common_arguments(args)
-    device = default_device()
-    grid = GRIDS.select(device, args.quick)
+    args, device, grid = kernel_benchmark_cli("bench.bench_fusion_layers", __doc__, GRIDS, argv)
     backend = args.backends[0] if args.backends else "auto"
     rows, extra = run(device, grid, backend, args.min_run_time)
     path = write_results("fusion_layers", device, rows, args.json_dir, **extra)

@@ -1,6 +1,7 @@
 """What every benchmark shares: timing, peak memory, the environment record and the JSON writer."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -10,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -148,19 +149,30 @@ class Grids:
         return self.gpu if device.type == "cuda" else self.cpu
 
 
-def add_common_arguments(parser) -> None:
-    """The flags every benchmark CLI shares: --json-dir, --quick, --backends, --min-run-time, --threads."""
+def benchmark_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A parser holding the flags every benchmark CLI shares: --json-dir, --quick, --backends, --min-run-time, --threads."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     parser.add_argument("--json-dir", type=Path, default=None, help=f"where JSON and PNG go (default {RESULTS_DIR})")
     parser.add_argument("--quick", action="store_true", help=f"tiny grid for a smoke run (also env {QUICK_ENV_VAR}=1)")
     parser.add_argument("--backends", nargs="+", default=None, help="only these backends (default: every available)")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="CPU timing: seconds per measurement")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    return parser
 
 
-def apply_common_arguments(args) -> None:
-    """Act on the shared flags that change the process (--threads)."""
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse argv, then act on the shared flags that change the process (--threads)."""
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def kernel_benchmark_cli(module: str, doc: str, grids: Grids, argv: Optional[Sequence[str]]):
+    """A kernel benchmark's command line: (args, device, the grid chosen for that device)."""
+    args = parse_benchmark_args(benchmark_parser(f"python -m {module}", doc), argv)
+    device = default_device()
+    return args, device, grids.select(device, args.quick)
 
 
 def progress(items, desc: str):
