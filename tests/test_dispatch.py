@@ -114,3 +114,24 @@ def test_info_lists_every_backend():
     result = subprocess.run([sys.executable, "-m", "mplug_kernels.info"], capture_output=True, text=True, check=True)
     for name in BACKENDS:
         assert name in result.stdout
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.10.1", "3.0.0", False),
+])
+def test_triton_interpreter_refuses_numpy_its_version_cannot_run(monkeypatch, triton_version, numpy_version, refused):
+    """Triton 3.6's CPU interpreter fails inside our kernels with NumPy >= 2.4: the backend says so instead."""
+    numpy = pytest.importorskip("numpy")
+    triton = pytest.importorskip("triton")
+    from mplug_kernels.backends import triton as triton_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    triton_backend._interpreter_reason.cache_clear()
+    try:
+        q, k, v = _qkv()
+        reasons = BACKENDS["triton"].reasons(AttentionCall.of(q, [k], [v], [None], return_lse=True))
+    finally:
+        triton_backend._interpreter_reason.cache_clear()
+    assert any("pip install 'numpy<2.4'" in reason for reason in reasons) == refused
