@@ -123,8 +123,8 @@ def ddp_rank_step(rank, world_size, data, objectives):
 
 
 def ddp_worker(rank, world_size, store_path, data, objectives, out_path):
-    """The DDP model is freed and both ranks meet at a barrier before gloo is torn down (a rank aborted in
-    teardown once on a loaded CI machine); a file store needs no free port."""
+    """The DDP model is freed and both ranks meet at a barrier before gloo is torn down (a rank aborted in CI
+    once, most likely in teardown); a file store needs no free port."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:

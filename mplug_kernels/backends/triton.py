@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
-import re
 from functools import lru_cache
 from typing import Optional
 
 import torch
+from torch.torch_version import TorchVersion
 
 from mplug_kernels.backends.base import Backend
 
@@ -25,10 +25,6 @@ def _import_reason() -> Optional[str]:
     return None
 
 
-def _major_minor(version: str) -> tuple:
-    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
-
-
 @lru_cache(maxsize=None)
 def _interpreter_reason() -> Optional[str]:
     """Why this Triton's CPU interpreter cannot run the kernels (Triton 3.6 with NumPy >= 2.4), or None."""
@@ -37,7 +33,7 @@ def _interpreter_reason() -> Optional[str]:
         import triton
     except ImportError as error:
         return f"the Triton CPU interpreter needs numpy and triton ({error})"
-    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+    if TorchVersion(triton.__version__) < (3, 7) and TorchVersion(numpy.__version__) >= (2, 4):
         return (f"Triton {triton.__version__}'s CPU interpreter calls int() on 1-element arrays, which NumPy "
                 f"{numpy.__version__} rejects (fixed in Triton 3.7): pip install 'numpy<2.4'")
     return None
@@ -57,8 +53,8 @@ class TritonBackend(Backend):
         found = super().reasons(call)
         if call.device_type == "cpu" and not interpreter_on():
             found.append("runs on the CPU only under TRITON_INTERPRET=1")
-        if call.device_type == "cpu" and interpreter_on() and _interpreter_reason():
-            found.append(_interpreter_reason())
+        if call.device_type == "cpu" and interpreter_on() and (interpreter_reason := _interpreter_reason()):
+            found.append(interpreter_reason)
         if call.device_type == "cpu" and call.dtype == torch.bfloat16:
             found.append("the Triton CPU interpreter's tl.dot on bfloat16 is wrong (bfloat16 runs on a GPU)")
         if call.device_type == "cuda" and not torch.cuda.is_available():
