@@ -12,8 +12,11 @@
 //   still read shows);
 // - __syncthreads reached from different call sites, or after a thread exited, is an error, and so
 //   is a barrier that no thread can pass (deadlock);
-// - wmma and cp.async check their alignment rules; a launch checks its grid and its shared memory
-//   against sm_90's limits.
+// - wmma, ldmatrix and cp.async check their alignment rules, and ldmatrix that it reads shared
+//   memory; a launch checks its grid, its block size and its shared memory against sm_90's limits;
+// - mma.sync and ldmatrix are warp-collective: every lane publishes its fragment or row address and
+//   takes its result by the PTX ISA's fragment-to-lane layout, so a wrong lane or register shows.
+// Launches hold one lock (the emulator's state is global), so several host threads may launch.
 // Errors raise std::runtime_error from the launch, which pybind11 turns into a Python RuntimeError.
 // Use: compile the kernel sources with -DMPLUG_PLATFORM_HEADER="cpu_platform.h" and this folder on
 // the include path (tests/cuda_emulator.py does).
@@ -21,12 +24,15 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -64,6 +70,7 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 
 inline uint3 threadIdx{0, 0, 0};
 inline uint3 blockIdx{0, 0, 0};
+inline dim3 blockDim{1, 1, 1};
 
 template <typename T>
 inline T min(T a, T b) {
@@ -105,6 +112,17 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {
   return __nv_bfloat16{static_cast<uint16_t>(bits >> 16)};
 }
 
+struct __half2 {
+  __half x, y;
+};
+struct __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+inline __half2 __floats2half2_rn(float lo, float hi) { return __half2{__float2half_rn(lo), __float2half_rn(hi)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+  return __nv_bfloat162{__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
+}
+
 namespace mplug {
 
 // The block's dynamic shared memory (the kernels declare it `extern __shared__ ... smem[]`).
@@ -114,8 +132,9 @@ alignas(128) inline unsigned char smem[kEmulatedSharedBytes];
 namespace emulator {
 
 constexpr int kLanes = 32;
-constexpr int kBlockWarps = kThreadsPerBlock / kLanes;
+constexpr int kBlockWarps = kThreadsPerBlock / kLanes;  // the most warps a block may have
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr int kLaneBytes = 32;  // what one lane publishes to a warp-collective operation
 
 struct Copy {
   void* destination;
@@ -152,6 +171,8 @@ struct Runtime {
   Barrier warps[kBlockWarps];
   int warp_exited[kBlockWarps] = {};
   float exchange[kBlockWarps][2][kLanes];
+  alignas(16) unsigned char lane_bytes[kBlockWarps][2][kLanes][kLaneBytes];
+  int block_threads = kThreadsPerBlock;
   bool eager_copies = false;
   Schedule schedule = Schedule::warps_ascending;
   std::string error;
@@ -206,7 +227,7 @@ inline int warp_of_current() { return static_cast<int>(threadIdx.x) / kLanes; }
 [[gnu::noinline]] inline void sync_block(const void* site) {
   Runtime& r = runtime();
   if (r.exited > 0) fail("__syncthreads after some threads of the block exited");
-  wait_at(r.block, kThreadsPerBlock, site, "__syncthreads");
+  wait_at(r.block, r.block_threads, site, "__syncthreads");
 }
 
 inline void check_full_mask(unsigned mask, const char* what) {
@@ -229,6 +250,18 @@ inline void sync_warp(const void* site) {
   slots[lane] = value;
   sync_warp(__builtin_return_address(0));
   return slots[source_lane & (kLanes - 1)];
+}
+
+// Every lane of the warp publishes `bytes` bytes at the same call site `site`; returns the warp's
+// [kLanes][kLaneBytes] table of what each lane published, valid until the warp's next collective.
+inline const unsigned char (&exchange_bytes(const void* data, size_t bytes, const void* site))[kLanes][kLaneBytes] {
+  Runtime& r = runtime();
+  const int warp = warp_of_current();
+  const int lane = static_cast<int>(threadIdx.x) % kLanes;
+  auto& table = r.lane_bytes[warp][r.warps[warp].generation & 1];
+  std::memcpy(table[lane], data, bytes);
+  sync_warp(site);
+  return table;
 }
 
 inline void check_aligned(const void* pointer, size_t alignment, const char* what) {
@@ -296,17 +329,18 @@ inline void run_warp(int warp) {
 // Runs one block: every thread until it exits; raises on an emulation error or a deadlock.
 inline void run_block(const char* name) {
   Runtime& r = runtime();
+  const int block_warps = r.block_threads / kLanes;
   r.exited = 0;
   r.block = Barrier{};
   for (int w = 0; w < kBlockWarps; ++w) {
     r.warps[w] = Barrier{};
     r.warp_exited[w] = 0;
   }
-  for (Thread& thread : r.threads) start_thread(thread);
-  while (r.exited < kThreadsPerBlock && r.error.empty()) {
+  for (int t = 0; t < r.block_threads; ++t) start_thread(r.threads[t]);
+  while (r.exited < r.block_threads && r.error.empty()) {
     const uint64_t events_before = r.events;
-    for (int w = 0; w < kBlockWarps && r.error.empty(); ++w) {
-      run_warp(r.schedule == Schedule::warps_descending ? kBlockWarps - 1 - w : w);
+    for (int w = 0; w < block_warps && r.error.empty(); ++w) {
+      run_warp(r.schedule == Schedule::warps_descending ? block_warps - 1 - w : w);
     }
     if (r.error.empty() && r.events == events_before) r.error = "deadlock: every live thread waits at a barrier";
   }
@@ -317,7 +351,21 @@ inline void run_block(const char* name) {
   }
 }
 
-inline void run_grid(const char* name, dim3 grid, size_t smem_bytes, std::function<void()> body) {
+inline std::mutex& launch_lock() {
+  static std::mutex lock;
+  return lock;
+}
+
+// Runs `body` as every thread of every block of `grid`, `threads` threads per block (a multiple
+// of 32, at most kThreadsPerBlock); one launch at a time in the process.
+inline void run_grid(const char* name, dim3 grid, size_t smem_bytes, std::function<void()> body,
+                     int threads = kThreadsPerBlock) {
+  const std::lock_guard<std::mutex> hold(launch_lock());
+  if (threads <= 0 || threads > kThreadsPerBlock || threads % kLanes != 0) {
+    throw std::runtime_error(std::string("mplug_kernels emulated CUDA error in ") + name + ": " +
+                             std::to_string(threads) + " threads per block (the emulator runs 32.." +
+                             std::to_string(kThreadsPerBlock) + ", whole warps)");
+  }
   if (smem_bytes > kEmulatedSharedBytes) {
     throw std::runtime_error(std::string("mplug_kernels emulated CUDA error in ") + name + ": " +
                              std::to_string(smem_bytes) + " bytes of shared memory > sm_90's " +
@@ -328,6 +376,8 @@ inline void run_grid(const char* name, dim3 grid, size_t smem_bytes, std::functi
   }
   Runtime& r = runtime();
   r.body = std::move(body);
+  r.block_threads = threads;
+  blockDim = dim3(static_cast<unsigned>(threads));
   // cp.async copies land when issued instead of at __pipeline_wait_prior: catches a tile
   // overwritten while other warps still read it, where the default catches a read before the wait
   const char* eager = std::getenv("MPLUG_KERNELS_EMULATOR_EAGER_COPIES");
@@ -358,8 +408,124 @@ inline void run_grid(const char* name, dim3 grid, size_t smem_bytes, std::functi
 }  // namespace emulator
 
 template <typename Kernel>
+void launch(Kernel kernel, const char* name, dim3 grid, int threads, size_t smem_bytes, const AttentionArgs& args) {
+  emulator::run_grid(name, grid, smem_bytes, [&] { kernel(args); }, threads);
+}
+
+template <typename Kernel>
 void launch(Kernel kernel, const char* name, dim3 grid, size_t smem_bytes, const AttentionArgs& args) {
-  emulator::run_grid(name, grid, smem_bytes, [&] { kernel(args); });
+  launch(kernel, name, grid, kThreadsPerBlock, smem_bytes, args);
+}
+
+// The CTAs per multiprocessor of an H100 (SXM) for `threads` threads and `smem_bytes` of shared
+// memory per CTA, from its thread (2048), CTA (32) and shared-memory (228 KB, 1 KB reserved per
+// CTA) limits; registers are not modelled (the emulator has none), so this is an upper bound.
+template <typename Kernel>
+int ctas_per_multiprocessor(Kernel, const char*, int threads, size_t smem_bytes) {
+  constexpr size_t kSharedPerSm = 233472;
+  constexpr size_t kReservedPerCta = 1024;
+  const int by_threads = 2048 / threads;
+  const int by_smem = static_cast<int>(kSharedPerSm / (smem_bytes + kReservedPerCta));
+  return std::max(1, std::min({32, by_threads, by_smem}));
+}
+
+namespace emulator {
+
+inline float element_to_float(__half, uint16_t bits) { return __half2float(__half{bits}); }
+inline float element_to_float(__nv_bfloat16, uint16_t bits) { return __bfloat162float(__nv_bfloat16{bits}); }
+
+// Element `half` (0: low 16 bits) of register `reg` as published by `lane`.
+inline uint16_t published_half(const unsigned char (&table)[kLanes][kLaneBytes], int lane, int reg, int half) {
+  uint16_t value;
+  std::memcpy(&value, table[lane] + 4 * reg + 2 * half, sizeof(value));
+  return value;
+}
+
+struct MmaFragments {
+  uint32_t a[4];
+  uint32_t b[2];
+};
+
+}  // namespace emulator
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: acc += A * B with the fragment layouts of
+// cuda_platform.cuh; A and B come from the lanes that hold them by those layouts.
+template <typename T>
+[[gnu::noinline]] void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  using namespace emulator;
+  const MmaFragments mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+  const auto& table = exchange_bytes(&mine, sizeof(mine), __builtin_return_address(0));
+  const int lane = static_cast<int>(threadIdx.x) % kLanes;
+  const int g = lane / 4, t = lane % 4;
+  constexpr int kBRegister = offsetof(MmaFragments, b) / 4;
+  float result[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2);
+    const int col = 2 * t + i % 2;
+    float sum = acc[i];
+    for (int k = 0; k < 16; ++k) {
+      // A[row][k]: lane 4 (row % 8) + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2
+      const float a_value =
+          element_to_float(T{}, published_half(table, 4 * (row % 8) + (k % 8) / 2, row / 8 + 2 * (k / 8), k % 2));
+      // B[k][col]: lane 4 col + (k % 8) / 2, register k / 8, half k % 2
+      const float b_value =
+          element_to_float(T{}, published_half(table, 4 * col + (k % 8) / 2, kBRegister + k / 8, k % 2));
+      sum += a_value * b_value;
+    }
+    result[i] = sum;
+  }
+  for (int i = 0; i < 4; ++i) acc[i] = result[i];
+}
+
+namespace emulator {
+
+// Publishes the 16-byte row at `smem_row` (lanes < 8 * matrices) and returns the warp's rows:
+// row r of matrix i is table[8 i + r].
+inline const unsigned char (&ldmatrix_rows(int matrices, const void* smem_row, const void* site))[kLanes][kLaneBytes] {
+  const int lane = static_cast<int>(threadIdx.x) % kLanes;
+  unsigned char row[16] = {};
+  if (lane < 8 * matrices) {
+    const auto* address = static_cast<const unsigned char*>(smem_row);
+    if (address < smem || address + 16 > smem + kEmulatedSharedBytes) fail("ldmatrix: row address not in shared memory");
+    check_aligned(smem_row, 16, "ldmatrix row");
+    std::memcpy(row, address, 16);
+  }
+  return exchange_bytes(row, sizeof(row), site);
+}
+
+// The 16-bit element (row, col) of matrix `matrix` from the warp's published rows.
+inline uint32_t matrix_element(const unsigned char (&table)[kLanes][kLaneBytes], int matrix, int row, int col) {
+  uint16_t value;
+  std::memcpy(&value, table[8 * matrix + row] + 2 * col, sizeof(value));
+  return value;
+}
+
+}  // namespace emulator
+
+// ldmatrix.sync.aligned.m8n8.x{N}.shared.b16: regs[i] of lane l holds row l / 4, columns 2 (l % 4) + {0, 1} of matrix i.
+template <int N>
+[[gnu::noinline]] void ldmatrix(uint32_t (&regs)[N], const void* smem_row) {
+  static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+  using namespace emulator;
+  const auto& table = ldmatrix_rows(N, smem_row, __builtin_return_address(0));
+  const int lane = static_cast<int>(threadIdx.x) % kLanes;
+  for (int i = 0; i < N; ++i) {
+    regs[i] = matrix_element(table, i, lane / 4, 2 * (lane % 4)) |
+              matrix_element(table, i, lane / 4, 2 * (lane % 4) + 1) << 16;
+  }
+}
+
+// ldmatrix with .trans: regs[i] of lane l holds rows 2 (l % 4) + {0, 1}, column l / 4 of matrix i.
+template <int N>
+[[gnu::noinline]] void ldmatrix_trans(uint32_t (&regs)[N], const void* smem_row) {
+  static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+  using namespace emulator;
+  const auto& table = ldmatrix_rows(N, smem_row, __builtin_return_address(0));
+  const int lane = static_cast<int>(threadIdx.x) % kLanes;
+  for (int i = 0; i < N; ++i) {
+    regs[i] = matrix_element(table, i, 2 * (lane % 4), lane / 4) |
+              matrix_element(table, i, 2 * (lane % 4) + 1, lane / 4) << 16;
+  }
 }
 
 }  // namespace mplug

@@ -4,9 +4,11 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
-#include "cpu_platform.h"
+#define MPLUG_PLATFORM_HEADER "cpu_platform.h"
+#include "mma.cuh"
 
 namespace {
 
@@ -165,6 +167,216 @@ void wmma_multiplies_like_float_math() {
   }
 }
 
+uint16_t bits_of(float x, __half) { return __float2half_rn(x).bits; }
+uint16_t bits_of(float x, __nv_bfloat16) { return __float2bfloat16_rn(x).bits; }
+float value_of(uint16_t bits, __half) { return __half2float(__half{bits}); }
+float value_of(uint16_t bits, __nv_bfloat16) { return __bfloat162float(__nv_bfloat16{bits}); }
+
+template <typename T>
+std::vector<uint16_t> random_elements(size_t count, std::mt19937& random) {
+  std::normal_distribution<float> normal;
+  std::vector<uint16_t> values(count);
+  for (auto& x : values) x = bits_of(normal(random), T{});
+  return values;
+}
+
+uint32_t two(uint16_t lo, uint16_t hi) { return lo | static_cast<uint32_t>(hi) << 16; }
+
+// mma_m16n8k16 with fragments built by the PTX ISA's layout formulas (g = lane / 4, t = lane % 4)
+// from random A [16, 16], B [16, 8] and C [16, 8] equals C + A B computed in double.
+template <typename T>
+void mma_multiplies_like_a_matmul(const char* type) {
+  std::mt19937 random(11);
+  const std::vector<uint16_t> a = random_elements<T>(16 * 16, random), b = random_elements<T>(16 * 8, random);
+  std::vector<float> c(16 * 8), d(16 * 8, NAN);
+  std::normal_distribution<float> normal;
+  for (auto& x : c) x = normal(random);
+  const std::string error = error_of(dim3(1), 0, [&] {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    uint32_t a_frag[4], b_frag[2];
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + 8 * (i % 2), col = 2 * t + 8 * (i / 2);
+      a_frag[i] = two(a[row * 16 + col], a[row * 16 + col + 1]);
+    }
+    for (int i = 0; i < 2; ++i) b_frag[i] = two(b[(2 * t + 8 * i) * 8 + g], b[(2 * t + 8 * i + 1) * 8 + g]);
+    float acc[4];
+    for (int i = 0; i < 4; ++i) acc[i] = c[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2];
+    mplug::mma_m16n8k16<T>(acc, a_frag, b_frag);
+    if (warp == 1) {
+      for (int i = 0; i < 4; ++i) d[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = acc[i];
+    }
+  });
+  expect(error.empty(), std::string("mma kernel ran: ") + error);
+  for (int i = 0; i < 16; ++i) {
+    for (int j = 0; j < 8; ++j) {
+      double expected = c[i * 8 + j];
+      for (int k = 0; k < 16; ++k) expected += double(value_of(a[i * 16 + k], T{})) * value_of(b[k * 8 + j], T{});
+      expect(std::fabs(d[i * 8 + j] - expected) < 1e-5 * (1.0 + std::fabs(expected)),
+             std::string("mma ") + type + " element (" + std::to_string(i) + ", " + std::to_string(j) + ")");
+    }
+  }
+}
+
+// ldmatrix x1/x2/x4, plain and .trans: N random 8x8 matrices stored at scattered 16-byte rows of
+// shared memory; lane 8i + r passes row r of matrix i; each register holds the documented elements.
+template <int N, bool kTrans>
+void ldmatrix_loads_documented_elements() {
+  std::mt19937 random(5 + N + kTrans);
+  const std::vector<uint16_t> m = random_elements<__half>(N * 64, random);  // m[(i * 8 + r) * 8 + c]
+  std::vector<uint32_t> got(kThreadsPerBlock * N, 0);
+  // row r of matrix i lives at 16-byte slot (37 * (8 i + r) + 3) % 64 of shared memory
+  auto slot = [](int i, int r) { return (37 * (8 * i + r) + 3) % 64; };
+  const std::string error = error_of(dim3(1), 64 * 16, [&] {
+    auto* rows = reinterpret_cast<uint16_t*>(smem);
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < N; ++i) {
+        for (int r = 0; r < 8; ++r) std::memcpy(rows + 8 * slot(i, r), &m[(i * 8 + r) * 8], 16);
+      }
+    }
+    __syncthreads();
+    const int lane = threadIdx.x % 32;
+    // lanes past 8N pass an address ldmatrix must ignore
+    const void* address = lane < 8 * N ? static_cast<const void*>(rows + 8 * slot(lane / 8, lane % 8)) : nullptr;
+    uint32_t regs[N];
+    if constexpr (kTrans) {
+      mplug::ldmatrix_trans<N>(regs, address);
+    } else {
+      mplug::ldmatrix<N>(regs, address);
+    }
+    for (int i = 0; i < N; ++i) got[threadIdx.x * N + i] = regs[i];
+  });
+  const std::string what = "ldmatrix x" + std::to_string(N) + (kTrans ? ".trans" : "");
+  expect(error.empty(), what + " ran: " + error);
+  for (int thread = 0; thread < kThreadsPerBlock; ++thread) {
+    const int lane = thread % 32;
+    for (int i = 0; i < N; ++i) {
+      // plain: row lane / 4, columns 2 (lane % 4) + {0, 1}; .trans: the transposed matrix's
+      auto at = [&](int r, int c) { return kTrans ? m[(i * 8 + c) * 8 + r] : m[(i * 8 + r) * 8 + c]; };
+      const uint32_t expected = two(at(lane / 4, 2 * (lane % 4)), at(lane / 4, 2 * (lane % 4) + 1));
+      expect(got[thread * N + i] == expected, what + " register " + std::to_string(i) + " of lane " + std::to_string(lane));
+    }
+  }
+}
+
+// The kernels' path: A [16, 32] and B^T [16, 32] (keys as rows, as K) and V [32, 16] stored in
+// swizzled shared memory, read with ldmatrix x4 (.trans for V) at x4_row/x4_col, multiplied by
+// mma_m16n8k16 and packed with pack_b16x2, equal (A B) V computed in double within rounding.
+template <typename T>
+void swizzled_ldmatrix_and_mma_compute_a_matmul(const char* type) {
+  constexpr int D = 32;
+  std::mt19937 random(17);
+  const std::vector<uint16_t> a = random_elements<T>(16 * D, random), k = random_elements<T>(16 * D, random),
+                              v = random_elements<T>(16 * 16, random);
+  std::vector<float> out(16 * 16, NAN);
+  const std::string error = error_of(dim3(1), 3 * 16 * D * 2, [&] {
+    unsigned char* tiles = smem;  // a, k: [16, D] swizzled; v: [16, 16] swizzled
+    if (threadIdx.x == 0) {
+      for (int r = 0; r < 16; ++r) {
+        for (int c = 0; c < D; ++c) {
+          std::memcpy(tiles + mplug::swizzled_offset<D>(r, c), &a[r * D + c], 2);
+          std::memcpy(tiles + 16 * D * 2 + mplug::swizzled_offset<D>(r, c), &k[r * D + c], 2);
+        }
+        for (int c = 0; c < 16; ++c) std::memcpy(tiles + 2 * 16 * D * 2 + mplug::swizzled_offset<16>(r, c), &v[r * 16 + c], 2);
+      }
+    }
+    __syncthreads();
+    const int lane = threadIdx.x % 32;
+    float s[2][4] = {};  // S = A K^T: keys 0-7 and 8-15
+    for (int k0 = 0; k0 < D; k0 += 16) {
+      uint32_t a_frag[4], k_frag[4];
+      mplug::ldmatrix<4>(a_frag, tiles + mplug::swizzled_offset<D>(mplug::x4_row(lane), k0 + mplug::x4_col(lane)));
+      mplug::ldmatrix<4>(k_frag, tiles + 16 * D * 2 + mplug::swizzled_offset<D>(mplug::x4_row(lane), k0 + mplug::x4_col(lane)));
+      mplug::mma_m16n8k16<T>(s[0], a_frag, {k_frag[0], k_frag[2]});
+      mplug::mma_m16n8k16<T>(s[1], a_frag, {k_frag[1], k_frag[3]});
+    }
+    const uint32_t p[4] = {mplug::pack_b16x2<T>(s[0][0], s[0][1]), mplug::pack_b16x2<T>(s[0][2], s[0][3]),
+                           mplug::pack_b16x2<T>(s[1][0], s[1][1]), mplug::pack_b16x2<T>(s[1][2], s[1][3])};
+    uint32_t v_frag[4];
+    mplug::ldmatrix_trans<4>(v_frag, tiles + 2 * 16 * D * 2 + mplug::swizzled_offset<16>(mplug::x4_row(lane), mplug::x4_col(lane)));
+    float o[2][4] = {};
+    mplug::mma_m16n8k16<T>(o[0], p, {v_frag[0], v_frag[1]});
+    mplug::mma_m16n8k16<T>(o[1], p, {v_frag[2], v_frag[3]});
+    if (threadIdx.x < 32) {
+      for (int n = 0; n < 2; ++n) {
+        for (int i = 0; i < 4; ++i) out[mplug::acc_row(lane, i) * 16 + 8 * n + mplug::acc_col(lane, i)] = o[n][i];
+      }
+    }
+  });
+  expect(error.empty(), std::string("swizzled ldmatrix + mma kernel ran: ") + error);
+  double s[16][16];
+  for (int i = 0; i < 16; ++i) {
+    for (int j = 0; j < 16; ++j) {
+      s[i][j] = 0.0;
+      for (int c = 0; c < D; ++c) s[i][j] += double(value_of(a[i * D + c], T{})) * value_of(k[j * D + c], T{});
+    }
+  }
+  for (int i = 0; i < 16; ++i) {
+    for (int j = 0; j < 16; ++j) {
+      double expected = 0.0, magnitude = 0.0;
+      for (int n = 0; n < 16; ++n) {
+        expected += s[i][n] * value_of(v[n * 16 + j], T{});
+        magnitude += std::fabs(s[i][n] * value_of(v[n * 16 + j], T{}));
+      }
+      // P is rounded to T once: relative error <= 2^-8 (bfloat16) of the magnitude
+      expect(std::fabs(out[i * 16 + j] - expected) <= 1e-2 * magnitude + 1e-5,
+             std::string("(A K^T) V ") + type + " element (" + std::to_string(i) + ", " + std::to_string(j) + ")");
+    }
+  }
+}
+
+void swizzle_is_a_bijection_on_16_byte_chunks() {
+  auto check = [](auto head_dim) {
+    constexpr int D = decltype(head_dim)::value;
+    std::vector<int> seen(64 * D / 8, 0);
+    bool conflict_free = true;
+    for (int r = 0; r < 64; ++r) {
+      for (int c = 0; c < D; c += 8) {
+        const uint32_t offset = mplug::swizzled_offset<D>(r, c);
+        if (offset % 16 == 0 && offset / 16 < seen.size()) ++seen[offset / 16];
+      }
+    }
+    for (int r0 = 0; r0 < 64; r0 += 8) {
+      for (int c = 0; c < D; c += 8) {
+        int groups = 0;
+        for (int r = r0; r < r0 + 8; ++r) groups |= 1 << (mplug::swizzled_offset<D>(r, c) / 16 % 8);
+        conflict_free = conflict_free && groups == 0xff;
+      }
+    }
+    bool once = true;
+    for (int count : seen) once = once && count == 1;
+    expect(once, "swizzle maps the 16-byte chunks of a [64, " + std::to_string(D) + "] tile one to one");
+    expect(conflict_free, "ldmatrix rows of a swizzled [64, " + std::to_string(D) + "] tile hit 8 bank groups");
+  };
+  check(mplug::HeadDim<32>{});
+  check(mplug::HeadDim<64>{});
+  check(mplug::HeadDim<80>{});
+  check(mplug::HeadDim<96>{});
+  check(mplug::HeadDim<128>{});
+}
+
+void concurrent_launches_from_host_threads() {
+  std::vector<std::thread> threads;
+  std::vector<std::string> errors(4);
+  std::vector<float> sums(4 * kThreadsPerBlock);
+  for (int h = 0; h < 4; ++h) {
+    threads.emplace_back([&, h] {
+      errors[h] = error_of(dim3(3), kThreadsPerBlock * sizeof(float), [&] {
+        float* slots = reinterpret_cast<float*>(smem);
+        slots[threadIdx.x] = static_cast<float>(h);
+        __syncthreads();
+        float x = slots[(threadIdx.x + 32) % kThreadsPerBlock];
+        for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+        if (blockIdx.x == 2) sums[h * kThreadsPerBlock + threadIdx.x] = x;
+      });
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (int h = 0; h < 4; ++h) {
+    expect(errors[h].empty(), "concurrent launch ran: " + errors[h]);
+    for (int t = 0; t < kThreadsPerBlock; ++t) expect(sums[h * kThreadsPerBlock + t] == 32.0f * h, "concurrent launch result");
+  }
+}
+
 void atomics_add_up() {
   float total = 0.0f;
   const std::string error = error_of(dim3(3), 0, [&] { atomicAdd(&total, 1.0f); });
@@ -207,6 +419,17 @@ void mistakes_raise_errors() {
            nvcuda::wmma::load_matrix_sync(acc, reinterpret_cast<const float*>(smem + 16), 16, nvcuda::wmma::mem_row_major);
          }), "32-byte aligned"),
          "a misaligned wmma load is an error");
+  expect(mentions(error_of(dim3(1), 64, [] {
+           uint32_t regs[1];
+           mplug::ldmatrix<1>(regs, smem + 8);
+         }), "16-byte aligned"),
+         "a misaligned ldmatrix row is an error");
+  expect(mentions(error_of(dim3(1), 0, [] {
+           alignas(16) static uint16_t global[64];
+           uint32_t regs[2];
+           mplug::ldmatrix_trans<2>(regs, global + 8 * (threadIdx.x % 8));
+         }), "not in shared memory"),
+         "ldmatrix from outside shared memory is an error");
   expect(mentions(error_of(dim3(1), mplug::kEmulatedSharedBytes + 1, [] {}), "shared memory"),
          "more shared memory than sm_90 has is an error");
   expect(mentions(error_of(dim3(1, 70000), 0, [] {}), "invalid grid"), "gridDim.y > 65535 is an error");
@@ -223,6 +446,18 @@ int main() {
   async_copies_land_at_the_wait();
   wait_prior_keeps_the_newest_groups_pending();
   wmma_multiplies_like_float_math();
+  mma_multiplies_like_a_matmul<__half>("float16");
+  mma_multiplies_like_a_matmul<__nv_bfloat16>("bfloat16");
+  ldmatrix_loads_documented_elements<1, false>();
+  ldmatrix_loads_documented_elements<2, false>();
+  ldmatrix_loads_documented_elements<4, false>();
+  ldmatrix_loads_documented_elements<1, true>();
+  ldmatrix_loads_documented_elements<2, true>();
+  ldmatrix_loads_documented_elements<4, true>();
+  swizzle_is_a_bijection_on_16_byte_chunks();
+  swizzled_ldmatrix_and_mma_compute_a_matmul<__half>("float16");
+  swizzled_ldmatrix_and_mma_compute_a_matmul<__nv_bfloat16>("bfloat16");
+  concurrent_launches_from_host_threads();
   atomics_add_up();
   half_and_bfloat16_round_to_nearest_even();
   mistakes_raise_errors();
