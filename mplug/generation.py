@@ -1,7 +1,9 @@
 """Beam search over a decoder step function, with mPLUG's settings (beam 5, start 101, end 102, GNMT length penalty).
 
-The search is written once over a step function ``step(sequences, parents) -> logits``; the same search runs the
-cached decoder (feed the new token, reorder the cache by ``parents``) and the authors' baseline (re-run the prefix).
+Two searches, both over a step function ``step(sequences, parents) -> logits``, so each runs the cached decoder (feed
+the new token, reorder the cache by ``parents``) and the authors' baseline (re-run the prefix): mode="authors" is the
+released mPLUG's search (the default of vqa_generate and caption_generate), mode="best_first" keeps finished
+hypotheses apart and searches on until none can still win.
 """
 from __future__ import annotations
 
@@ -84,6 +86,9 @@ def _check_search_args(prompt_ids, num_beams, min_length, max_length, num_return
         raise ValueError(f"num_return_sequences must be in [1, num_beams={num_beams}], got {num_return_sequences}")
 
 
+MODES = ("authors", "best_first")
+
+
 def beam_search(
     step: StepFn,
     prompt_ids: torch.Tensor,
@@ -95,15 +100,99 @@ def beam_search(
     pad_token_id: int = 0,
     alpha: float = 0.6,
     num_return_sequences: int = 1,
+    mode: str = "authors",
 ) -> BeamSearchOutput:
     """Beam search from prompt_ids [B, P] (e.g. [[101]] * B) for 1..max_length new tokens -> BeamSearchOutput.
+
+    mode="authors" (the released mPLUG's search, default): see ``authors_beam_search``. mode="best_first": finished
+    hypotheses kept apart from the open beams, searched on until none can still win (see ``best_first_beam_search``).
+    """
+    _check_search_args(prompt_ids, num_beams, min_length, max_length, num_return_sequences)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    search = authors_beam_search if mode == "authors" else best_first_beam_search
+    return search(
+        step, prompt_ids, num_beams=num_beams, min_length=min_length, max_length=max_length,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, alpha=alpha, num_return_sequences=num_return_sequences,
+    )
+
+
+def authors_beam_search(
+    step: StepFn, prompt_ids: torch.Tensor, *, num_beams, min_length, max_length, eos_token_id, pad_token_id, alpha,
+    num_return_sequences,
+) -> BeamSearchOutput:
+    """The released mPLUG's beam search over prompt_ids [B, P] -> BeamSearchOutput (sequences [B, R, <= max_length]).
+
+    At step t (t = 1.. tokens out) every beam x vocab candidate scores cum log p / ((5 + t) / 6) ** alpha, the end
+    token included (-1e20 added to it before min_length tokens); the top num_beams become the beams, each keeping
+    score x penalty as its cum log p. A beam whose new token is the end token is recorded as a hypothesis and stays
+    a beam (it keeps being extended). An example stops when its top beam's new token is the end token, or at
+    max_length: then every beam is recorded. Its records, best score first (ties in recording order), are returned;
+    a record may hold tokens after an end token, exactly as the authors' search returns it.
+    """
+    batch, device = prompt_ids.shape[0], prompt_ids.device
+    live = torch.full((batch, num_beams), float("-inf"), device=device)
+    live[:, 0] = 0.0
+    tokens = torch.full((batch, num_beams, max_length), pad_token_id, dtype=torch.long, device=device)
+    first_row = torch.arange(batch, device=device)[:, None] * num_beams
+    records = [[] for _ in range(batch)]
+    open_examples = [True] * batch
+    sequences, parents = prompt_ids.repeat_interleave(num_beams, dim=0), None
+    for position in range(max_length):
+        logits = step(sequences, parents)
+        log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        log_probs = log_probs.view(batch, num_beams, -1)
+        vocab = log_probs.shape[-1]
+        if position < min_length:
+            log_probs[..., eos_token_id] += -1e20
+        penalty = length_penalty(position + 1, alpha)
+        scores, chosen = ((live[..., None] + log_probs) / penalty).view(batch, -1).topk(num_beams, dim=1)
+        live = scores * penalty
+        beams, new_tokens = chosen // vocab, chosen % vocab
+        tokens = _extend(tokens, beams, new_tokens, position)
+        ending = new_tokens == eos_token_id
+        ending = ending | ending[:, :1] | (position == max_length - 1)
+        _record(records, open_examples, scores, tokens, ending, position + 1)
+        if not any(open_examples):
+            break
+        parents = (first_row + beams).flatten()
+        sequences = torch.cat([sequences[parents], new_tokens.reshape(-1, 1)], dim=1)
+    return _best_records(records, num_return_sequences, pad_token_id, device)
+
+
+def _record(records, open_examples, scores, tokens, ending, length: int) -> None:
+    """Append (score, tokens [length]) of the ending beams [B, K] of every open example; close examples whose top beam ended."""
+    for example, beam in ending.nonzero().tolist():
+        if open_examples[example]:
+            records[example].append((scores[example, beam], tokens[example, beam, :length]))
+    for example, top_ended in enumerate(ending[:, 0].tolist()):
+        open_examples[example] = open_examples[example] and not top_ended
+
+
+def _best_records(records, count: int, pad_token_id: int, device) -> BeamSearchOutput:
+    """The ``count`` best records of every example (stable sort by score, best first) as a BeamSearchOutput."""
+    best = [sorted(example, key=lambda record: float(record[0]), reverse=True)[:count] for example in records]
+    longest = max(len(tokens) for example in best for _, tokens in example)
+    sequences = torch.full((len(best), count, longest), pad_token_id, dtype=torch.long, device=device)
+    for example, hypotheses in enumerate(best):
+        for rank, (_, tokens) in enumerate(hypotheses):
+            sequences[example, rank, : len(tokens)] = tokens
+    scores = torch.stack([torch.stack([score for score, _ in example]) for example in best])
+    lengths = torch.tensor([[len(tokens) for _, tokens in example] for example in best], dtype=torch.long, device=device)
+    return BeamSearchOutput(sequences, scores, lengths)
+
+
+def best_first_beam_search(
+    step: StepFn, prompt_ids: torch.Tensor, *, num_beams, min_length, max_length, eos_token_id, pad_token_id, alpha,
+    num_return_sequences,
+) -> BeamSearchOutput:
+    """Beam search over prompt_ids [B, P] keeping finished hypotheses apart from the open beams -> BeamSearchOutput.
 
     The end token is banned until ``min_length`` tokens are out; at ``max_length`` every beam ends. Every beam's
     end-token extension is offered to the finished set (score = sum log p / length_penalty(tokens incl. end)); an
     example stops once its finished set is full and no open beam can still beat it (an exact bound, so stopping
     early never changes the result).
     """
-    _check_search_args(prompt_ids, num_beams, min_length, max_length, num_return_sequences)
     batch, device = prompt_ids.shape[0], prompt_ids.device
     finished = _Finished(batch, num_beams, max_length, pad_token_id, device)
     alive_scores = torch.full((batch, num_beams), float("-inf"), device=device)

@@ -154,7 +154,8 @@ def _prefix_lm_loss(model, image_embeds, image_mask, text_ids, text_mask, prefix
 
 
 def _generate(model, memory, memory_masks, prompt_ids, num_beams, use_cache, **search) -> BeamSearchOutput:
-    """Beam search of the decoder over ``memory`` from prompt_ids [B, P] (default [BOS])."""
+    """Beam search (mplug.generation.beam_search, ``search`` its settings) of the decoder over ``memory`` from
+    prompt_ids [B, P] (default [BOS])."""
     config = model.config
     if prompt_ids is None:
         prompt_ids = torch.full((memory[0].shape[0], 1), config.bos_token_id, dtype=torch.long, device=memory[0].device)
@@ -177,16 +178,18 @@ def vqa_generate(
     num_return_sequences: int = 1,
     use_cache: bool = True,
     prompt_ids: Optional[torch.Tensor] = None,
+    mode: str = "authors",
 ) -> BeamSearchOutput:
     """Answers to questions [B, Lq] about images [B, 3, H, W]: the decoder reads the fused [v; t] -> BeamSearchOutput
-    (sequences [B, R, <= max_length] answer ids ending with [SEP]). use_cache=False is the authors' full re-run."""
+    (sequences [B, R, <= max_length] answer ids ending with [SEP]). use_cache=False is the authors' full re-run;
+    mode="authors" (their beam search) or "best_first" (mplug.generation.beam_search)."""
     _check_batches(images, "question_ids", question_ids)
     image_embeds, image_mask = encode_images(model, images)
     question_embeds = model.text_encoder(question_ids, question_mask)
     image_out, question_out = model.fusion_encoder(image_embeds, image_mask, question_embeds, question_mask)
     return _generate(
         model, (image_out, question_out), (image_mask, question_mask), prompt_ids, num_beams, use_cache,
-        min_length=min_length, max_length=max_length, num_return_sequences=num_return_sequences,
+        min_length=min_length, max_length=max_length, num_return_sequences=num_return_sequences, mode=mode,
     )
 
 
@@ -201,15 +204,17 @@ def caption_generate(
     num_return_sequences: int = 1,
     use_cache: bool = True,
     prompt_ids: Optional[torch.Tensor] = None,
+    mode: str = "authors",
 ) -> BeamSearchOutput:
     """Captions of images [B, 3, H, W]: the decoder reads the vision tokens only -> BeamSearchOutput
-    (sequences [B, R, <= max_length]). prompt_ids [B, P] (starting with [CLS]) seed every caption."""
+    (sequences [B, R, <= max_length]). prompt_ids [B, P] (starting with [CLS]) seed every caption; mode as in
+    vqa_generate."""
     if prompt_ids is not None:
         _check_batches(images, "prompt_ids", prompt_ids)
     image_embeds, image_mask = encode_images(model, images)
     return _generate(
         model, (image_embeds,), (image_mask,), prompt_ids, num_beams, use_cache,
-        min_length=min_length, max_length=max_length, num_return_sequences=num_return_sequences,
+        min_length=min_length, max_length=max_length, num_return_sequences=num_return_sequences, mode=mode,
     )
 
 
