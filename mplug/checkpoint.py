@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 POSITIONAL_EMBEDDING = "visual_encoder.visual.positional_embedding"
 QUEUES = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
 PREFIX_RENAMES = (
@@ -17,10 +18,27 @@ PREFIX_RENAMES = (
     ("visn_layer_norm.", "visual_encoder.visn_layer_norm."),
     ("text_encoder.bert.", "text_encoder."),
     ("text_encoder.cls.predictions.", "mlm_head."),
+    ("fusion_encoder.cls.predictions.", "mlm_head."),
     ("fusion_encoder.fusion.", "fusion_encoder."),
     ("fusion_encoder.bert.", "fusion_encoder."),
 )
 FUSION_LAYER = re.compile(r"^fusion_encoder\.encoder\.layer\.(\d+)\.(.*)$")
+UNUSED_PREFIXES = (
+    "visual_encoder.transformer.",  # CLIP's text tower, kept in the authors' files, unused by mPLUG
+    "visual_encoder.token_embedding.",
+    "visual_encoder.positional_embedding",
+    "visual_encoder.ln_final.",
+    "visual_encoder.text_projection",
+    "visual_encoder.logit_scale",
+    "visual_encoder.visual.proj",  # CLIP's image projection: mPLUG takes all ViT tokens unprojected
+    "fusion_encoder.embeddings.",  # the fusion BERT's own embeddings: the fusion reads the text encoder's output
+    "mlm_head.decoder.",  # our MLM head's decoder is tied to text_encoder's word embeddings and to mlm_head.bias
+)
+TASK_MODULES = {
+    "vqa": ("visual_encoder", "text_encoder", "fusion_encoder", "text_decoder"),
+    "caption": ("visual_encoder", "text_decoder"),
+    "retrieval": ("visual_encoder", "text_encoder", "fusion_encoder", "vision_proj", "text_proj", "itm_head", "temp"),
+}
 
 
 class LoadResult(NamedTuple):
@@ -45,11 +63,21 @@ def _read(path_or_state_dict, weights_only: bool) -> Dict[str, torch.Tensor]:
 
 
 def _renamed(key: str, config) -> Tuple[Optional[str], bool]:
-    """(our name for an official key or None for a fusion layer that never runs, whether the model may lack it)."""
+    """(our name for an official key or None for a fusion layer that never runs or a weight mPLUG does not use,
+    whether the model may lack it); a momentum key (``name_m.*``) maps like ``name.*`` and keeps its ``_m``."""
+    head, _, rest = key.partition(".")
+    if head.endswith("_m"):
+        key, _ = _renamed(f"{head[:-2]}.{rest}", config)
+        if key is None:
+            return None, True
+        head, _, rest = key.partition(".")
+        return f"{head}_m.{rest}", True
     for old, new in PREFIX_RENAMES:
         if key.startswith(old):
             key = new + key[len(old):]
             break
+    if key.startswith(UNUSED_PREFIXES):
+        return None, True
     match = FUSION_LAYER.match(key)
     if match:
         k = int(match.group(1)) - config.text_layers
@@ -61,8 +89,7 @@ def _renamed(key: str, config) -> Tuple[Optional[str], bool]:
 
 
 def _always_ignored(key: str) -> bool:
-    head = key.split(".")[0]
-    return head.endswith("_m") or head in QUEUES or key.endswith("embeddings.position_ids")
+    return key.split(".")[0] in QUEUES or key.endswith("embeddings.position_ids")
 
 
 def resize_positional_embedding(positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -85,16 +112,22 @@ def _shared_with_loaded(key: str, loaded: set, params: Dict[str, torch.Tensor]) 
 
 
 def load_official_checkpoint(
-    model: nn.Module, path_or_state_dict, strict: bool = False, weights_only: bool = True
+    model: nn.Module, path_or_state_dict, strict: bool = False, weights_only: bool = True, task: Optional[str] = None
 ) -> LoadResult:
     """Load the authors' checkpoint (path, {'model'|'module': state dict} or state dict) into ``model``.
 
-    Strips the pretrained prefixes, maps fusion layer 6 + k (text_layers + k) to our layer k, skips
-    momentum copies and queues, resizes the visual position grid to the configured image size, and
-    raises ValueError naming every key whose shape does not fit. Returns LoadResult; with
-    strict=True a missing or unexpected key raises RuntimeError. weights_only is torch.load's flag
-    (old .pth files holding an argparse Namespace need weights_only=False: only for trusted files).
+    Strips the pretrained prefixes, maps fusion layer 6 + k (text_layers + k) to our layer k, takes the MLM head
+    from ``text_encoder.cls`` or ``fusion_encoder.cls``, ignores the queues and the weights mPLUG does not use
+    (CLIP's text tower and image projection, the fusion BERT's embeddings), resizes the visual position grid to
+    the configured image size, and raises ValueError naming every key whose shape does not fit. Momentum keys
+    (``*_m.*``) load into the momentum copies when the model has them (else ignored); momentum weights the file
+    lacks are copied from the loaded online weights. task ("vqa", "caption", "retrieval" or None = the whole
+    pretrained model) names the file's layout: model parts it does not hold are left alone and not reported
+    missing. Returns LoadResult; with strict=True a missing or unexpected key raises RuntimeError. weights_only is
+    torch.load's flag (old .pth files holding an argparse Namespace need weights_only=False: only for trusted files).
     """
+    if task is not None and task not in TASK_MODULES:
+        raise ValueError(f"task must be None or one of {sorted(TASK_MODULES)}, got {task!r}")
     config = model.config
     ours = model.state_dict(keep_vars=True)
     loadable: Dict[str, torch.Tensor] = {}
@@ -110,7 +143,7 @@ def load_official_checkpoint(
             continue
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"checkpoint key {official_key!r} holds a {type(value).__name__}, not a tensor")
-        if key == POSITIONAL_EMBEDDING and value.dim() == 2 and value.shape[1] == ours[key].shape[1]:
+        if key.replace("visual_encoder_m.", "visual_encoder.", 1) == POSITIONAL_EMBEDDING and value.dim() == 2 and value.shape[1] == ours[key].shape[1]:
             value = resize_positional_embedding(value, ours[key].shape[0]) if value.shape != ours[key].shape else value
         if value.shape != ours[key].shape:
             mismatched.append(f"{official_key} -> {key}: checkpoint {tuple(value.shape)}, model {tuple(ours[key].shape)}")
@@ -120,11 +153,32 @@ def load_official_checkpoint(
         raise ValueError("checkpoint shapes do not fit the model:\n  " + "\n  ".join(mismatched))
     model.load_state_dict(loadable, strict=False)
     loaded = set(loadable)
+    momentum_loaded = any(key.split(".")[0].endswith("_m") for key in loaded)
+    _copy_online_into_unloaded_momentum(ours, loaded)
     missing = [
         key for key in ours
         if key not in loaded and key not in QUEUES and not _shared_with_loaded(key, loaded, ours)
+        and _expected(key, task, momentum_loaded)
     ]
     if strict and (missing or unexpected):
         raise RuntimeError(f"strict load failed: missing keys {missing}, unexpected keys {unexpected}")
     return LoadResult(missing, unexpected, ignored)
 
+
+@torch.no_grad()
+def _copy_online_into_unloaded_momentum(ours: Dict[str, torch.Tensor], loaded: set) -> None:
+    """Every momentum tensor (``name_m.*``) the file did not fill (nor a tied alias of it) takes its online value."""
+    for key, value in ours.items():
+        head, _, rest = key.partition(".")
+        if head.endswith("_m") and key not in loaded and not _shared_with_loaded(key, loaded, ours):
+            value.copy_(ours[f"{head[:-2]}.{rest}"])
+
+
+def _expected(key: str, task: Optional[str], momentum_loaded: bool) -> bool:
+    """Whether the file of ``task``'s layout should hold our ``key`` (momentum keys only when it holds any)."""
+    head = key.split(".")[0]
+    if head.endswith("_m"):
+        if not momentum_loaded:
+            return False
+        head = head[:-2]
+    return task is None or head in TASK_MODULES[task]

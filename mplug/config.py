@@ -15,6 +15,7 @@ class MPLUGConfig:
     k != 0 and k % stride_layer == 0, asymmetric co-attention otherwise), "connected" (every fusion
     layer is connected attention over [v; t]) or "coattn" (co-attention in both directions).
     attn_backend: "auto" or a backend name of mplug_kernels.backends.
+    momentum, alpha: momentum distillation's EMA rate and distillation weight (ALBEF; alpha ramps over epoch 0).
     """
 
     vision_width: int = 768
@@ -37,6 +38,8 @@ class MPLUGConfig:
     embed_dim: int = 256
     queue_size: int = 65536
     temp: float = 0.07
+    momentum: float = 0.995
+    alpha: float = 0.4
     fusion: str = "skip"
     attn_backend: str = "auto"
     dropout: float = 0.1
@@ -59,6 +62,8 @@ class MPLUGConfig:
             raise ValueError(
                 f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
             )
+        if not 0.0 <= self.momentum <= 1.0 or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"momentum and alpha must be in [0, 1], got momentum={self.momentum}, alpha={self.alpha}")
         if self.stride_layer < 1:
             raise ValueError(f"stride_layer must be >= 1, got {self.stride_layer}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id"):

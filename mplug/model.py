@@ -19,7 +19,8 @@ class MPLUG(nn.Module):
     Submodules: ``visual_encoder`` (images -> [B, Lv, hidden]), ``text_encoder`` (ids, mask ->
     [B, Lt, hidden]), ``fusion_encoder`` ((v, v_mask, t, t_mask) -> (v, t)), ``text_decoder``
     (ids, mask, memory -> logits). Heads: ``vision_proj``/``text_proj`` (ITC), ``itm_head``,
-    ``mlm_head`` (tied to the text encoder's word embeddings), ``temp`` and the ITC feature queues.
+    ``mlm_head`` (tied to the text encoder's word embeddings), ``temp`` and the ITC feature queues with their
+    image ids (``idx_queue``, -1 = none). ``add_momentum_copies`` adds the momentum copies (``visual_encoder_m``, ...).
     """
 
     def __init__(self, config: MPLUGConfig):
@@ -41,7 +42,15 @@ class MPLUG(nn.Module):
         queue_shape = (config.embed_dim, config.queue_size)
         self.register_buffer("image_queue", nn.functional.normalize(torch.randn(queue_shape), dim=0))
         self.register_buffer("text_queue", nn.functional.normalize(torch.randn(queue_shape), dim=0))
+        self.register_buffer("idx_queue", torch.full((1, config.queue_size), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    def add_momentum_copies(self) -> "MPLUG":
+        """Add the momentum (EMA) copies of the encoders, projections, fusion, MLM head and decoder, equal to the
+        online weights now (mplug.momentum); pretrain_losses(distill=True) adds them when missing. Returns self."""
+        from mplug.momentum import add_momentum_copies
+
+        return add_momentum_copies(self)
 
     def set_attn_backend(self, name: str) -> "MPLUG":
         """Run every attention layer on backend ``name`` ('auto' or a registered backend); returns self."""

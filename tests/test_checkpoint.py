@@ -80,7 +80,7 @@ def official_layout(c: MPLUGConfig, pretrained: bool):
     for n in range(c.text_layers):
         add(bert_layer_keys(f"{text}.encoder.layer.{n}", c, cross=False), strip_bert)
     if pretrained:
-        add(prediction_keys("text_encoder.cls.predictions", c), lambda key: key.replace("text_encoder.cls.predictions", "mlm_head"))
+        add(prediction_keys("text_encoder.cls.predictions", c), mlm_head_key)
 
     fusion = "fusion_encoder.fusion" if pretrained else "fusion_encoder"
     for n in range(c.text_layers + c.fusion_layers):
@@ -112,6 +112,127 @@ def official_layout(c: MPLUGConfig, pretrained: bool):
     return shapes, ours
 
 
+def mlm_head_key(key):
+    """Our name for an MLM-head key of either layout; the decoder weight is ours tied to the text embeddings (skipped)."""
+    if key.endswith(".decoder.weight") or key.endswith(".decoder.bias"):
+        return None
+    return "mlm_head." + key.split(".cls.predictions.")[1]
+
+
+def clip_keys(c, head):
+    """The authors' whole CLIP under ``head``: the ViT (ours), its image projection and the text tower (both unused)."""
+    w, tower = c.vision_width, 32
+    keys = {f"{head}.visual.class_embedding": (w,), f"{head}.visual.positional_embedding": (c.num_visual_tokens, w),
+            f"{head}.visual.conv1.weight": (w, 3, c.patch_size, c.patch_size), f"{head}.visual.proj": (w, 24)}
+    keys.update(norm_keys(f"{head}.visual.ln_pre", w))
+    keys.update(norm_keys(f"{head}.visual.ln_post", w))
+    for width, blocks in ((w, f"{head}.visual.transformer"), (tower, f"{head}.transformer")):
+        for n in range(2):
+            block = f"{blocks}.resblocks.{n}"
+            keys.update({f"{block}.attn.in_proj_weight": (3 * width, width), f"{block}.attn.in_proj_bias": (3 * width,)})
+            keys.update(linear_keys(f"{block}.attn.out_proj", width, width))
+            keys.update(linear_keys(f"{block}.mlp.c_fc", 4 * width, width))
+            keys.update(linear_keys(f"{block}.mlp.c_proj", width, 4 * width))
+            keys.update(norm_keys(f"{block}.ln_1", width))
+            keys.update(norm_keys(f"{block}.ln_2", width))
+    keys.update({f"{head}.token_embedding.weight": (100, tower), f"{head}.positional_embedding": (77, tower),
+                 f"{head}.text_projection": (tower, 24), f"{head}.logit_scale": ()})
+    keys.update(norm_keys(f"{head}.ln_final", tower))
+    return keys
+
+
+def clip_key(key):
+    """Our name for a CLIP key (``head`` = visual_encoder[_m]): the ViT kept, the rest skipped."""
+    head, _, rest = key.partition(".")
+    return None if not rest.startswith("visual.") or rest == "visual.proj" else key
+
+
+def authors_layout(c: MPLUGConfig, layout: str, momentum: bool, mlm_head: str = "fusion_encoder"):
+    """(key -> shape, key -> our key or None) of the authors' files, from their module names: layout "pretrained"
+    (BertForMaskedLM text and fusion encoders under ``bert.``, the MLM head under ``mlm_head``.cls, whole CLIP,
+    queues) or the fine-tuned "vqa", "caption", "retrieval"; momentum adds every module's ``_m`` copy."""
+    h = c.hidden_size
+    bert = "bert." if layout == "pretrained" else ""
+    parts = {
+        "visual_encoder": (clip_keys(c, "visual_encoder"), clip_key),
+        "visn": ({**linear_keys("visn_fc", h, c.vision_width), **norm_keys("visn_layer_norm", h)}, lambda key: "visual_encoder." + key),
+        "text_encoder": ({}, lambda key: key.replace("text_encoder.bert.", "text_encoder.")),
+        "fusion_encoder": ({}, None),
+        "text_decoder": ({}, lambda key: None if key.endswith("predictions.decoder.bias") else key),
+        "vision_proj": (linear_keys("vision_proj", c.embed_dim, h), lambda key: key),
+        "text_proj": (linear_keys("text_proj", c.embed_dim, h), lambda key: key),
+        "itm_head": (linear_keys("itm_head", 2, h), lambda key: key),
+    }
+    parts["text_encoder"][0].update(embedding_keys(f"text_encoder.{bert}embeddings", c))
+    for n in range(c.text_layers):
+        parts["text_encoder"][0].update(bert_layer_keys(f"text_encoder.{bert}encoder.layer.{n}", c, cross=False))
+    fusion = parts["fusion_encoder"][0]
+    if layout == "pretrained":
+        fusion.update(embedding_keys("fusion_encoder.bert.embeddings", c))
+    for n in range(c.text_layers + c.fusion_layers):
+        fusion.update(bert_layer_keys(f"fusion_encoder.{bert}encoder.layer.{n}", c, cross=True))
+
+    def fused(key):
+        head, _, rest = key.partition(".")
+        rest = rest.removeprefix("bert.")
+        if rest.startswith("embeddings."):
+            return None
+        n, tail = rest.removeprefix("encoder.layer.").split(".", 1)
+        k = int(n) - c.text_layers
+        if k < 0 or (c.is_connected_layer(k) and tail.startswith("crossattention.")):
+            return None
+        return f"{head}.encoder.layer.{k}.{tail}"
+
+    parts["fusion_encoder"] = (fusion, fused)
+    decoder = parts["text_decoder"][0]
+    decoder.update(embedding_keys("text_decoder.bert.embeddings", c))
+    for n in range(c.decoder_layers):
+        decoder.update(bert_layer_keys(f"text_decoder.bert.encoder.layer.{n}", c, cross=True))
+    decoder.update(prediction_keys("text_decoder.cls.predictions", c))
+    decoder["text_decoder.cls.predictions.decoder.bias"] = (c.vocab_size,)
+    if layout == "pretrained":
+        head = prediction_keys(f"{mlm_head}.cls.predictions", c)
+        head[f"{mlm_head}.cls.predictions.decoder.bias"] = (c.vocab_size,)
+        parts[mlm_head] = ({**parts[mlm_head][0], **head}, lambda key, rename=parts[mlm_head][1]: mlm_head_key(key) if ".cls." in key else rename(key))
+    kept = {
+        "pretrained": ("visual_encoder", "visn", "text_encoder", "fusion_encoder", "text_decoder", "vision_proj", "text_proj", "itm_head"),
+        "vqa": ("visual_encoder", "visn", "text_encoder", "fusion_encoder", "text_decoder"),
+        "caption": ("visual_encoder", "visn", "text_decoder"),
+        "retrieval": ("visual_encoder", "visn", "text_encoder", "fusion_encoder", "vision_proj", "text_proj", "itm_head"),
+    }[layout]
+    shapes, ours = {}, {}
+    for name in kept:
+        keys, rename = parts[name]
+        shapes.update(keys)
+        ours.update({key: rename(key) for key in keys})
+        if momentum and name != "itm_head":
+            momentum_key = lambda key: "{0}_m.{2}".format(*key.partition("."))
+            for key in keys:
+                mapped = rename(key)
+                shapes[momentum_key(key)] = keys[key]
+                ours[momentum_key(key)] = None if mapped is None else momentum_key(mapped)
+    if layout in ("pretrained", "retrieval"):
+        shapes["temp"], ours["temp"] = (), "temp"
+        queues = {"image_queue": (c.embed_dim, 16), "text_queue": (c.embed_dim, 16), "queue_ptr": (1,)}
+        if layout == "retrieval":
+            queues["idx_queue"] = (1, 16)
+        shapes.update(queues)
+        ours.update(dict.fromkeys(queues))
+    return shapes, ours
+
+
+def random_state(shapes, seed=0):
+    """Random tensors of ``shapes``; tied heads equal their embeddings, queue pointers are long."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+    for key in state:
+        if key.endswith("predictions.decoder.weight"):
+            state[key] = state[key.split(".cls.")[0] + ".bert.embeddings.word_embeddings.weight"]
+        if key.endswith(("queue_ptr", "idx_queue")):
+            state[key] = torch.zeros(shapes[key], dtype=torch.long)
+    return state
+
+
 def official_state_dict(c: MPLUGConfig, pretrained: bool = False, seed: int = 0):
     """A random state dict with the official keys; tied LM-head weights equal their embeddings, as the authors save them."""
     generator = torch.Generator().manual_seed(seed)
@@ -123,6 +244,57 @@ def official_state_dict(c: MPLUGConfig, pretrained: bool = False, seed: int = 0)
         text = "text_encoder.bert.embeddings.word_embeddings.weight"
         state["text_encoder.cls.predictions.decoder.weight"] = state[text]
     return state, ours
+
+
+@pytest.mark.parametrize("mlm_head", ["fusion_encoder", "text_encoder"])
+@pytest.mark.parametrize("copies", [True, False], ids=["with_momentum_copies", "without"])
+def test_authors_complete_pretrained_file_loads_strictly(mlm_head, copies):
+    config = MPLUGConfig.tiny()
+    model = MPLUG(config)
+    if copies:
+        model.add_momentum_copies()
+    shapes, ours = authors_layout(config, "pretrained", momentum=True, mlm_head=mlm_head)
+    if not copies:
+        ours = {key: None if key.split(".")[0].endswith("_m") else mapped for key, mapped in ours.items()}
+    state = random_state(shapes)
+    result = load_official_checkpoint(model, state, strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert sorted(result.ignored_keys) == sorted(key for key, mapped in ours.items() if mapped is None)
+    assert_loaded(model, state, ours)
+    assert model.mlm_head.decoder.weight is model.text_encoder.embeddings.word_embeddings.weight
+    filled = {mapped for mapped in ours.values() if mapped is not None}
+    tied = {key for key in model.state_dict() if key.endswith("predictions.decoder.weight") or "mlm_head" in key and "decoder" in key}
+    assert set(model.state_dict()) - filled - tied == {"image_queue", "text_queue", "idx_queue", "queue_ptr"}
+
+
+@pytest.mark.parametrize("layout", ["vqa", "caption", "retrieval"])
+@pytest.mark.parametrize("momentum", [True, False], ids=["distilled", "plain"])
+def test_authors_finetuned_files_load_strictly_for_their_task(layout, momentum):
+    config = MPLUGConfig.tiny()
+    model = MPLUG(config).add_momentum_copies()
+    untouched = {key: value.clone() for key, value in model.state_dict().items()}
+    shapes, ours = authors_layout(config, layout, momentum)
+    state = random_state(shapes, seed=1)
+    result = load_official_checkpoint(model, state, strict=True, task=layout)
+    assert result.unexpected_keys == [] and result.missing_keys == []
+    assert_loaded(model, state, ours)
+    loaded = model.state_dict()
+    filled = {mapped for mapped in ours.values() if mapped is not None}
+    for key, value in loaded.items():
+        head, _, rest = key.partition(".")
+        if key in filled or key.endswith("predictions.decoder.weight") or key.startswith(("mlm_head.decoder", "mlm_head_m.decoder")):
+            continue  # loaded, or a tied alias of a loaded embedding
+        if head.endswith("_m"):  # momentum weights the file lacks follow the loaded online ones
+            torch.testing.assert_close(value, loaded[f"{head[:-2]}.{rest}"], atol=0, rtol=0)
+        else:
+            assert torch.equal(value, untouched[key]), key
+    with pytest.raises(RuntimeError, match="missing keys"):
+        load_official_checkpoint(MPLUG(config), state, strict=True, task="vqa" if layout != "vqa" else None)
+
+
+def test_unknown_task_is_named():
+    with pytest.raises(ValueError, match="task must be None or one of"):
+        load_official_checkpoint(MPLUG(MPLUGConfig.tiny()), {}, task="grounding")
 
 
 def assert_loaded(model, state, ours):
@@ -149,7 +321,7 @@ def test_official_layout_loads_every_parameter(pretrained, wrapper):
     assert_loaded(model, state, ours)
     covered = {key for key in ours.values() if key is not None}
     tied = {"text_decoder.cls.predictions.decoder.weight", "mlm_head.decoder.weight"}
-    assert set(model.state_dict()) - covered - tied - {"image_queue", "text_queue", "queue_ptr"} == set(expected_missing)
+    assert set(model.state_dict()) - covered - tied - {"image_queue", "text_queue", "idx_queue", "queue_ptr"} == set(expected_missing)
 
 
 def test_tied_heads_follow_their_embeddings():
