@@ -112,13 +112,17 @@ def mask_tokens(
     probability: float = 0.15,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking of ids [B, L]: each attended non-special token is picked with ``probability``; picked ones become
-    [MASK] (80%), a random token (10%) or stay (10%) -> (masked ids [B, L], labels [B, L], -100 where not picked)."""
+    """BERT masking of ids [B, L]: each attended non-special token is picked with ``probability`` (a row with such
+    tokens but no pick gets its lowest-drawn one, so no row is left without a label); picked ones become [MASK] (80%),
+    a random token (10%) or stay (10%) -> (masked ids [B, L], labels [B, L], -100 where not picked)."""
     if not 0.0 < probability < 1.0:
         raise ValueError(f"mlm probability must be in (0, 1), got {probability}")
     draws = torch.rand((3,) + tuple(input_ids.shape), generator=generator, device=input_ids.device)
     candidates = attention_mask & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))
     picked = candidates & (draws[0] < probability)
+    unpicked_rows = candidates.any(1) & ~picked.any(1)
+    first_draw = draws[0].masked_fill(~candidates, 2.0).argmin(1, keepdim=True)
+    picked = picked | (torch.zeros_like(picked).scatter(1, first_draw, True) & unpicked_rows[:, None])
     labels = input_ids.masked_fill(~picked, IGNORE_INDEX)
     to_mask = picked & (draws[1] < 0.8)
     to_random = picked & ~to_mask & (draws[2] < 0.5)

@@ -126,6 +126,24 @@ def test_mask_tokens_statistics_and_bookkeeping():
     assert (masked >= 0).all() and (masked < 1000).all()
 
 
+def test_every_row_with_a_maskable_token_gets_a_label():
+    """At probability 0.01 most rows draw no token; each still gets exactly one, uniform over its words, and a row of
+    only special tokens gets none."""
+    ids = torch.tensor([[CLS, 500, 501, 502, 503, SEP, PAD]] * 4000 + [[CLS, SEP, PAD, PAD, PAD, PAD, PAD]])
+    mask = ids != PAD
+    _, labels = mask_tokens(
+        ids, mask, vocab_size=1000, mask_token_id=MASK, special_ids=[CLS, SEP, PAD], probability=0.01,
+        generator=torch.Generator().manual_seed(3),
+    )
+    picked = labels != IGNORE_INDEX
+    assert not picked[-1].any()
+    counts = picked[:-1].sum(1)
+    assert (counts >= 1).all() and (counts == 1).double().mean() > 0.9
+    single = picked[:-1][counts == 1]
+    frequency = single.double().mean(0)[1:5]
+    torch.testing.assert_close(frequency, torch.full((4,), 0.25, dtype=torch.float64), atol=0.03, rtol=0)
+
+
 def test_mask_tokens_is_reproducible_with_a_generator():
     ids, mask = texts(8, 20, seed=1)
     settings = dict(vocab_size=1000, mask_token_id=MASK, special_ids=[CLS, SEP, PAD])
