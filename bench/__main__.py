@@ -1,9 +1,13 @@
 """``python -m bench``: the paper's efficiency claim on this machine, then what our kernels add.
 
-Times mPLUG's fusion network in its three variants (skip, connected, coattn) across Lv in {257, 577, 901, 1025}
-(Lt = 25), forward and training step, on every available attention backend; then the full-model rows (training
-step, VQA generation). Prints the tables and writes JSON + PNG under --json-dir (default bench/out/).
-On the CPU the batch is scaled down automatically (the tables say which device and batch were used).
+Times mPLUG's fusion network in its three variants (skip, connected, coattn), Lt = 25, forward and training
+step, on every available attention backend, then the full-model rows (training step, VQA generation, fused
+vs eager). Every cell is timed by bench.common.measure (warm-up, interleaved repeats, paired ratios, spread).
+- default on a GPU: the full grid (Lv 257, 577, 901, 1025) at batch 64 in bfloat16;
+- default on the CPU: the cells that carry the claim (Lv 577 and 1025, reference vs sdpa, batch 1, float32)
+  and the VQA-generation model row (batch 1, image 224), a few minutes on 2 cores;
+- ``--full``: the whole grid on any device; ``--quick``: a ~20 s smoke run on the tiny model.
+Prints the expected duration first, then the tables; writes JSON + PNG under --json-dir (default bench/out/).
 """
 from __future__ import annotations
 
@@ -13,56 +17,82 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from bench import fusion, model_bench, report
-from bench.common import RESULTS_DIR, benchmark_parser, default_device, parse_benchmark_args, quick_mode, write_results
+from bench.common import RESULTS_DIR, Run, TimingPolicy, benchmark_parser, default_device, parse_benchmark_args, write_results
 
 QUICK_VISION_LENS = (17, 33)
+CPU_DEFAULT_VISION_LENS = (577, 1025)
+CPU_DEFAULT_MODEL_TASKS = ("vqa_generate",)
+CPU_DEFAULT_IMAGE_SIZE = 224
+CPU_DEFAULT_MODEL_BATCH = 1
+QUICK_EXPECTED = "about 20 s"
 OTHER_KERNEL_BENCHMARKS = ("bench_concat_attention", "bench_fusion_layers")
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]], device: torch.device) -> argparse.Namespace:
     parser = benchmark_parser("python -m bench", __doc__)
+    parser.add_argument("--full", action="store_true", help="the whole grid (the default on a GPU)")
     parser.add_argument("--config", choices=sorted(fusion.CONFIGS), default=None, help="model size (default base; tiny with --quick)")
     parser.add_argument("--batch", type=int, default=None, help="fusion batch (default 64 on a GPU, 1 on the CPU)")
     parser.add_argument("--model-batch", type=int, default=None, help="full-model batch (default 32 on a GPU, 2 on the CPU)")
-    parser.add_argument("--vision-lens", type=int, nargs="+", default=None, help=f"Lv values (default {fusion.VISION_LENS})")
+    parser.add_argument("--vision-lens", type=int, nargs="+", default=None, help="Lv values (default: by mode and device)")
     parser.add_argument("--text-len", type=int, default=fusion.TEXT_LEN)
     parser.add_argument("--variants", nargs="+", choices=fusion.VARIANTS, default=fusion.VARIANTS)
     parser.add_argument("--passes", nargs="+", choices=fusion.PASSES, default=fusion.PASSES)
     parser.add_argument("--no-model", action="store_true", help="skip the full-model rows")
     parser.add_argument("--all", action="store_true", help="also run the kernel benchmarks (the whole suite, one call)")
     args = parse_benchmark_args(parser, argv)
-    args.quick = args.quick or quick_mode()
+    args.mode = "quick" if args.quick else ("full" if args.full or device.type == "cuda" else "default")
     args.config = args.config or ("tiny" if args.quick else "base")
-    args.vision_lens = args.vision_lens or (QUICK_VISION_LENS if args.quick else fusion.VISION_LENS)
+    default_lens = {"quick": QUICK_VISION_LENS, "full": fusion.VISION_LENS, "default": CPU_DEFAULT_VISION_LENS}[args.mode]
+    args.vision_lens = args.vision_lens or default_lens
+    args.model_tasks = CPU_DEFAULT_MODEL_TASKS if args.mode == "default" else model_bench.TASKS
+    args.model_image_size = CPU_DEFAULT_IMAGE_SIZE if args.mode == "default" else None
+    if args.mode == "default":
+        args.model_batch = args.model_batch or CPU_DEFAULT_MODEL_BATCH
     args.json_dir = Path(args.json_dir or RESULTS_DIR)
-    if args.quick:
-        args.min_run_time = min(args.min_run_time, 0.02)
     return args
 
 
-def run_fusion(args, device) -> Path:
+def expected_duration(device: torch.device, mode: str) -> str:
+    """What this run should take: the wall time of the committed run of the same mode on the same kind of device."""
+    if mode == "quick":
+        return QUICK_EXPECTED
+    walls = [payload["environment"]["wall_s"] for payload in report.committed_payloads()
+             if payload["environment"].get("device_type") == device.type and payload.get("mode") == mode
+             and payload.get("benchmark") in ("fusion", "model")]
+    if not walls:
+        return f"unknown (no committed {mode} run on a {device.type} under {report.RESULTS_ROOT.name}/)"
+    return f"about {sum(walls) / 60:.1f} min (the committed {mode} run on a {device.type}; more on a loaded machine)"
+
+
+def run_fusion(args, device, policy) -> Path:
     """The fusion-variant benchmark: JSON, PNG, table."""
-    rows, extra = fusion.run(device, args.config, args.batch, args.vision_lens, args.text_len, args.backends,
-                             args.variants, args.passes, args.min_run_time)
-    path = write_results("fusion", device, rows, args.json_dir, **extra)
+    run = Run(device, policy)
+    rows, ratios, extra = fusion.run(device, policy, args.config, args.batch, args.vision_lens, args.text_len,
+                                     args.backends, args.variants, args.passes)
+    path = write_results("fusion", run, rows, args.json_dir, ratios, mode=args.mode, **extra)
     payload = report.load(path)
     report.plot_fusion(payload, path.with_suffix(".png"))
-    print(report.fusion_table(payload) + "\n")
+    print(report.fusion_table(payload) + "\n", flush=True)
     return path
 
 
-def run_model(args, device) -> Path:
+def run_model(args, device, policy) -> Path:
     """The full-model rows: JSON and table."""
-    rows, extra = model_bench.run(device, args.config, args.model_batch, args.min_run_time)
-    path = write_results("model", device, rows, args.json_dir, **extra)
-    print(report.model_table(report.load(path)) + "\n")
+    run = Run(device, policy)
+    rows, ratios, extra = model_bench.run(device, policy, args.config, args.model_batch, args.model_image_size, args.model_tasks)
+    path = write_results("model", run, rows, args.json_dir, ratios, mode=args.mode, **extra)
+    print(report.model_table(report.load(path)) + "\n", flush=True)
     return path
 
 
 def run_kernels(args) -> None:
     """The kernel benchmarks, each as its own process writing into the same folder."""
     flags = (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
+    flags += ["--budget", str(args.budget)] if args.budget is not None else []
     names = ["bench_co_attention"] + [n for n in OTHER_KERNEL_BENCHMARKS if (Path(__file__).parent / f"{n}.py").exists()]
     for name in names:
         print(f"== python -m bench.{name}", flush=True)
@@ -71,12 +101,16 @@ def run_kernels(args) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the main job; returns the exit status."""
-    args = parse_args(argv)
     device = default_device()
-    print(f"device {device} | config {args.config} | results in {args.json_dir}", flush=True)
-    written = [run_fusion(args, device)]
+    args = parse_args(argv, device)
+    policy = TimingPolicy.for_device(device, args.budget)
+    cells = len(args.vision_lens) * len(args.passes) * len(args.variants)
+    print(f"device {device} | mode {args.mode} | config {args.config} | Lv {list(args.vision_lens)} | {cells} fusion cells "
+          f"per backend, each one profiled warm-up + {policy.min_repeats}..{policy.max_repeats} repeats | "
+          f"expected duration: {expected_duration(device, args.mode)} | results in {args.json_dir}", flush=True)
+    written = [run_fusion(args, device, policy)]
     if not args.no_model:
-        written.append(run_model(args, device))
+        written.append(run_model(args, device, policy))
     if args.all:
         run_kernels(args)
     print("wrote " + ", ".join(str(p) for p in written) + f" and {written[0].with_suffix('.png')}")

@@ -16,11 +16,14 @@ import torch
 
 from bench.common import (
     Grids,
+    TimingPolicy,
     bench_dtype,
+    fastest_per_round,
     kernel_benchmark_cli,
+    measure,
     measured_bandwidth_gbs,
+    paired_ratio,
     progress,
-    time_ms,
     write_results,
 )
 from mplug_kernels import co_attention
@@ -148,68 +151,104 @@ def pass_functions(runner: Runner, shape: Shape, dtype: torch.dtype, device: tor
 
 
 def derived_metrics(shape: Shape, pass_name: str, ms: float, element_size: int, bandwidth_gbs: Optional[float]) -> dict:
-    """TFLOP/s, GB/s and the fraction of the measured HBM bandwidth for one timing."""
+    """TFLOP/s, GB/s and the fraction of the measured HBM bandwidth at a median time of ms."""
     gbs = shape.bytes_moved(pass_name, element_size) / (ms * 1e-3) / 1e9
     return {
-        f"{pass_name}_ms": ms,
-        f"{pass_name}_tflops": shape.flops(pass_name) / (ms * 1e-3) / 1e12,
-        f"{pass_name}_gbs": gbs,
-        f"{pass_name}_hbm_fraction": gbs / bandwidth_gbs if bandwidth_gbs else None,
+        "tflops": shape.flops(pass_name) / (ms * 1e-3) / 1e12,
+        "gbs": gbs,
+        "hbm_fraction": gbs / bandwidth_gbs if bandwidth_gbs else None,
     }
 
 
-def measure(runner: Runner, shape: Shape, dtype: torch.dtype, device: torch.device, bandwidth_gbs, min_run_time: float) -> dict:
-    """One result row: every pass's timing and derived metrics (an out-of-memory pass is recorded as an error)."""
-    row = {"op": "co_attention", "backend": runner.name, "dtype": str(dtype).replace("torch.", ""), **asdict(shape)}
-    element_size = torch.empty((), dtype=dtype).element_size()
-    try:
-        functions = pass_functions(runner, shape, dtype, device)
+def _in_context(runner: Runner, function: Callable[[], object]) -> Callable[[], object]:
+    def run():
         with runner.context():
-            for pass_name in PASSES:
-                ms = time_ms(functions[pass_name], device, min_run_time=min_run_time)
-                row.update(derived_metrics(shape, pass_name, ms, element_size, bandwidth_gbs))
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
-        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-    return row
+            return function()
+
+    return run
+
+
+def time_runners(
+    runners: Sequence[Runner],
+    functions_of: Callable[[Runner], Dict[str, Callable[[], object]]],
+    base_row: dict,
+    metrics_shape: Shape,
+    dtype: torch.dtype,
+    device: torch.device,
+    bandwidth_gbs: Optional[float],
+    policy: TimingPolicy,
+) -> Tuple[List[dict], List[dict]]:
+    """(rows, ratio rows) of one shape: every runner x pass timed interleaved; each runner / the fastest SDPA kernel
+    of the same round (per pass). A runner that cannot build its inputs gets error rows."""
+    functions, errors = {}, {}
+    for runner in runners:
+        try:
+            with runner.context():
+                passes = functions_of(runner)
+        except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as error:
+            errors[runner.name] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            continue
+        functions.update({(runner.name, name): _in_context(runner, passes[name]) for name in PASSES})
+    timings = measure(functions, device, policy)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    rows, ratios = [], []
+    for runner, pass_name in itertools.product(runners, PASSES):
+        row = {**base_row, "backend": runner.name, "pass": pass_name}
+        timing = timings.get((runner.name, pass_name))
+        if timing is None or timing.error is not None:
+            rows.append(row | {"error": errors.get(runner.name) or timing.error})
+            continue
+        rows.append(row | timing.row() | derived_metrics(metrics_shape, pass_name, timing.median, element_size, bandwidth_gbs))
+    for pass_name in PASSES:
+        best_sdpa = fastest_per_round([t for (name, p), t in timings.items() if p == pass_name and name.startswith("sdpa")])
+        for (name, p), timing in timings.items():
+            ratio = paired_ratio(timing, best_sdpa) if best_sdpa and p == pass_name and not name.startswith("sdpa") else None
+            if ratio is not None:
+                ratios.append({**base_row, "ratio": f"{name}/best sdpa", "backend": name, "pass": pass_name, **ratio.row()})
+    return rows, ratios
 
 
 def run(
     device: torch.device,
     grid: Dict[str, Sequence[int]],
+    policy: TimingPolicy,
     backends: Optional[Sequence[str]] = None,
-    min_run_time: float = 0.2,
-) -> Tuple[List[dict], dict]:
-    """(rows, extra JSON fields) for every shape of the grid and every available backend."""
+) -> Tuple[List[dict], List[dict], dict]:
+    """(rows, ratio rows, extra JSON fields) for every shape of the grid and every available backend."""
     dtype = bench_dtype(device)
     runners, skipped = available_runners(device, dtype, backends)
     bandwidth = measured_bandwidth_gbs(device)
-    cases = list(itertools.product(grid_shapes(grid), runners))
-    rows = [
-        measure(runner, shape, dtype, device, bandwidth, min_run_time)
-        for shape, runner in progress(cases, "co_attention")
-    ]
+    rows, ratios = [], []
+    for shape in progress(grid_shapes(grid), "co_attention"):
+        base = {"op": "co_attention", "dtype": str(dtype).replace("torch.", ""), **asdict(shape)}
+        shape_rows, shape_ratios = time_runners(
+            runners, lambda runner: pass_functions(runner, shape, dtype, device), base, shape, dtype, device, bandwidth, policy)
+        rows += shape_rows
+        ratios += shape_ratios
     extra = {
         "benchmark": "co_attention",
         "grid": {key: list(values) for key, values in grid.items()} | {"heads": HEADS, "head_dim": HEAD_DIM},
         "dtype": str(dtype).replace("torch.", ""),
+        "resolved_backends": [runner.name for runner in runners],
         "hbm_bandwidth_gbs": bandwidth,
         "skipped_backends": skipped,
         "counting": {
             "flops": "fwd 4*B*H*Lq*Lk*D (QK^T, PV); bwd 2.5x fwd (five GEMMs)",
             "bytes": "fwd q, k, v, out once; bwd q, k, v, out, dout, dq, dk, dv once",
             "hbm_fraction": "GB/s over the measured device-to-device copy bandwidth",
+            "derived": "TFLOP/s, GB/s and % HBM at the median time",
         },
     }
-    return rows, extra
+    return rows, ratios, extra
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: run the grid, write co_attention.json and co_attention.png, print the table."""
     from bench import report
 
-    args, device, grid = kernel_benchmark_cli("bench.bench_co_attention", __doc__, GRIDS, argv)
-    rows, extra = run(device, grid, args.backends, args.min_run_time)
-    path = write_results("co_attention", device, rows, args.json_dir, **extra)
+    args, device, grid, run_record = kernel_benchmark_cli("bench.bench_co_attention", __doc__, GRIDS, argv)
+    rows, ratios, extra = run(device, grid, run_record.policy, args.backends)
+    path = write_results("co_attention", run_record, rows, args.json_dir, ratios, **extra)
     payload = report.load(path)
     report.plot_kernel(payload, path.with_suffix(".png"))
     print(report.kernel_table(payload))

@@ -14,17 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from bench.bench_co_attention import HEAD_DIM, HEADS, PASSES, SDPA_KERNELS, Runner, Shape, derived_metrics
-from bench.common import (
-    Grids,
-    bench_dtype,
-    kernel_benchmark_cli,
-    measured_bandwidth_gbs,
-    peak_memory_mb,
-    progress,
-    time_ms,
-    write_results,
-)
+from bench.bench_co_attention import HEAD_DIM, HEADS, SDPA_KERNELS, Runner, Shape, time_runners
+from bench.common import Grids, TimingPolicy, bench_dtype, kernel_benchmark_cli, measured_bandwidth_gbs, progress, write_results
 from mplug_kernels import concat_attention
 from mplug_kernels.backends import BACKENDS, AttentionCall
 from mplug_kernels.backends.triton import interpreter_on
@@ -129,35 +120,26 @@ def pass_functions(runner: Runner, shape: ConcatShape, dtype, device):
     return {"fwd": forward, "bwd": backward, "fwd_bwd": forward_backward}
 
 
-def measure(runner: Runner, shape: ConcatShape, dtype, device, bandwidth_gbs, min_run_time: float) -> dict:
-    """One row: timings, derived metrics and peak memory per pass (errors recorded, e.g. flash takes no mask)."""
-    total = shape.total()
-    row = {"op": "concat_attention", "use": shape.use, "backend": runner.name, "dtype": str(dtype).replace("torch.", ""),
-           "batch": shape.batch, "heads": HEADS, "head_dim": HEAD_DIM, "q_len": total.q_len, "k_len": total.k_len,
-           "q_lens": list(shape.q_lens), "k_lens": list(shape.k_lens)}
-    try:
-        functions = pass_functions(runner, shape, dtype, device)
-        with runner.context():
-            for pass_name in PASSES:
-                ms = time_ms(functions[pass_name], device, min_run_time=min_run_time)
-                row.update(derived_metrics(total, pass_name, ms, dtype.itemsize, bandwidth_gbs))
-                row[f"{pass_name}_peak_mb"] = peak_memory_mb(functions[pass_name], device)
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
-        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-    return row
-
-
-def run(device, grid, backends=None, min_run_time: float = 0.2) -> Tuple[List[dict], dict]:
-    """(rows, extra JSON fields) for every shape and runner."""
+def run(device, grid, policy: TimingPolicy, backends=None) -> Tuple[List[dict], List[dict], dict]:
+    """(rows, ratio rows, extra JSON fields) for every shape and runner (runners of one shape interleaved)."""
     dtype = bench_dtype(device)
     runners, skipped = available_runners(device, dtype, backends)
     bandwidth = measured_bandwidth_gbs(device)
-    cases = list(itertools.product(grid_shapes(grid), runners))
-    rows = [measure(r, s, dtype, device, bandwidth, min_run_time) for s, r in progress(cases, "concat_attention")]
+    rows, ratios = [], []
+    for shape in progress(grid_shapes(grid), "concat_attention"):
+        total = shape.total()
+        base = {"op": "concat_attention", "use": shape.use, "dtype": str(dtype).replace("torch.", ""), "batch": shape.batch,
+                "heads": HEADS, "head_dim": HEAD_DIM, "q_len": total.q_len, "k_len": total.k_len,
+                "q_lens": list(shape.q_lens), "k_lens": list(shape.k_lens)}
+        shape_rows, shape_ratios = time_runners(
+            runners, lambda runner: pass_functions(runner, shape, dtype, device), base, total, dtype, device, bandwidth, policy)
+        rows += shape_rows
+        ratios += shape_ratios
     extra = {
         "benchmark": "concat_attention",
         "grid": {key: list(values) for key, values in grid.items()} | {"heads": HEADS, "head_dim": HEAD_DIM, "text_len": TEXT_LEN},
         "dtype": str(dtype).replace("torch.", ""),
+        "resolved_backends": [runner.name for runner in runners],
         "hbm_bandwidth_gbs": bandwidth,
         "skipped_backends": skipped,
         "counting": {
@@ -166,16 +148,16 @@ def run(device, grid, backends=None, min_run_time: float = 0.2) -> Tuple[List[di
             "baseline": "sdpa[...] rows run torch.cat of the key/value sources, then that SDPA kernel",
         },
     }
-    return rows, extra
+    return rows, ratios, extra
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: run the grid, write concat_attention.json, print the table."""
     from bench import report
 
-    args, device, grid = kernel_benchmark_cli("bench.bench_concat_attention", __doc__, GRIDS, argv)
-    rows, extra = run(device, grid, args.backends, args.min_run_time)
-    path = write_results("concat_attention", device, rows, args.json_dir, **extra)
+    args, device, grid, run_record = kernel_benchmark_cli("bench.bench_concat_attention", __doc__, GRIDS, argv)
+    rows, ratios, extra = run(device, grid, run_record.policy, args.backends)
+    path = write_results("concat_attention", run_record, rows, args.json_dir, ratios, **extra)
     print(report.kernel_table(report.load(path)))
     print(f"\nwrote {path}")
     return 0

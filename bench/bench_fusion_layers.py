@@ -12,20 +12,12 @@ On the CPU the batch and lengths are scaled down (the JSON says which device and
 """
 from __future__ import annotations
 
-import itertools
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from bench.common import (
-    Grids,
-    bench_dtype,
-    kernel_benchmark_cli,
-    peak_memory_mb,
-    progress,
-    time_ms,
-    write_results,
-)
+from bench.common import Grids, TimingPolicy, bench_dtype, kernel_benchmark_cli, measure, paired_ratio, progress, write_results
+from mplug_kernels.backends import AttentionCall, select_backend
 from mplug_kernels.nn import CoAttention, CoAttentionStack, ConnectedAttention
 from mplug_kernels.nn.connected_attention import concatenated_connected_attention
 
@@ -46,8 +38,8 @@ def make_inputs(batch: int, vision_len: int, text_len: int, dtype, device, seed:
     return tensor(vision_len), tensor(text_len), (torch.arange(text_len)[None, :] < kept[:, None]).to(device)
 
 
-def measure(run: Callable[[], Sequence[torch.Tensor]], grad_inputs: Optional[List[torch.Tensor]], device, min_run_time) -> dict:
-    """fwd (no grad) and, given grad_inputs, fwd_bwd timings and peak memory of run() -> outputs."""
+def pass_functions(run: Callable[[], Sequence[torch.Tensor]], grad_inputs: Optional[List[torch.Tensor]]) -> Dict[str, Callable]:
+    """{'fwd': no-grad run(), 'fwd_bwd': run() and the gradients of grad_inputs} (fwd only without grad_inputs)."""
     def forward():
         with torch.no_grad():
             return run()
@@ -56,17 +48,7 @@ def measure(run: Callable[[], Sequence[torch.Tensor]], grad_inputs: Optional[Lis
         outs = run()
         return torch.autograd.grad(outs, grad_inputs, [torch.ones_like(o) for o in outs], allow_unused=True)
 
-    functions = {"fwd": forward, "fwd_bwd": forward_backward if grad_inputs is not None else None}
-    row = {}
-    for name, function in functions.items():
-        if function is None:
-            continue
-        try:
-            row[f"{name}_ms"] = time_ms(function, device, min_run_time=min_run_time)
-            row[f"{name}_peak_mb"] = peak_memory_mb(function, device)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
-            row[f"{name}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-    return row
+    return {"fwd": forward, "fwd_bwd": forward_backward} if grad_inputs is not None else {"fwd": forward}
 
 
 def connected_variants(backend: str, dtype, device, batch, vision_len):
@@ -101,7 +83,7 @@ def stack_variants(backend: str, dtype, device, batch, vision_len, text_len=TEXT
         (f"per-layer projection (ours[{backend}])", backend, "project", False),
         (f"hoisted K/V (ours[{backend}])", backend, "project", True),
         ("absorbed K/V (ours)", backend, "absorb", True),
-        (f"auto (ours[{backend}])", backend, "auto", True),
+        (f"auto K/V strategy (ours[{backend}])", backend, "auto", True),
     ]:
         layers = _layers(count, layer_backend, strategy, dtype, device)
         stack = CoAttentionStack(layers)
@@ -122,25 +104,24 @@ def absorb_variants(backend: str, dtype, device, batch, vision_len, q_len):
     return stack_variants(backend, dtype, device, batch, vision_len, text_len=q_len, count=1)
 
 
-def _with_speedups(rows: List[dict], baseline: str) -> List[dict]:
-    """Add, per pass, baseline ms / row ms for rows of the same section and shape."""
-    key = lambda row: (row["section"], row["batch"], row["q_len"], row["k_len"])
-    base = {key(row): row for row in rows if row["backend"] == baseline}
-    for row in rows:
-        reference = base.get(key(row), {})
-        for name in PASSES:
-            if row.get(f"{name}_ms") and reference.get(f"{name}_ms"):
-                row[f"{name}_speedup_vs_baseline"] = reference[f"{name}_ms"] / row[f"{name}_ms"]
+def _ratio_rows(timings: dict, base_row: dict, baseline: str) -> List[dict]:
+    """Per pass, each variant's ms over the baseline's ms, paired per round."""
+    rows = []
+    for (name, pass_name), timing in timings.items():
+        reference = timings.get((baseline, pass_name))
+        ratio = paired_ratio(timing, reference) if reference is not None and name != baseline else None
+        if ratio is not None:
+            rows.append({**base_row, "ratio": f"{name}/{baseline}", "backend": name, "pass": pass_name, **ratio.row()})
     return rows
 
 
-def run(device, grid, backend: str = "auto", min_run_time: float = 0.2) -> Tuple[List[dict], dict]:
-    """(rows, extra JSON fields): the three sections over the grid."""
+def run(device, grid, policy: TimingPolicy, backend: str) -> Tuple[List[dict], List[dict], dict]:
+    """(rows, ratio rows, extra JSON fields): the three sections over the grid; the variants of a case interleaved."""
     dtype = bench_dtype(device)
     batch = grid["batch"]
     cases = [("connected", lv, TEXT_LEN) for lv in grid["vision_lens"]] + [("stack", lv, TEXT_LEN) for lv in grid["vision_lens"]]
     cases += [("absorb", max(grid["vision_lens"]), q_len) for q_len in grid["absorb_q_lens"]]
-    rows = []
+    rows, ratios = [], []
     for section, vision_len, q_len in progress(cases, "fusion layers"):
         if section == "connected":
             variants = connected_variants(backend, dtype, device, batch, vision_len)
@@ -148,44 +129,51 @@ def run(device, grid, backend: str = "auto", min_run_time: float = 0.2) -> Tuple
             variants = stack_variants(backend, dtype, device, batch, vision_len)
         else:
             variants = absorb_variants(backend, dtype, device, batch, vision_len, q_len)
-        for name, (function, grad_inputs) in variants.items():
-            row = {"op": f"fusion_layers:{section}", "section": section, "backend": name, "dtype": str(dtype).replace("torch.", ""),
-                   "batch": batch, "heads": HEADS, "head_dim": HIDDEN // HEADS, "q_len": q_len, "k_len": vision_len}
-            rows.append(row | measure(function, grad_inputs, device, min_run_time))
-    rows = _with_speedups([r for r in rows if r["section"] == "connected"], "torch.cat+sdpa") + _with_speedups(
-        [r for r in rows if r["section"] != "connected"], "per-layer projection (sdpa)")
+        functions = {(name, pass_name): function for name, (run_variant, grad_inputs) in variants.items()
+                     for pass_name, function in pass_functions(run_variant, grad_inputs).items()}
+        timings = measure(functions, device, policy)
+        base = {"op": f"fusion_layers:{section}", "section": section, "dtype": str(dtype).replace("torch.", ""),
+                "batch": batch, "heads": HEADS, "head_dim": HIDDEN // HEADS, "q_len": q_len, "k_len": vision_len}
+        rows += [{**base, "backend": name, "pass": pass_name, **timing.row()} for (name, pass_name), timing in timings.items()]
+        ratios += _ratio_rows(timings, base, "torch.cat+sdpa" if section == "connected" else "per-layer projection (sdpa)")
     extra = {
         "benchmark": "fusion_layers",
         "grid": dict(grid) | {"hidden": HIDDEN, "heads": HEADS, "ffn": FFN, "text_len": TEXT_LEN, "stack_layers": STACK_LAYERS},
         "dtype": str(dtype).replace("torch.", ""),
-        "backend": backend,
+        "ours_backend": backend,
+        "resolved_backends": sorted({name for row in rows for name in row.get("attention_backends", [])}),
         "notes": {
             "connected": "baseline: torch.cat([v; t]) + projections + SDPA (default kernel choice) + FFN, same weights",
             "stack": "three cross-attention blocks (no text self-attention/FFN); text chained; q_len = Lt, k_len = Lv",
             "absorb": "one cross-attention block; 'cached K/V reused' excludes the projection (forward only)",
-            "speedup": "baseline ms / row ms per pass: torch.cat+sdpa (connected), per-layer projection (sdpa) otherwise",
+            "ratios": "variant ms / baseline ms per round: torch.cat+sdpa (connected), per-layer projection (sdpa) otherwise",
         },
     }
-    return rows, extra
+    return rows, ratios, extra
 
 
-def table(rows: List[dict]) -> str:
-    """Markdown table of the rows."""
-    from bench.report import markdown_table
+def table(payload: dict) -> str:
+    """Markdown table of the rows: median [min-max] ms, the ratio to the section's baseline, peak memory."""
+    from bench.report import environment_line, markdown_table, memory_cell, ratio_cell, timing_cell
 
-    header = ["section", "B", "Lq", "Lv", "variant", "fwd ms", "fwd x", "fwd MiB", "fwd+bwd ms", "fwd+bwd x", "fwd+bwd MiB"]
-    body = [[r["section"], r["batch"], r["q_len"], r["k_len"], r["backend"], r.get("fwd_ms"), r.get("fwd_speedup_vs_baseline"),
-             r.get("fwd_peak_mb"), r.get("fwd_bwd_ms"), r.get("fwd_bwd_speedup_vs_baseline"), r.get("fwd_bwd_peak_mb")] for r in rows]
-    return markdown_table(header, body)
+    ratios = {(r["section"], r["q_len"], r["k_len"], r["backend"], r["pass"]): r for r in payload["ratios"]}
+    header = ["section", "B", "Lq", "Lv", "variant", "pass", "ms median [min-max]", "ms / baseline", "peak MiB"]
+    body = [[r["section"], r["batch"], r["q_len"], r["k_len"], r["backend"], r["pass"], timing_cell(r, digits=3),
+             ratio_cell(ratios.get((r["section"], r["q_len"], r["k_len"], r["backend"], r["pass"]))), memory_cell(r)]
+            for r in payload["rows"]]
+    return f"fusion layers ({payload['dtype']}); {environment_line(payload)}\n\n{markdown_table(header, body)}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: run the three sections, write fusion_layers.json, print the table."""
-    args, device, grid = kernel_benchmark_cli("bench.bench_fusion_layers", __doc__, GRIDS, argv)
-    backend = args.backends[0] if args.backends else "auto"
-    rows, extra = run(device, grid, backend, args.min_run_time)
-    path = write_results("fusion_layers", device, rows, args.json_dir, **extra)
-    print(table(rows))
+    from bench import report
+
+    args, device, grid, run_record = kernel_benchmark_cli("bench.bench_fusion_layers", __doc__, GRIDS, argv)
+    call = AttentionCall(device.type, bench_dtype(device), HIDDEN // HEADS, 2, True, True, False)
+    backend = args.backends[0] if args.backends else select_backend("auto", call).name
+    rows, ratios, extra = run(device, grid, run_record.policy, backend)
+    path = write_results("fusion_layers", run_record, rows, args.json_dir, ratios, **extra)
+    print(table(report.load(path)))
     print(f"\nwrote {path}")
     return 0
 

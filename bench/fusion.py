@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from bench.common import bench_dtype, peak_memory_mb, progress, time_ms
+from bench.common import Timing, TimingPolicy, bench_dtype, measure, paired_ratio, progress
 from bench.report import PAPER_MS_PER_100
 from mplug import MPLUGConfig
 from mplug.fusion import FusionEncoder
@@ -127,6 +127,13 @@ def build_fusion(config: MPLUGConfig, variant: str, backend: str, device: torch.
     return FusionEncoder(config.replace(fusion=variant, attn_backend=backend)).to(device=device, dtype=dtype)
 
 
+def use_backend(fusion: FusionEncoder, backend: str) -> None:
+    """Switch every attention layer of fusion to backend (what MPLUG.set_attn_backend does for the whole model)."""
+    for module in fusion.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+
+
 def fusion_inputs(config: MPLUGConfig, batch: int, vision_len: int, text_len: int, device, dtype):
     """(image_embeds, image_mask, text_embeds, text_mask): random features, all-True bool masks as in the model."""
     generator = torch.Generator(device="cpu").manual_seed(1)
@@ -136,51 +143,59 @@ def fusion_inputs(config: MPLUGConfig, batch: int, vision_len: int, text_len: in
     return vision, ones(vision_len), text, ones(text_len)
 
 
-def step_function(fusion: FusionEncoder, inputs, pass_name: str) -> Callable[[], object]:
-    """A zero-argument callable running one forward (no grad) or one training step (forward + backward)."""
-    if pass_name == "forward":
-        fusion.eval()
+def step_function(fusion: FusionEncoder, inputs, pass_name: str, backend: Optional[str] = None) -> Callable[[], object]:
+    """A zero-argument callable running one forward (eval, no grad) or one training step (forward + backward),
+    switching fusion to backend first when one is given (so calls on several backends can interleave)."""
 
-        def forward():
-            with torch.no_grad():
-                return fusion(*inputs)
+    def prepare():
+        if backend is not None:
+            use_backend(fusion, backend)
+        fusion.train(pass_name == "train")
 
-        return forward
-    fusion.train()
+    def forward():
+        prepare()
+        with torch.no_grad():
+            return fusion(*inputs)
 
     def train_step():
+        prepare()
         fusion.zero_grad(set_to_none=True)
         vision, text = fusion(*inputs)
         (vision.float().mean() + text.float().mean()).backward()
 
-    return train_step
+    return forward if pass_name == "forward" else train_step
 
 
-def warm_up(fusion: FusionEncoder, config: MPLUGConfig, vision_len: int, text_len: int, device) -> None:
-    """One forward and one training step at batch 1, so the timed calls carry no one-time costs."""
-    inputs = fusion_inputs(config, 1, vision_len, text_len, device, next(fusion.parameters()).dtype)
-    for pass_name in PASSES:
-        step_function(fusion, inputs, pass_name)()
-
-
-def measure(fusion, config, variant, backend, batch, vision_len, text_len, pass_name, device, min_run_time) -> dict:
-    """One row: ms per batch, ms per 100 samples, samples/s, peak memory (an out-of-memory pass is recorded)."""
-    row = {"benchmark": "fusion", "variant": variant, "backend": backend, "pass": pass_name,
-           "batch": batch, "vision_len": vision_len, "text_len": text_len,
-           "gflops_per_sample": fusion_flops(config.replace(fusion=variant), vision_len, text_len) / 1e9}
-    dtype = next(fusion.parameters()).dtype
-    try:
-        step = step_function(fusion, fusion_inputs(config, batch, vision_len, text_len, device, dtype), pass_name)
-        ms = time_ms(step, device, min_run_time=min_run_time, warmed=True)
-        row.update(ms=ms, ms_per_100=ms * 100 / batch, samples_per_s=batch / (ms * 1e-3),
-                   peak_memory_mb=peak_memory_mb(step, device))
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
-        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+def _cell_row(config: MPLUGConfig, key: Tuple[str, str], timing: Timing, batch, vision_len, text_len, pass_name) -> dict:
+    """One timing row: the cell, its timing fields and the same per 100 samples."""
+    variant, backend = key
+    row = {"benchmark": "fusion", "variant": variant, "backend": backend, "pass": pass_name, "batch": batch,
+           "vision_len": vision_len, "text_len": text_len,
+           "gflops_per_sample": fusion_flops(config.replace(fusion=variant), vision_len, text_len) / 1e9, **timing.row()}
+    if timing.error is None:
+        per_100 = 100 / batch
+        row.update(ms_per_100_median=row["ms_median"] * per_100, ms_per_100_min=row["ms_min"] * per_100,
+                   ms_per_100_max=row["ms_max"] * per_100, samples_per_s=batch / (row["ms_median"] * 1e-3))
     return row
+
+
+def _ratio_rows(timings: Dict[Tuple[str, str], Timing], pass_name: str, vision_len: int) -> List[dict]:
+    """Per-round ratios of one (pass, Lv) group: connected/skip and coattn/skip per backend, backend/sdpa per variant."""
+    pairs = [(f"{variant}/skip", (variant, backend), ("skip", backend), {"backend": backend})
+             for variant, backend in timings if variant != "skip" and ("skip", backend) in timings]
+    pairs += [(f"{backend}/sdpa", (variant, backend), (variant, "sdpa"), {"variant": variant})
+              for variant, backend in timings if backend != "sdpa" and (variant, "sdpa") in timings]
+    rows = []
+    for name, numerator, denominator, fields in pairs:
+        ratio = paired_ratio(timings[numerator], timings[denominator])
+        if ratio is not None:
+            rows.append({"benchmark": "fusion", "ratio": name, "pass": pass_name, "vision_len": vision_len, **fields, **ratio.row()})
+    return rows
 
 
 def run(
     device: torch.device,
+    policy: TimingPolicy,
     config_name: str = "base",
     batch: Optional[int] = None,
     vision_lens: Sequence[int] = VISION_LENS,
@@ -188,22 +203,25 @@ def run(
     backends: Optional[Sequence[str]] = None,
     variants: Sequence[str] = VARIANTS,
     passes: Sequence[str] = PASSES,
-    min_run_time: float = 0.2,
-) -> Tuple[List[dict], dict]:
-    """(rows, extra JSON fields): every variant x backend x Lv x pass. CPU default batch 1, GPU 64."""
+) -> Tuple[List[dict], List[dict], dict]:
+    """(rows, ratio rows, extra JSON fields): every variant x backend x Lv x pass. CPU default batch 1, GPU 64.
+
+    The variants and backends of one (pass, Lv) are timed interleaved (one network per variant, switched
+    between backends), so their ratios are paired per round.
+    """
     config = CONFIGS[config_name]()
     dtype = bench_dtype(device)
     batch = batch or (64 if device.type == "cuda" else 1)
     names, skipped = fusion_backends(device, dtype, config, backends)
-    rows = []
-    bar = progress(list(itertools.product(variants, names, vision_lens, passes)), "fusion")
-    for (variant, backend), cases in itertools.groupby(bar, key=lambda case: case[:2]):
-        fusion = build_fusion(config, variant, backend, device, dtype)
-        warm_up(fusion, config, min(vision_lens), text_len, device)
-        for _, _, vision_len, pass_name in cases:
-            bar.set_postfix_str(f"{variant} {backend} Lv={vision_len} {pass_name}")
-            rows.append(measure(fusion, config, variant, backend, batch, vision_len, text_len, pass_name, device, min_run_time))
-        del fusion
+    networks = {variant: build_fusion(config, variant, names[0], device, dtype) for variant in variants}
+    rows, ratios = [], []
+    for pass_name, vision_len in progress(list(itertools.product(passes, vision_lens)), "fusion"):
+        inputs = fusion_inputs(config, batch, vision_len, text_len, device, dtype)
+        functions = {(variant, backend): step_function(networks[variant], inputs, pass_name, backend)
+                     for variant in variants for backend in names}
+        timings = measure(functions, device, policy)
+        rows += [_cell_row(config, key, timing, batch, vision_len, text_len, pass_name) for key, timing in timings.items()]
+        ratios += _ratio_rows(timings, pass_name, vision_len)
     extra = {
         "benchmark": "fusion",
         "config": config_name,
@@ -211,9 +229,10 @@ def run(
         "text_len": text_len,
         "dtype": str(dtype).replace("torch.", ""),
         "masks": "all-True bool masks for vision and text, as the model passes them",
+        "resolved_backends": names,
         "backend_labels": {name: BACKEND_LABELS.get(name, name) for name in names},
         "skipped_backends": skipped,
         "flop_ratios": flop_ratios(config, vision_lens, text_len),
         "paper_ms_per_100": PAPER_MS_PER_100,
     }
-    return rows, extra
+    return rows, ratios, extra

@@ -1,23 +1,25 @@
 """Full-model rows: mPLUG training step and VQA generation, our fused model vs the authors' eager math without cache.
 
-"fused": attention backend "auto" (the fastest available kernel) and the decoder's KV cache.
+"fused": attention backend "auto" (the fastest available kernel; the backends that actually ran are recorded
+from the dispatcher's ranges) and the decoder's KV cache.
 "eager": the "reference" backend (plain PyTorch math, the sdpa-free path) and no KV cache (the whole prefix
 re-run every step), the way the authors' code generates.
+Both setups of a task are timed interleaved (bench.common.measure) on one model; the ratio fused/eager is
+paired per round.
 """
 from __future__ import annotations
 
-import itertools
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from bench.common import bench_dtype, peak_memory_mb, progress, time_ms
+from bench.common import TimingPolicy, bench_dtype, measure, paired_ratio, progress
 from bench.fusion import CONFIGS
 from mplug import MPLUG, MPLUGConfig
 
 SETUPS = {
-    "fused": {"backend": "auto", "use_cache": True, "label": "fused (auto backend, KV cache)"},
-    "eager": {"backend": "reference", "use_cache": False, "label": "eager math (reference backend), no KV cache"},
+    "fused": {"backend": "auto", "use_cache": True, "label": "fused ({backends}), KV cache"},
+    "eager": {"backend": "reference", "use_cache": False, "label": "eager math ({backends}), no KV cache"},
 }
 TASKS = ("train_step", "vqa_generate")
 CPU_IMAGE_SIZE = {"base": 256, "large": 224}
@@ -73,61 +75,62 @@ def generate_function(model: MPLUG, inputs: Dict[str, torch.Tensor], use_cache: 
 
 
 def task_function(model: MPLUG, inputs: Dict[str, torch.Tensor], setup: str, task: str) -> Callable[[], object]:
-    """Switch model to the setup's backend and return the task's zero-argument callable."""
-    model.set_attn_backend(SETUPS[setup]["backend"])
-    if task == "train_step":
-        return train_step_function(model, inputs)
-    return generate_function(model, inputs, SETUPS[setup]["use_cache"])
+    """A zero-argument callable that switches model to the setup's backend, then runs the task."""
+    function = (train_step_function(model, inputs) if task == "train_step"
+                else generate_function(model, inputs, SETUPS[setup]["use_cache"]))
+
+    def run():
+        model.set_attn_backend(SETUPS[setup]["backend"])
+        return function()
+
+    return run
 
 
-def measure(task: str, setup: str, function: Callable[[], object], batch: int, device, min_run_time: float) -> dict:
-    """One row: ms per call, items (training samples or answers) per second, peak memory."""
-    row = {"benchmark": "model", "task": task, "setup": setup, "label": SETUPS[setup]["label"], "batch": batch}
-    try:
-        ms = time_ms(function, device, min_run_time=min_run_time)
-        row.update(ms=ms, per_second=batch / (ms * 1e-3), peak_memory_mb=peak_memory_mb(function, device))
-    except Exception as error:  # a failing task (missing, out of memory) is reported in the table, not fatal
-        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-    return row
+def task_rows(task: str, timings: dict, batch: int) -> List[dict]:
+    """One row per setup: timing fields, items (training samples or answers) per second, the resolved label."""
+    rows = []
+    for setup, timing in timings.items():
+        row = {"benchmark": "model", "task": task, "setup": setup, "batch": batch, **timing.row()}
+        row["label"] = SETUPS[setup]["label"].format(backends="+".join(timing.attention_backends) or "no attention call seen")
+        if timing.error is None:
+            row["per_second"] = batch / (row["ms_median"] * 1e-3)
+        rows.append(row)
+    return rows
 
 
 def run(
-    device: torch.device, config_name: str = "base", batch: Optional[int] = None, min_run_time: float = 0.2
-) -> Tuple[List[dict], dict]:
-    """(rows, extra JSON fields): train_step and vqa_generate for the fused and eager setups.
+    device: torch.device, policy: TimingPolicy, config_name: str = "base", batch: Optional[int] = None,
+    image_size: Optional[int] = None, tasks: Sequence[str] = TASKS,
+) -> Tuple[List[dict], List[dict], dict]:
+    """(rows, ratio rows, extra JSON fields): the tasks for the fused and eager setups, interleaved per task.
 
-    GPU: batch 32 at the config's image size (384 for base: Lv 577). CPU: batch 2 at the pretraining image
-    size 256 (Lv 257) for base/large, so the rows finish in a minute or two.
+    GPU: batch 32 at the config's image size (384 for base: Lv 577). CPU: batch 2 at image_size or
+    CPU_IMAGE_SIZE (base and large), so the rows fit the CPU time budget.
     """
     config = CONFIGS[config_name](dropout=0.0)
     if device.type == "cpu" and config_name != "tiny":
-        config = config.replace(image_size=CPU_IMAGE_SIZE[config_name])
+        config = config.replace(image_size=image_size or CPU_IMAGE_SIZE[config_name])
     dtype = bench_dtype(device)
     batch = batch or (32 if device.type == "cuda" else 2)
     model = build_model(config, device, dtype)
     inputs = make_batch(config, batch, device, dtype)
-    rows = []
-    for setup, task in progress(list(itertools.product(SETUPS, TASKS)), "model"):
-        rows.append(measure(task, setup, task_function(model, inputs, setup, task), batch, device, min_run_time))
-    return rows, {
+    rows, ratios = [], []
+    for task in progress(list(tasks), "model"):
+        timings = measure({setup: task_function(model, inputs, setup, task) for setup in SETUPS}, device, policy)
+        rows += task_rows(task, timings, batch)
+        ratio = paired_ratio(timings["fused"], timings["eager"])
+        if ratio is not None:
+            ratios.append({"benchmark": "model", "ratio": "fused/eager", "task": task, **ratio.row()})
+    resolved = {setup: sorted({name for row in rows if row["setup"] == setup for name in row.get("attention_backends", [])})
+                for setup in SETUPS}
+    return rows, ratios, {
         "benchmark": "model",
         "config": config_name,
         "batch": batch,
         "image_size": config.image_size,
         "vision_len": config.num_visual_tokens,
         "dtype": str(dtype).replace("torch.", ""),
+        "resolved_backends": resolved,
         "generation": f"beam {NUM_BEAMS}, {ANSWER_TOKENS} answer tokens, question length {QUESTION_LEN}",
         "train_step": "pretrain_losses (ITC + ITM + MLM + PrefixLM) forward + backward, no optimizer update",
-        "speedups": speedups(rows),
     }
-
-
-def speedups(rows: List[dict]) -> Dict[str, float]:
-    """fused / eager throughput per task (only where both were measured)."""
-    rate = {(row["task"], row["setup"]): row.get("per_second") for row in rows}
-    return {
-        task: rate[(task, "fused")] / rate[(task, "eager")]
-        for task in TASKS
-        if rate.get((task, "fused")) and rate.get((task, "eager"))
-    }
-

@@ -14,7 +14,6 @@ CONFIG = fusion.CONFIGS[CONFIG_NAME]()
 BATCH = 64 if DEVICE.type == "cuda" else (2 if QUICK else 1)
 VISION_LENS = (17,) if QUICK else (fusion.VISION_LENS if DEVICE.type == "cuda" else (257,))
 BACKENDS, SKIPPED = fusion.fusion_backends(DEVICE, DTYPE, CONFIG)
-ROUNDS = None if DEVICE.type == "cuda" else 3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -27,7 +26,6 @@ def test_fusion(run_benchmark, pass_name, vision_len, variant, backend):
     run_benchmark(
         fusion.step_function(network, inputs, pass_name),
         f"fusion {CONFIG_NAME} {pass_name} Lv={vision_len} Lt={fusion.TEXT_LEN} B={BATCH}",
-        rounds=ROUNDS,
         variant=variant,
         backend=backend,
         batch=BATCH,

@@ -11,7 +11,6 @@ DEVICE = default_device()
 DTYPE = bench_dtype(DEVICE)
 CONFIG_NAME = "tiny" if quick_mode() else "base"
 BATCH = 32 if DEVICE.type == "cuda" else 2
-ROUNDS = None if DEVICE.type == "cuda" else 2
 
 
 @pytest.fixture(scope="module")
@@ -25,4 +24,4 @@ def model_and_inputs():
 def test_model(run_benchmark, model_and_inputs, task, setup):
     model, inputs = model_and_inputs
     function = model_bench.task_function(model, inputs, setup, task)
-    run_benchmark(function, f"model {CONFIG_NAME} {task} B={BATCH}", rounds=ROUNDS, setup=setup, batch=BATCH)
+    run_benchmark(function, f"model {CONFIG_NAME} {task} B={BATCH}", setup=setup, batch=BATCH)
