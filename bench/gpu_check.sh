@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a machine with nothing but this repo and a CUDA PyTorch (no network needed):
-# builds the CUDA extension in place, runs the kernel tests, the benchmarks (the main job with --all,
-# concat attention, fusion layers), the model tests and the pytest-benchmark suites, and writes logs,
+# builds the CUDA extension in place, runs the kernel tests, the benchmarks (the main job, co-attention,
+# concat attention, fusion layers), the model tests and the pytest-benchmark suites (quick grids), and writes logs,
 # JUnit XML, benchmark JSON and summary.json under $OUT.
 #   OUT=/some/dir bench/gpu_check.sh        (default OUT=bench/out/gpu_check)
 # MPLUG_KERNELS_CUDA_ARCHS defaults to this GPU's own architecture; MAX_JOBS to the core count.
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out/gpu_check}"
 PYTHON="${PYTHON:-python}"
 BUDGET="${GPU_CHECK_SECONDS:-570}"
-STEPS=" ${GPU_CHECK_STEPS:-environment install info kernel_tests main_job concat_attention fusion_layers model_tests bench_tests} "
+STEPS=" ${GPU_CHECK_STEPS:-environment install info kernel_tests main_job co_attention concat_attention fusion_layers model_tests bench_tests} "
 mkdir -p "$OUT"
 declare -A RESULTS=()
 
@@ -60,12 +60,13 @@ done
 export OUT PYTHON
 PYTEST_ONE_FILE='name=$(basename "$1" .py); MPLUG_KERNELS_TRITON_AUTOTUNE=0 "$PYTHON" -m pytest "$1" -q -rs --durations=10 --junitxml="$OUT/$name.xml" >"$OUT/$name.log" 2>&1; status=$?; echo "$1: exit $status"; exit $((status != 0))'
 run_step kernel_tests 200 sh -c 'printf "%s\n" "$@" | xargs -P 8 -I{} sh -c "$0" _ {}' "$PYTEST_ONE_FILE" "${KERNEL_TESTS[@]}"
-run_step main_job 180 "$PYTHON" -m bench --all --json-dir "$OUT"
-for module in bench.bench_concat_attention bench.bench_fusion_layers; do
-  run_step "${module#bench.bench_}" 60 "$PYTHON" -m "$module" --json-dir "$OUT"
+# The benchmarks time each cell for at most --budget seconds after its 5 repeats (bench.common.measure).
+run_step main_job 240 "$PYTHON" -m bench --budget 0.2 --json-dir "$OUT"
+for module in bench.bench_co_attention bench.bench_concat_attention bench.bench_fusion_layers; do
+  run_step "${module#bench.bench_}" 90 "$PYTHON" -m "$module" --budget 0.2 --json-dir "$OUT"
 done
 run_step model_tests 150 sh -c 'printf "%s\n" "$@" | xargs -P 8 -I{} sh -c "$0" _ {}' "$PYTEST_ONE_FILE" "${MODEL_TESTS[@]}"
-run_step bench_tests 120 "$PYTHON" -m pytest bench -q -rs --junitxml="$OUT/bench_tests.xml"
+run_step bench_tests 120 "$PYTHON" -m pytest bench -q -rs --quick --junitxml="$OUT/bench_tests.xml"
 
 summary=""
 failed=0
