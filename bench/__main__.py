@@ -57,15 +57,17 @@ def parse_args(argv: Optional[Sequence[str]], device: torch.device) -> argparse.
 
 
 def expected_duration(device: torch.device, mode: str) -> str:
-    """What this run should take: the wall time of the committed run of the same mode on the same kind of device."""
+    """What this run should take: the committed run of the same mode on the same kind of device, with its load."""
     if mode == "quick":
         return QUICK_EXPECTED
-    walls = [payload["environment"]["wall_s"] for payload in report.committed_payloads()
-             if payload["environment"].get("device_type") == device.type and payload.get("mode") == mode
-             and payload.get("benchmark") in ("fusion", "model")]
-    if not walls:
+    runs = [payload["environment"] for payload in report.committed_payloads()
+            if payload["environment"].get("device_type") == device.type and payload.get("mode") == mode]
+    if not runs:
         return f"unknown (no committed {mode} run on a {device.type} under {report.RESULTS_ROOT.name}/)"
-    return f"about {sum(walls) / 60:.1f} min (the committed {mode} run on a {device.type}; more on a loaded machine)"
+    wall, cpu = sum(env["wall_s"] for env in runs), sum(env["process_cpu_s"] for env in runs)
+    load = max(env["load_average_before"] or 0.0 for env in runs)
+    return (f"about {wall / 60:.1f} min (the committed {mode} run on a {device.type}: {cpu / 60:.1f} CPU-min at load "
+            f"average {load:.1f}; a busier machine takes longer)")
 
 
 def run_fusion(args, device, policy) -> Path:

@@ -345,15 +345,16 @@ def environment(device: torch.device) -> Dict[str, object]:
 
 @dataclass
 class Run:
-    """What a benchmark's header needs from its start: the load average and the clock at the start."""
+    """What a benchmark's header needs from its start: the load average and the clocks at the start."""
 
     device: torch.device
     policy: TimingPolicy
     load_before: Optional[float] = field(default_factory=load_average)
     started: float = field(default_factory=time.perf_counter)
+    started_cpu: float = field(default_factory=time.process_time)
 
     def header(self, rows: Sequence[dict], ratios: Sequence[dict]) -> Dict[str, object]:
-        """The environment plus timing method, noisy-cell count, load average before and after, wall time."""
+        """The environment plus timing method, noisy-cell count, load average before and after, wall and CPU time."""
         cells = [row for row in rows if "ms_median" in row]
         return {
             **environment(self.device),
@@ -365,6 +366,7 @@ class Run:
             "load_average_before": self.load_before,
             "load_average_after": load_average(),
             "wall_s": time.perf_counter() - self.started,
+            "process_cpu_s": time.process_time() - self.started_cpu,
         }
 
 

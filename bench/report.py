@@ -44,9 +44,14 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
+def timing_results(results_root: Path = RESULTS_ROOT) -> List[Path]:
+    """The timing-benchmark JSON files under results_root (those with timing rows; static reports are left out)."""
+    return [path for path in sorted(results_root.rglob("*.json")) if {"rows", "ratios"} <= set(load(path))]
+
+
 def committed_payloads(results_root: Path = RESULTS_ROOT) -> List[dict]:
-    """Every committed benchmark JSON under results_root."""
-    return [load(path) for path in sorted(results_root.rglob("*.json"))]
+    """Every committed timing-benchmark JSON under results_root."""
+    return [load(path) for path in timing_results(results_root)]
 
 
 def environment_line(payload: dict) -> str:
@@ -309,10 +314,10 @@ def table(payload: dict) -> str:
 
 
 def readme_block(results_root: Path = RESULTS_ROOT, relative_to: Optional[Path] = None) -> str:
-    """The README results section: every committed JSON's table, with its PNG when one exists."""
+    """The README results section: every committed timing JSON's table, with its PNG when one exists."""
     relative_to = relative_to or results_root.parent.parent
     sections = []
-    for path in sorted(results_root.rglob("*.json")):
+    for path in timing_results(results_root):
         payload = load(path)
         section = f"#### {path.relative_to(results_root)}\n\n{table(payload)}"
         plot = path.with_suffix(".png")
