@@ -120,7 +120,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "numpy", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "matplotlib", "tqdm"],
         "bench": ["pytest-benchmark", "numpy", "matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["mplug-bench = bench.__main__:main"]},

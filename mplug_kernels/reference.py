@@ -16,7 +16,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def joined_sources(
     ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """torch.cat of the sources: k, v [B, sum Lk, H, D] and the bool keep mask [B, sum Lk] (None when nothing is masked)."""
+    """torch.cat of the sources: k, v [B, sum Lk, H, D] with masked rows set to 0 (so no value there, NaN
+    included, reaches the output) and the bool keep mask [B, sum Lk] (None when nothing is masked)."""
     k = ks[0] if len(ks) == 1 else torch.cat(list(ks), dim=1)
     v = vs[0] if len(vs) == 1 else torch.cat(list(vs), dim=1)
     if all(m is None for m in masks):
@@ -25,7 +26,8 @@ def joined_sources(
         [m if m is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) for m, x in zip(masks, ks)],
         dim=1,
     )
-    return k, v, keep
+    hidden = ~keep[:, :, None, None]
+    return k.masked_fill(hidden, 0), v.masked_fill(hidden, 0), keep
 
 
 def never_empty(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -34,11 +36,19 @@ def never_empty(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return keep | ~alive[..., None], alive
 
 
-def _joined_keys(ks, vs, masks, dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dead_queries_zeroed(q: torch.Tensor, alive: Optional[torch.Tensor]) -> torch.Tensor:
+    """q [B, ...] with the rows of batch elements that keep no key (alive [B] False) set to 0: their output is 0 whatever q holds."""
+    if alive is None:
+        return q
+    return q.masked_fill(~alive.reshape(-1, *[1] * (q.dim() - 1)), 0)
+
+
+def _joined_inputs(q, ks, vs, masks, dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) in dtype with masked keys and dead batch rows zeroed, and the keep mask [B, sum Lk]."""
     k, v, keep = joined_sources(ks, vs, masks)
     if keep is None:
         keep = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
-    return k.to(dtype), v.to(dtype), keep
+    return dead_queries_zeroed(q.to(dtype), keep.any(dim=1)), k.to(dtype), v.to(dtype), keep
 
 
 def _probabilities(q, k, keep, scale) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -49,9 +59,9 @@ def _probabilities(q, k, keep, scale) -> Tuple[torch.Tensor, torch.Tensor]:
     alive = keep.any(dim=1)[:, None, None, None]
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-    scores = torch.where(alive, scores, torch.zeros_like(scores))
+    scores = scores.masked_fill(~alive, 0)
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]) * alive
+    probs = torch.exp(scores - lse[..., None]).masked_fill(~alive, 0)
     return probs, lse.masked_fill(~alive[..., 0], float("-inf"))
 
 
@@ -63,9 +73,8 @@ def attention_forward(
     scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """out [B, Lq, H, D] (q's dtype) and lse [B, H, Lq] of q attending to the concatenated sources."""
-    dtype = _compute_dtype(q.dtype)
-    k, v, keep = _joined_keys(ks, vs, masks, dtype)
-    probs, lse = _probabilities(q.to(dtype), k, keep, scale)
+    qc, k, v, keep = _joined_inputs(q, ks, vs, masks, _compute_dtype(q.dtype))
+    probs, lse = _probabilities(qc, k, keep, scale)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     return out.to(q.dtype), lse
 
@@ -83,8 +92,8 @@ def attention_backward(
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """Closed-form gradients (dq, dks, dvs) given dout [B, Lq, H, D] and dlse [B, H, Lq] (or None)."""
     dtype = _compute_dtype(q.dtype)
-    k, v, keep = _joined_keys(ks, vs, masks, dtype)
-    qc, doc = q.to(dtype), dout.to(dtype)
+    qc, k, v, keep = _joined_inputs(q, ks, vs, masks, dtype)
+    doc = dout.to(dtype)
     probs, _ = _probabilities(qc, k, keep, scale)
     delta = (doc * out.to(dtype)).sum(-1).transpose(1, 2)
     if dlse is not None:
@@ -94,6 +103,8 @@ def attention_backward(
     dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k) * scale
     dk = torch.einsum("bhqk,bqhd->bkhd", dscores, qc) * scale
     dv = torch.einsum("bhqk,bqhd->bkhd", probs, doc)
+    hidden = ~keep[:, :, None, None]
+    dk, dv = dk.masked_fill(hidden, 0), dv.masked_fill(hidden, 0)
     lengths = [x.shape[1] for x in ks]
     dks = [g.to(x.dtype, copy=True) for g, x in zip(dk.split(lengths, dim=1), ks)]
     dvs = [g.to(x.dtype, copy=True) for g, x in zip(dv.split(lengths, dim=1), vs)]

@@ -9,7 +9,7 @@ import torch
 
 from mplug_kernels.backends.base import Backend
 from mplug_kernels.backends.sdpa import masked_sources, zero_dead_rows
-from mplug_kernels.reference import joined_sources
+from mplug_kernels.reference import dead_queries_zeroed, joined_sources
 
 
 @lru_cache(maxsize=None)
@@ -62,6 +62,7 @@ class XFormersBackend(Backend):
         import xformers.ops as xops
 
         k, v, keep, alive = masked_sources(ks, vs, masks)
+        q = dead_queries_zeroed(q, alive)
         bias = None
         if keep is not None:
             bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))

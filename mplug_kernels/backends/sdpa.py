@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from mplug_kernels.backends.base import Backend
-from mplug_kernels.reference import joined_sources, never_empty
+from mplug_kernels.reference import dead_queries_zeroed, joined_sources, never_empty
 
 
 def masked_sources(ks, vs, masks):
-    """k, v joined by torch.cat, the keep mask [B, sum Lk] with fully masked rows reopened (or None), alive [B] (or None)."""
+    """k, v joined by torch.cat (masked rows zeroed), the keep mask [B, sum Lk] with fully masked rows reopened (or None), alive [B] (or None)."""
     k, v, keep = joined_sources(ks, vs, masks)
     if keep is None:
         return k, v, None, None
@@ -18,10 +18,10 @@ def masked_sources(ks, vs, masks):
 
 
 def zero_dead_rows(out: torch.Tensor, alive) -> torch.Tensor:
-    """out [B, Lq, H, D] zeroed where alive ([B] per batch row or [B, Lq] per query) is False."""
+    """out [B, Lq, H, D] set to 0 (selected, so even NaN goes) where alive ([B] per batch row or [B, Lq] per query) is False."""
     if alive is None:
         return out
-    return out * alive.reshape(*alive.shape, *[1] * (out.dim() - alive.dim())).to(out.dtype)
+    return out.masked_fill(~alive.reshape(*alive.shape, *[1] * (out.dim() - alive.dim())), 0)
 
 
 class SdpaBackend(Backend):
@@ -35,6 +35,7 @@ class SdpaBackend(Backend):
 
     def attend(self, q, ks, vs, masks, scale):
         k, v, keep, alive = masked_sources(ks, vs, masks)
+        q = dead_queries_zeroed(q, alive)
         attn_mask = None if keep is None else keep[:, None, None, :]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mplug_kernels.backends.sdpa import zero_dead_rows
-from mplug_kernels.reference import never_empty
+from mplug_kernels.reference import dead_queries_zeroed, never_empty
 from mplug_kernels.ops.concat_attention import concat_attention
 from mplug_kernels.ops.merge import merge_attention_states
 
@@ -24,6 +24,8 @@ KV_STRATEGIES = ("project", "absorb", "auto")
 # Roofline constants of ``auto`` (H100 SXM: dense bf16 FLOP/s, HBM bytes/s); only their ratio matters.
 PEAK_FLOPS = 989e12
 PEAK_BYTES_PER_S = 3.35e12
+# An additive mask value at or below this masks its key (BERT uses -10000, newer code finfo.min or -inf).
+MASKED_BELOW = -1e4
 
 
 def key_padding_mask_from(mask: Optional[torch.Tensor], batch: int, length: int) -> Optional[torch.Tensor]:
@@ -41,8 +43,25 @@ def key_padding_mask_from(mask: Optional[torch.Tensor], batch: int, length: int)
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point():
-        return mask > -1.0
+        return keep_from_additive(mask)
     raise TypeError(f"attention mask must be bool (True = attend) or additive float (0 / -10000), got {mask.dtype}")
+
+
+def keep_from_additive(mask: torch.Tensor) -> torch.Tensor:
+    """Bool keep mask (True = attend) from an additive float mask: 0 = attend, <= -10000 (or -inf) = masked.
+
+    Any other value is refused: a float 0/1 mask could mean "1 = attend" or "add 0 or 1 to the scores",
+    so it is never guessed (pass such a mask as bool). An all-zero float mask is additive: nothing masked.
+    """
+    attend, masked = mask == 0, mask <= MASKED_BELOW
+    unclear = ~(attend | masked)
+    if bool(unclear.any()):
+        raise ValueError(
+            f"float attention mask (shape {tuple(mask.shape)}, dtype {mask.dtype}) holds {mask[unclear][0].item()!r}: a float "
+            f"mask is additive (0 = attend, <= {MASKED_BELOW:g} or -inf = masked); a 0/1 keep mask (1 = attend) must be "
+            f"passed as bool, e.g. mask.bool()"
+        )
+    return attend
 
 
 def memory_masks(mask, sources: Sequence[torch.Tensor]) -> Optional[Tuple[Optional[torch.Tensor], ...]]:
@@ -89,10 +108,13 @@ def kv_strategy_costs(
 
 def _attend_shared_source(queries, source, keep, scale):
     """queries [B, M, C] over one key = value source [B, Lk, C] -> (out [B, M, C], lse [B, M] in float32 or float64)."""
-    scores = torch.matmul(queries, source.transpose(1, 2)).to(torch.promote_types(queries.dtype, torch.float32)) * scale
     alive = None
     if keep is not None:
         safe_keep, alive = never_empty(keep)
+        source = source.masked_fill(~keep[..., None], 0)
+        queries = dead_queries_zeroed(queries, alive)
+    scores = torch.matmul(queries, source.transpose(1, 2)).to(torch.promote_types(queries.dtype, torch.float32)) * scale
+    if keep is not None:
         scores = scores.masked_fill(~safe_keep[:, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     out = zero_dead_rows(torch.matmul(torch.exp(scores - lse[..., None]).to(source.dtype), source), alive)

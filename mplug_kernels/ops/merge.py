@@ -29,7 +29,10 @@ def _check_states(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) ->
 def merge_attention_states(
     outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Partial (out [B, Lq, H, D], lse [B, H, Lq]) over disjoint key sets -> the attention over their union; all-masked rows give 0 and -inf."""
+    """Partial (out [B, Lq, H, D], lse [B, H, Lq]) over disjoint key sets -> the attention over their union; all-masked rows give 0 and -inf.
+
+    A part whose lse is -inf (no key) is left out, whatever its out holds; a NaN stays in its own row.
+    """
     _check_states(outs, lses)
     lse_dtype = torch.promote_types(torch.promote_types(lses[0].dtype, outs[0].dtype), torch.float32)
     stacked = torch.stack([lse.to(lse_dtype) for lse in lses])
@@ -41,5 +44,8 @@ def merge_attention_states(
     safe_total = torch.where(empty, torch.ones_like(total), total)
     lse = torch.where(empty, torch.full_like(total, float("-inf")), peak + torch.log(safe_total))
     shares = (weights / safe_total).transpose(2, 3).unsqueeze(-1)
-    out = sum(share * out.to(lse_dtype) for share, out in zip(shares, outs))
+    empty_parts = torch.isneginf(stacked).transpose(2, 3).unsqueeze(-1)
+    out = sum(
+        share * part.to(lse_dtype).masked_fill(no_keys, 0) for share, part, no_keys in zip(shares, outs, empty_parts)
+    )
     return out.to(outs[0].dtype), lse
