@@ -6,7 +6,14 @@ The gate holds at issue 10's targets: no kernel spills or uses local memory; sha
 per MMA, has <= 2 barriers per key tile and reads its MMA fragments from shared memory only by LDSM; the
 CUDA forward and backward reach >= 8 warps per SM on an H100.
 """
-from bench import sass
+import pytest
+
+from bench import sass, static
+from mplug_kernels.occupancy import SM_LIMITS
+
+MAX_INSTRUCTIONS_PER_MMA = 10
+MAX_BARRIERS_PER_KEY_TILE = 2
+MIN_WARPS_PER_SM_H100 = 8
 
 # cuobjdump layout: a loop from 0x20 to the back edge at 0xc0, an unreachable self-branch after EXIT.
 CUOBJDUMP_SNIPPET = """
@@ -129,3 +136,131 @@ def test_ptxas_and_resource_usage():
                                          "shared": 0}
     assert sass.resource_usage(RES_USAGE) == {(90, "_Z6kernelv"): {"registers": 96, "stack": 16, "local": 8,
                                                                   "shared": 2048}}
+
+
+PROBE_OUTPUT = (
+    "launch\tforward\t64\tbfloat16 q_len=25 keys=602 sources=2 masks splits=1\t_Z3fwdv\t12 1 1\t64 1 1\t32896\t32896\n"
+    "launch\tforward\t128\tbfloat16 q_len=602 keys=602 sources=2 masks splits=1\t_Z3fwdv\t12 1 1\t64 1 1\t65664\t-1\n"
+    "launch\tbackward\t64\tfloat16 q_len=25 keys=577 sources=1 dq=atomic\t_Z5deltav\t25 1 1\t128 1 1\t0\t0\n"
+)
+
+
+def test_probe_output_gives_threads_largest_shared_memory_dtype_and_head_dims():
+    launches = static.parse_probe_output(PROBE_OUTPUT)
+    assert launches["_Z3fwdv"] == static.Launch("forward", 64, 65664, {"bfloat16"}, {64, 128}, 2)
+    assert launches["_Z5deltav"] == static.Launch("backward", 128, 0, {"float16"}, {64}, 1)
+    with pytest.raises(RuntimeError, match="rejected"):
+        static.parse_probe_output("error\tforward\t64\tfloat16 q_len=1\thead_dim 64 has no kernel\n")
+
+
+def _row(**fields) -> dict:
+    row = {"backend": "cuda", "kernel": "forward_kernel", "arch": 90, "dtype": "bfloat16", "head_dim": 64,
+           "registers": 96, "spill_bytes": 0, "stack_bytes": 0, "local_bytes": 0, "shared_bytes": 32896,
+           "ctas_per_sm": 4, "warps_per_sm": 16, "hot_loop": None}
+    return {**row, **fields}
+
+
+def test_readme_table_keeps_d64_and_shared_kernels_worst_case_per_family(tmp_path):
+    loop = {"instructions": 300, "mma": 40, "instructions_per_mma": 7.5, "ldsm": 16, "ldgsts": 8, "generic_ld": 0,
+            "lds": 0, "bar": 2}
+    rows = [_row(hot_loop=loop), _row(backend="triton", config="a", registers=128, spill_bytes=24),
+            _row(backend="triton", config="b", warps_per_sm=8), _row(head_dim=128, shared_bytes=300000),
+            _row(kernel="combine_kernel", head_dim=None, stack_bytes=16)]
+    environment = {"wall_s": 12.0, "device": "CPU", "commit": "0123456789abcdef"}
+    report = {"rows": rows, "nvcc": "nvcc V13.0.88", "triton_status": "2 rows", "environment": environment}
+    table = static.readme_table(report)
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert lines[1:] == [
+        "| cuda | combine_kernel | sm_90 | - | 1 | 96 | 0 | 16 | 32.1 | 4 | 16 | - | - | - | - | - | - | - | - |",
+        "| cuda | forward_kernel | sm_90 | 64 | 1 | 96 | 0 | 0 | 32.1 | 4 | 16 | 300 | 40 | 7.5 | 16 | 8 | 0 | 0 | 2 |",
+        "| triton | forward_kernel | sm_90 | 64 | 2 | 128 | 24 | 0 | 32.1 | 4 | 8 | - | - | - | - | - | - | - | - |",
+    ]
+    assert "5 kernel/arch rows (3 CUDA, 2 Triton): 1 spill, 1 use local memory, 1 exceed" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{static.README_START}\nstale\n{static.README_END}\ntail\n")
+    assert static.update_readme(table, readme) and not static.update_readme(table, readme)
+    assert "stale" not in readme.read_text() and readme.read_text().endswith("tail\n")
+
+
+@pytest.fixture(scope="session")
+def cuda_rows(tmp_path_factory):
+    """Every CUDA kernel of csrc/ on sm_80 and sm_90, compiled once per test session (bench.static)."""
+    if static.find_nvcc() is None:
+        pytest.skip("nvcc not found on PATH or in $CUDA_HOME/bin: the CUDA kernels cannot be compiled here")
+    if sass.find_tool("cuobjdump") is None:
+        pytest.skip("cuobjdump not found (PATH, $CUDA_HOME/bin or the triton wheel): no SASS to read")
+    return static.cuda_kernel_rows(static.ARCHS, jobs=2, build_dir=tmp_path_factory.mktemp("static"))
+
+
+@pytest.fixture(scope="session")
+def triton_rows():
+    """Every Triton kernel and autotune config the backend can launch, compiled ahead of time for sm_80 and sm_90."""
+    pytest.importorskip("triton")
+    rows, status = static.triton_rows(static.ARCHS)
+    assert rows, status
+    return rows
+
+
+def describe(row: dict) -> str:
+    return f"{row['backend']} {row['kernel']}<{row['config']}> sm_{row['arch']}"
+
+
+@pytest.fixture
+def forward_bf16_d64(cuda_rows):
+    """The CUDA forward kernels with a tensor-core loop at bfloat16, D = 64 (every variant the launcher picks)."""
+    rows = [row for row in cuda_rows if row["direction"] == "forward" and row["hot_loop"]
+            and row["dtype"] == "bfloat16" and row["head_dim"] == 64]
+    assert rows, "no CUDA forward kernel with an MMA loop at bfloat16, D = 64"
+    return rows
+
+
+def test_every_compiled_cuda_kernel_is_launched_by_a_launcher(cuda_rows):
+    assert cuda_rows
+    assert [describe(row) for row in cuda_rows if not row["launched"]] == []
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_no_kernel_spills_or_uses_local_memory(backend, request):
+    rows = request.getfixturevalue(f"{backend}_rows")
+    offenders = [f"{describe(row)}: {row['spill_bytes']} B spilled, {static.local_memory(row)} B local memory"
+                 for row in rows if row["spill_bytes"] or static.local_memory(row)]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_shared_memory_fits_every_arch(backend, request):
+    assert SM_LIMITS[80].max_shared_per_cta == 163 * 1024 and SM_LIMITS[90].max_shared_per_cta == 227 * 1024
+    rows = request.getfixturevalue(f"{backend}_rows")
+    offenders = [f"{describe(row)}: {row['shared_bytes']} B" for row in rows
+                 if row["shared_bytes"] > SM_LIMITS[row["arch"]].max_shared_per_cta]
+    assert offenders == []
+
+
+def test_cuda_forward_hot_loop_instruction_budget(forward_bf16_d64):
+    offenders = [f"{describe(row)}: {row['hot_loop']['instructions_per_mma']} instructions per MMA"
+                 for row in forward_bf16_d64 if row["hot_loop"]["instructions_per_mma"] > MAX_INSTRUCTIONS_PER_MMA]
+    assert offenders == []
+
+
+def test_cuda_forward_reads_fragments_from_shared_memory_only_by_ldsm(forward_bf16_d64):
+    """LDSM in the hot loop, and no HMMA operand last written there by LD, LDS or LDG."""
+    offenders = [f"{describe(row)}: {row['hot_loop']['ldsm']} LDSM, "
+                 f"{row['hot_loop']['mma_operands_from_plain_loads']} MMA operands from LD/LDS/LDG"
+                 for row in forward_bf16_d64
+                 if row["hot_loop"]["ldsm"] == 0 or row["hot_loop"]["mma_operands_from_plain_loads"] > 0]
+    assert offenders == []
+
+
+def test_cuda_forward_barriers_per_key_tile(forward_bf16_d64):
+    offenders = [f"{describe(row)}: {row['hot_loop']['bar']} BAR" for row in forward_bf16_d64
+                 if row["hot_loop"]["bar"] > MAX_BARRIERS_PER_KEY_TILE]
+    assert offenders == []
+
+
+def test_cuda_kernels_reach_8_warps_per_sm_on_h100(cuda_rows):
+    rows = [row for row in cuda_rows if row["arch"] == 90]
+    assert {row["direction"] for row in rows} >= {"forward", "backward"}
+    offenders = [f"{describe(row)}: {row['warps_per_sm']} warps ({row['threads']} threads, {row['registers']} "
+                 f"registers, {row['shared_bytes']} B shared)" for row in rows
+                 if (row["warps_per_sm"] or 0) < MIN_WARPS_PER_SM_H100]
+    assert offenders == []
