@@ -34,10 +34,10 @@ def add_momentum_copies(model: nn.Module) -> nn.Module:
 
 
 def online_and_momentum_parameters(model: nn.Module):
-    """(online, momentum) parameter pairs of every momentum copy, in one order."""
-    for name in MOMENTUM_MODULES:
-        online, momentum = getattr(model, name), getattr(model, name + SUFFIX)
-        yield from zip(online.parameters(), momentum.parameters())
+    """(online, momentum) parameter pairs of the momentum copies, each tied parameter once."""
+    online = nn.ModuleDict({name: getattr(model, name) for name in MOMENTUM_MODULES})
+    momentum = nn.ModuleDict({name: getattr(model, name + SUFFIX) for name in MOMENTUM_MODULES})
+    return zip(online.parameters(), momentum.parameters())
 
 
 @torch.no_grad()

@@ -69,36 +69,84 @@ def itc_loss(
     and the queues [E, Q] -> (loss, sim_i2t [B, B_all + Q], sim_t2i [B, B_all + Q]); positives are the diagonal."""
     all_image, offset = gather_batch(image_feat)
     all_text, _ = gather_batch(text_feat)
-    image_bank, text_bank = all_image.t(), all_text.t()
-    if image_queue is not None:
-        image_bank = torch.cat([image_bank, image_queue.detach().to(image_bank.dtype)], dim=1)
-        text_bank = torch.cat([text_bank, text_queue.detach().to(text_bank.dtype)], dim=1)
+    image_bank, text_bank = feature_bank(all_image, image_queue), feature_bank(all_text, text_queue)
+    targets = contrastive_targets(image_feat.shape[0], offset, image_bank.shape[1], image_feat.device)
+    return contrastive_loss(image_feat, text_feat, image_bank, text_bank, temp, targets, targets)
+
+
+def feature_bank(batch_feat: torch.Tensor, queue: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B_all, E] features and an optional queue [E, Q] -> the bank [E, B_all + Q] (the queue detached)."""
+    if queue is None:
+        return batch_feat.t()
+    return torch.cat([batch_feat.t(), queue.detach().to(batch_feat.dtype)], dim=1)
+
+
+@torch.no_grad()
+def contrastive_targets(
+    batch: int, offset: int, bank_size: int, device, ids: Optional[torch.Tensor] = None, bank_ids: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """ITC targets [B, bank_size]: one-hot on our own pair (column offset + b), or with ids [B] and bank_ids
+    [bank_size] an equal share on every bank entry with the row's id (the authors' retrieval targets)."""
+    if ids is None:
+        return torch.zeros(batch, bank_size, device=device).scatter_(1, (torch.arange(batch, device=device) + offset)[:, None], 1.0)
+    positives = (ids[:, None] == bank_ids[None, :]).float()
+    return positives / positives.sum(1, keepdim=True)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-sum_j targets[..., j] * log_softmax(logits)[..., j] -> [...] (cross-entropy against a distribution)."""
+    return -(torch.log_softmax(upcast(logits), dim=-1) * targets).sum(-1)
+
+
+def contrastive_loss(image_feat, text_feat, image_bank, text_bank, temp, targets_i2t, targets_t2i):
+    """Mean soft cross-entropy of image_feat [B, E] against text_bank [E, N] and text_feat against image_bank, over
+    temp, with targets [B, N] per direction -> (loss, sim_i2t [B, N], sim_t2i [B, N])."""
     sim_i2t = image_feat @ text_bank / temp
     sim_t2i = text_feat @ image_bank / temp
-    targets = torch.arange(image_feat.shape[0], device=image_feat.device) + offset
-    loss = (F.cross_entropy(upcast(sim_i2t), targets) + F.cross_entropy(upcast(sim_t2i), targets)) / 2
+    loss = (soft_cross_entropy(sim_i2t, targets_i2t).mean() + soft_cross_entropy(sim_t2i, targets_t2i).mean()) / 2
     return loss, sim_i2t, sim_t2i
 
 
 @torch.no_grad()
-def enqueue(image_queue: torch.Tensor, text_queue: torch.Tensor, queue_ptr: torch.Tensor, image_feat, text_feat) -> None:
-    """Write the features [B, E] of every process into the queue buffers [E, Q] at queue_ptr (wrapping), in place."""
+def distilled_targets(momentum_similarity: torch.Tensor, targets: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * softmax(momentum_similarity) + (1 - alpha) * targets, both [B, N] (momentum distillation)."""
+    return alpha * torch.softmax(upcast(momentum_similarity), dim=1) + (1.0 - alpha) * targets
+
+
+@torch.no_grad()
+def enqueue(
+    image_queue: torch.Tensor, text_queue: torch.Tensor, queue_ptr: torch.Tensor, image_feat, text_feat,
+    idx_queue: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None,
+) -> None:
+    """Write the features [B, E] of every process into the queue buffers [E, Q] at queue_ptr (wrapping), in place;
+    with idx_queue [1, Q] also their ids [B] (-1 when ids is None)."""
     image_feat, _ = gather_batch(image_feat.detach())
     text_feat, _ = gather_batch(text_feat.detach())
     size = image_queue.shape[1]
     slots = (int(queue_ptr) + torch.arange(image_feat.shape[0], device=image_queue.device)) % size
     image_queue[:, slots] = image_feat.t().to(image_queue.dtype)
     text_queue[:, slots] = text_feat.t().to(text_queue.dtype)
+    if idx_queue is not None:
+        ids = torch.full(image_feat.shape[:1], -1, dtype=torch.long, device=idx_queue.device) if ids is None else gather_batch(ids)[0]
+        idx_queue[0, slots] = ids
     queue_ptr.fill_((int(queue_ptr) + image_feat.shape[0]) % size)
 
 
 @torch.no_grad()
-def sample_hard_negatives(similarity: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """For each row of similarity [B, B] a column != itself, drawn with probability softmax(row) -> long [B]."""
+def sample_hard_negatives(
+    similarity: torch.Tensor, generator: Optional[torch.Generator] = None, ids: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """For each row of similarity [B, B] a column drawn with probability softmax(row), never itself nor (with
+    ids [B]) a column of the same id -> long [B]."""
     if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1] or similarity.shape[0] < 2:
         raise ValueError(f"hard negatives need a square [B, B] similarity with B >= 2, got shape {tuple(similarity.shape)}")
     weights = torch.softmax(upcast(similarity), dim=1)
     weights.fill_diagonal_(0.0)
+    if ids is not None:
+        weights.masked_fill_(ids[:, None] == ids[None, :], 0.0)
+        alone = (weights.sum(1) == 0).nonzero().flatten().tolist()
+        if alone:
+            raise ValueError(f"image_ids: rows {alone} share their id with the whole batch; ITM needs a negative per row")
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 

@@ -42,18 +42,22 @@ def test_pretrain_losses_are_finite_and_reach_every_parameter(model):
     assert all(torch.isfinite(loss) and loss > 0 for loss in losses.values())
     model.zero_grad()
     sum(losses.values()).backward()
-    untouched = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    untouched = [name for name, p in trained if p.grad is None or not p.grad.abs().sum() > 0]
+    momentum_grads = [name for name, p in model.named_parameters() if name.split(".")[0].endswith("_m") and p.grad is not None]
     model.zero_grad()
-    assert untouched == []
+    assert untouched == [] and momentum_grads == []
+    assert len(trained) < len(list(model.named_parameters()))  # the momentum copies were added, without gradients
 
 
 def test_losses_match_pair_by_pair_and_token_by_token_computation(model):
-    """ITM, MLM and PrefixLM recomputed one pair at a time; PrefixLM through the cached one-token decoder path."""
+    """ITM, MLM and PrefixLM (distill=False) recomputed one pair at a time; PrefixLM through the cached one-token
+    decoder path."""
     images, ids, mask = batch(3, seed=1)
     mlm_inputs, prefix_lengths = fixed_choices(ids, mask)
     losses = model.pretrain_losses(
         images, ids, mask, mlm_inputs=mlm_inputs, prefix_lengths=prefix_lengths,
-        generator=torch.Generator().manual_seed(4), update_queue=False,
+        generator=torch.Generator().manual_seed(4), update_queue=False, distill=False,
     )
     with torch.no_grad():
         negatives = itm_negatives(model, images, ids, mask, torch.Generator().manual_seed(4))
@@ -121,11 +125,11 @@ def prefix_lm_by_cached_decoding(model, images, ids, mask, prefix_lengths):
 def test_training_mode_enqueues_the_batch_features(model):
     images, ids, mask = batch(3, seed=2)
     queues = [buffer.clone() for buffer in (model.image_queue, model.text_queue, model.queue_ptr)]
-    model.pretrain_losses(images, ids, mask)
+    model.pretrain_losses(images, ids, mask, distill=False)
     assert all(torch.equal(a, b) for a, b in zip(queues, (model.image_queue, model.text_queue, model.queue_ptr)))
     model.train()
     try:
-        model.pretrain_losses(images, ids, mask)
+        model.pretrain_losses(images, ids, mask, distill=False)
         with torch.no_grad():
             image_feat = F.normalize(model.vision_proj(model.visual_encoder(images)[:, 0]), dim=-1)
         slots = (int(queues[2]) + torch.arange(3)) % model.config.queue_size

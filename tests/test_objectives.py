@@ -88,6 +88,20 @@ def test_hard_negatives_follow_softmax_without_the_positive():
         torch.testing.assert_close(frequency, expected[row].double(), atol=0.035, rtol=0)
 
 
+def test_hard_negatives_skip_pairs_of_the_same_image_id():
+    similarity = torch.randn(4, 4, generator=torch.Generator().manual_seed(2)) * 2
+    ids = torch.tensor([0, 0, 1, 2])
+    generator = torch.Generator().manual_seed(3)
+    draws = torch.stack([sample_hard_negatives(similarity, generator, ids) for _ in range(2000)])
+    same = ids[None, :] == ids[:, None]
+    expected = torch.softmax(similarity, 1).masked_fill(same, 0)
+    expected = expected / expected.sum(1, keepdim=True)
+    for row in range(4):
+        frequency = torch.bincount(draws[:, row], minlength=4).double() / len(draws)
+        torch.testing.assert_close(frequency, expected[row].double(), atol=0.035, rtol=0)
+    assert not same.gather(1, draws.t()).any()
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (3, 4), (3,)])
 def test_hard_negatives_need_a_square_batch_of_two(shape):
     with pytest.raises(ValueError, match="B >= 2"):
