@@ -86,6 +86,30 @@ class MPLUG(nn.Module):
 
         return tasks.caption_generate(self, images, **kw)
 
+    def vqa_loss(self, images, question_ids, question_mask, answer_ids, answer_mask, weights, answers_per_question):
+        """VQA fine-tuning loss over weighted answer lists (mplug.finetune.vqa_loss)."""
+        from mplug import finetune
+
+        return finetune.vqa_loss(self, images, question_ids, question_mask, answer_ids, answer_mask, weights, answers_per_question)
+
+    def caption_loss(self, images, caption_ids, caption_mask, prompt_length: int = 0):
+        """Caption cross-entropy, the prompt not predicted (mplug.finetune.caption_loss)."""
+        from mplug import finetune
+
+        return finetune.caption_loss(self, images, caption_ids, caption_mask, prompt_length)
+
+    def caption_scst_loss(self, images, references, cider, **kw):
+        """Self-critical caption training rewarded by CIDEr-D (mplug.finetune.caption_scst_loss)."""
+        from mplug import finetune
+
+        return finetune.caption_scst_loss(self, images, references, cider, **kw)
+
+    def retrieval_loss(self, images, text_ids, text_mask, image_ids, **kw):
+        """Retrieval fine-tuning ITC + ITM, same image id = positive (mplug.finetune.retrieval_loss)."""
+        from mplug import finetune
+
+        return finetune.retrieval_loss(self, images, text_ids, text_mask, image_ids, **kw)
+
     def retrieval_scores(self, images, text_ids, text_mask, **kw):
         """ITC top-k candidates re-ranked by ITM (mplug.tasks.retrieval_scores)."""
         from mplug import tasks

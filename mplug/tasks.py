@@ -322,10 +322,11 @@ def caption_generate(
 
 @torch.no_grad()
 def retrieval_scores(
-    model, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, *, k: int = 16, batch_size: int = 64
+    model, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, *, k: int = 256, batch_size: int = 64
 ) -> RetrievalScores:
     """Image-text retrieval over images [Ni, 3, H, W] and texts [Nt, L]: ITC similarities, then each query's top-k
-    candidates re-ranked by the ITM match logit (pairs fused ``batch_size`` at a time) -> RetrievalScores."""
+    candidates (k = 256, the authors' k_test) re-ranked by the ITM match logit (pairs fused ``batch_size`` at a
+    time) -> RetrievalScores."""
     if not isinstance(k, int) or k < 1 or batch_size < 1:
         raise ValueError(f"k and batch_size must be positive ints, got k={k!r}, batch_size={batch_size!r}")
     image_embeds = torch.cat([model.visual_encoder(chunk) for chunk in images.split(batch_size)])
