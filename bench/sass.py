@@ -132,7 +132,8 @@ def split_functions(sass: str, default_arch: int = 0) -> Dict[Tuple[int, str], L
 
 def _resolve_labels(instructions: List[Instruction], labels: Dict[str, int]) -> List[Instruction]:
     def resolved(instruction: Instruction) -> Instruction:
-        operands = re.sub(r"`\((\.L[\w.]+)\)", lambda m: hex(labels.get(m.group(1), -1)), instruction.operands)
+        operands = re.sub(r"`\((\.L[\w.]+)\)",
+                          lambda m: hex(labels[m.group(1)]) if m.group(1) in labels else m.group(0), instruction.operands)
         return Instruction(instruction.address, instruction.predicate, instruction.opcode, operands)
 
     return [resolved(instruction) for instruction in instructions]
