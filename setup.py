@@ -120,8 +120,9 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "matplotlib", "tqdm", "transformers>=5.0"],
         "bench": ["pytest-benchmark", "numpy", "matplotlib", "tqdm"],
+        "hf": ["transformers>=5.0"],
     },
     entry_points={"console_scripts": ["mplug-bench = bench.__main__:main"]},
     ext_modules=[CMakeExtension("mplug_kernels._C")],

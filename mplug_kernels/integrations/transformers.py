@@ -1,0 +1,279 @@
+"""mplug_kernels inside Hugging Face transformers models (``pip install mplug-kernels[hf]``).
+
+``register()`` adds an attention implementation, and the mask function that goes with it, under one name:
+``BertModel.from_pretrained(..., attn_implementation=register())`` then runs cross-attention and bidirectional
+self-attention on ``mplug_kernels.co_attention``. ``apply_mplug_kernels_to_blip(model)`` patches BLIP's text
+attention, which does not dispatch through transformers' AttentionInterface. Calls the kernels cannot serve exactly
+(causal or per-query masks, attention dropout in training, attention weights requested) run transformers' own
+attention instead, with one warning per reason. This module imports transformers only when one of them is called.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import contextvars
+import functools
+import sys
+import types
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from mplug_kernels._checks import MAX_HEAD_DIM
+from mplug_kernels.backends import get_backend
+from mplug_kernels.ops import co_attention
+
+DEFAULT_NAME = "mplug_kernels"
+# Additive masks: 0 attends, anything at or below this is a masked key (transformers uses the dtype's minimum).
+MASKED_BELOW = -1e4
+# Arguments of transformers' attention functions that change the math beyond a key padding mask.
+UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k")
+_BUILTIN_NAMES = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+_warned_reasons = set()
+_cross_kv_memo: contextvars.ContextVar = contextvars.ContextVar("mplug_kernels_cross_kv_memo", default=None)
+
+
+class FallbackWarning(UserWarning):
+    """A call ran on transformers' own attention because mplug_kernels cannot compute it exactly."""
+
+
+def _transformers():
+    try:
+        import transformers
+        import transformers.masking_utils  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"mplug_kernels.integrations.transformers needs transformers >= 5.0 with masking_utils "
+            f"(pip install 'mplug-kernels[hf]'): {error}"
+        ) from error
+    return transformers
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned_reasons:
+        _warned_reasons.add(reason)
+        warnings.warn(f"mplug_kernels: {reason}; this call runs on transformers' own attention", FallbackWarning,
+                      stacklevel=3)
+
+
+def _shared_row(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """mask [B|1, H|1, Lq|1, Lk] -> its one row [B|1, Lk] when every head and query sees the same keys, else None."""
+    for dim in (1, 2):
+        if mask.shape[dim] != 1 and mask.stride(dim) != 0:
+            return None
+    return mask[:, 0, 0, :]
+
+
+def key_padding_mask(mask: Optional[torch.Tensor], batch: int) -> Tuple[Optional[torch.Tensor], Optional[str]]:
+    """(bool [B, Lk] True = attend, None) from transformers' 4-D bool or additive mask, or (None, why it is not one)."""
+    if mask is None:
+        return None, None
+    if mask.dim() != 4:
+        return None, f"a {mask.dim()}-D attention mask (only 4-D masks [B, 1, 1|Lq, Lk] are understood)"
+    row = _shared_row(mask)
+    if row is None:
+        return None, "a causal or per-query/per-head mask (ours take one key padding mask per batch row)"
+    if row.dtype != torch.bool:
+        masked = row <= MASKED_BELOW
+        if not bool(((row == 0) | masked).all()):
+            return None, f"an additive mask with values other than 0 and <= {MASKED_BELOW:g} (a bias, not padding)"
+        row = ~masked
+    return row.expand(batch, row.shape[-1]), None
+
+
+def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A bool mask (True = attend) as the additive float mask eager attention adds to its scores; others unchanged."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def _head_dim_reason(head_dim: int) -> Optional[str]:
+    if head_dim % 8 or head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim} (ours take multiples of 8 up to {MAX_HEAD_DIM})"
+    return None
+
+
+def _call_reason(module, query, key, attention_mask, dropout, is_causal, kwargs) -> Optional[str]:
+    """Why an AttentionInterface call ([B, H, L, D] tensors) cannot run on our kernels, or None."""
+    if kwargs.get("output_attentions"):
+        return "output_attentions (attention weights are requested)"
+    if dropout and dropout > 0:
+        return "attention dropout > 0 in training"
+    given = [name for name in UNSUPPORTED_KWARGS if kwargs.get(name) is not None]
+    if given:
+        return f"argument {given[0]}"
+    if key.shape[1] != query.shape[1]:
+        return f"grouped-query attention ({query.shape[1]} query heads, {key.shape[1]} key/value heads)"
+    if attention_mask is None and query.shape[2] > 1:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if causal:
+            return "causal attention over several queries"
+    return _head_dim_reason(query.shape[-1])
+
+
+def _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    """transformers' own answer: the model's eager attention when weights are requested, else SDPA."""
+    _warn_once(reason)
+    if kwargs.get("output_attentions"):
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            mask = additive_mask(attention_mask, query.dtype)
+            return eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+
+
+def attention_forward(backend, module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      **kwargs):
+    """transformers' attention signature: query/key/value [B, H, L, D] -> (out [B, Lq, H, D], None) on our kernels."""
+    reason = _call_reason(module, query, key, attention_mask, dropout, is_causal, kwargs)
+    keep = None
+    if reason is None:
+        keep, reason = key_padding_mask(attention_mask, query.shape[0])
+    if reason is not None:
+        return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    out = co_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), keep,
+                       softmax_scale=scaling, backend=backend)
+    return out, None
+
+
+def padding_mask(**kwargs):
+    """transformers' boolean SDPA mask, always materialised, and one row [B, 1, 1, Lk] when it only pads keys."""
+    from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
+
+    if kwargs.get("mask_function") is bidirectional_mask_function:
+        if "q_length" in kwargs:  # transformers >= 5.3 passes the query length, earlier 5.x the query positions
+            kwargs["q_length"] = 1
+        if "cache_position" in kwargs:
+            kwargs["cache_position"] = kwargs["cache_position"][:1]
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(**kwargs)
+
+
+def register(name: str = DEFAULT_NAME, backend: str = "auto") -> str:
+    """Register our attention and mask function with transformers as ``name`` (kernels of ``backend``); returns name."""
+    transformers = _transformers()
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if not isinstance(name, str) or not name or name in _BUILTIN_NAMES:
+        raise ValueError(f"name must be a new non-empty str, not one of transformers' {_BUILTIN_NAMES}; got {name!r}")
+    if backend != "auto":
+        get_backend(backend)
+    transformers.AttentionInterface.register(name, functools.partial(attention_forward, backend))
+    AttentionMaskInterface.register(name, padding_mask)
+    return name
+
+
+def _blip_fallback_reason(module, mask, batch) -> Tuple[Optional[torch.Tensor], Optional[str]]:
+    if module.training and module.dropout.p > 0:
+        return None, "attention dropout > 0 in training"
+    reason = _head_dim_reason(module.attention_head_size)
+    if reason:
+        return None, reason
+    return key_padding_mask(mask, batch)
+
+
+def _heads(module, x: torch.Tensor) -> torch.Tensor:
+    """[B, L, H * D] -> [B, L, H, D] (a view)."""
+    return x.view(*x.shape[:2], -1, module.attention_head_size)
+
+
+def _projected_kv(module, states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """K, V [B, L, H, D] of states; inside a patched generate, each layer projects one encoder output only once."""
+    memo = _cross_kv_memo.get()
+    entry = memo.get(module) if memo is not None else None
+    if entry is not None and entry[0] is states and entry[1] == states._version:
+        return entry[2], entry[3]
+    k, v = _heads(module, module.key(states)), _heads(module, module.value(states))
+    if memo is not None:
+        memo[module] = (states, states._version, k, v)
+    return k, v
+
+
+def _blip_kv(module, hidden_states, encoder_hidden_states, cache):
+    """K, V [B, Lk, H, D] for a BLIP text attention layer, read from or written to transformers' cache as BLIP does."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    cross = encoder_hidden_states is not None
+    layer_cache = cache
+    if isinstance(cache, EncoderDecoderCache):
+        layer_cache = cache.cross_attention_cache if cross else cache.self_attention_cache
+        if cross and cache.is_updated.get(module.layer_idx):
+            layer = layer_cache.layers[module.layer_idx]
+            return layer.keys.transpose(1, 2), layer.values.transpose(1, 2)
+    k, v = _projected_kv(module, encoder_hidden_states) if cross else (
+        _heads(module, module.key(hidden_states)), _heads(module, module.value(hidden_states)))
+    if layer_cache is None:
+        return k, v
+    k, v = layer_cache.update(k.transpose(1, 2), v.transpose(1, 2), module.layer_idx)
+    if cross and isinstance(cache, EncoderDecoderCache):
+        cache.is_updated[module.layer_idx] = True
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _blip_attention(backend, module, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                    encoder_attention_mask=None, **kwargs):
+    """BlipTextSelfAttention.forward on our kernels: hidden_states [B, Lq, hidden] -> ([B, Lq, hidden], None)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.x
+    mask = encoder_attention_mask if encoder_hidden_states is not None else attention_mask
+    keep, reason = _blip_fallback_reason(module, mask, hidden_states.shape[0])
+    if reason is not None:
+        _warn_once(reason)
+        dtype = hidden_states.dtype
+        return module._mplug_kernels_original_forward(
+            hidden_states, attention_mask=additive_mask(attention_mask, dtype),
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=additive_mask(encoder_attention_mask, dtype), **kwargs,
+        )
+    q = _heads(module, module.query(hidden_states))
+    k, v = _blip_kv(module, hidden_states, encoder_hidden_states, cache)
+    out = co_attention(q, k, v, keep, backend=backend)
+    return out.reshape(*hidden_states.shape[:2], -1), None
+
+
+@contextlib.contextmanager
+def cross_kv_once():
+    """Inside this block each patched BLIP layer projects a given encoder output to K/V once, not once per step."""
+    token = _cross_kv_memo.set({})
+    try:
+        yield
+    finally:
+        _cross_kv_memo.reset(token)
+
+
+def _generate_with_cross_kv_once(generate):
+    @functools.wraps(generate)
+    def wrapper(*args, **kwargs):
+        with cross_kv_once():
+            return generate(*args, **kwargs)
+
+    wrapper._mplug_kernels_patched = True
+    return wrapper
+
+
+def apply_mplug_kernels_to_blip(model: torch.nn.Module, backend: str = "auto", name: str = DEFAULT_NAME):
+    """Patch every BLIP text self-/cross-attention layer of ``model`` in place to run on our kernels; returns model."""
+    register(name, backend)
+    from transformers.models.blip.modeling_blip_text import BlipTextModel, BlipTextSelfAttention
+
+    found = False
+    for module in model.modules():
+        if isinstance(module, BlipTextModel) and module.config._attn_implementation != name:
+            module.config = copy.deepcopy(module.config)  # its own copy: another model may share this config
+            module.config._attn_implementation = name
+        if isinstance(module, BlipTextSelfAttention):
+            found = True
+            if not hasattr(module, "_mplug_kernels_original_forward"):
+                module._mplug_kernels_original_forward = module.forward
+            module.forward = types.MethodType(functools.partial(_blip_attention, backend), module)
+        generate = getattr(module, "generate", None)
+        if generate is not None and not getattr(generate, "_mplug_kernels_patched", False):
+            module.generate = _generate_with_cross_kv_once(generate)
+    if not found:
+        raise ValueError(f"model ({type(model).__name__}) has no BLIP text attention layer (BlipTextSelfAttention)")
+    return model
