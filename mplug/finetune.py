@@ -64,7 +64,10 @@ def vqa_loss(model, images, question_ids, question_mask, answer_ids, answer_mask
     counts = _answer_counts(answers_per_question, question_ids.shape[0], answer_ids.shape[0], question_ids.device)
     weights = torch.as_tensor(weights, device=answer_ids.device)
     if weights.shape != answer_ids.shape[:1] or not weights.is_floating_point():
-        raise ValueError(f"weights must be floats [N] = [{answer_ids.shape[0]}] (one per answer), got shape {tuple(weights.shape)}, dtype {weights.dtype}")
+        raise ValueError(
+            f"weights must be floats [N] = [{answer_ids.shape[0]}] (one per answer), "
+            f"got shape {tuple(weights.shape)}, dtype {weights.dtype}"
+        )
     image_embeds, image_mask = encode_images(model, images)
     question_embeds = model.text_encoder(question_ids, question_mask)
     image_out, question_out = model.fusion_encoder(image_embeds, image_mask, question_embeds, question_mask)
@@ -115,10 +118,13 @@ def sample_captions(model, memory, memory_masks, num_samples: int, min_length: i
     return sequences[:, 1:].view(-1, num_samples, sequences.shape[1] - 1), lengths.view(-1, num_samples)
 
 
-def _caption_tokens(ids: torch.Tensor, length: int, eos_token_id: int) -> List[int]:
-    """A generated caption's words: its ids before the first end token (within ``length``)."""
-    words = ids[:length].tolist()
-    return words[: words.index(eos_token_id)] if eos_token_id in words else words
+def _captions(sequences: torch.Tensor, lengths: torch.Tensor, eos_token_id: int) -> List[List[List[int]]]:
+    """Generated ids [B, K, T] with lengths [B, K] -> each caption's words: its ids before the first end token."""
+    captions = []
+    for row, row_lengths in zip(sequences.tolist(), lengths.tolist()):
+        words = [ids[:length] for ids, length in zip(row, row_lengths)]
+        captions.append([ids[: ids.index(eos_token_id)] if eos_token_id in ids else ids for ids in words])
+    return captions
 
 
 def caption_scst_loss(
@@ -151,16 +157,12 @@ def caption_scst_loss(
             beams = _generate(model, memory, masks, None, num_samples, True, num_return_sequences=num_samples, **search)
             samples, lengths = beams.sequences, beams.lengths
         greedy = _generate(model, memory, masks, None, 1, True, **search) if baseline == "greedy" else None
-    captions = [
-        [_caption_tokens(samples[b, k], int(lengths[b, k]), config.eos_token_id) for k in range(num_samples)]
-        for b in range(len(references))
-    ]
+    captions = _captions(samples, lengths, config.eos_token_id)
     rewards = _cider_scores(cider, captions, references, images.device)
     if greedy is None:
         base = rewards.mean(1, keepdim=True)
     else:
-        greedy_captions = [[_caption_tokens(greedy.sequences[b, 0], int(greedy.lengths[b, 0]), config.eos_token_id)] for b in range(len(references))]
-        base = _cider_scores(cider, greedy_captions, references, images.device)
+        base = _cider_scores(cider, _captions(greedy.sequences, greedy.lengths, config.eos_token_id), references, images.device)
     ids, mask = _scst_inputs(captions, config, images.device)
     repeated = (image_embeds.repeat_interleave(num_samples, 0),), (image_mask.repeat_interleave(num_samples, 0),)
     logits = model.text_decoder(ids, mask, memory=repeated[0], memory_masks=repeated[1])

@@ -92,13 +92,13 @@ def test_hard_negatives_skip_pairs_of_the_same_image_id():
     similarity = torch.randn(4, 4, generator=torch.Generator().manual_seed(2)) * 2
     ids = torch.tensor([0, 0, 1, 2])
     generator = torch.Generator().manual_seed(3)
-    draws = torch.stack([sample_hard_negatives(similarity, generator, ids) for _ in range(2000)])
+    draws = torch.stack([sample_hard_negatives(similarity, generator, ids) for _ in range(1000)])
     same = ids[None, :] == ids[:, None]
     expected = torch.softmax(similarity, 1).masked_fill(same, 0)
     expected = expected / expected.sum(1, keepdim=True)
     for row in range(4):
         frequency = torch.bincount(draws[:, row], minlength=4).double() / len(draws)
-        torch.testing.assert_close(frequency, expected[row].double(), atol=0.035, rtol=0)
+        torch.testing.assert_close(frequency, expected[row].double(), atol=0.05, rtol=0)
     assert not same.gather(1, draws.t()).any()
 
 
