@@ -64,8 +64,8 @@ def expected_duration(device: torch.device, mode: str) -> str:
             if payload["environment"].get("device_type") == device.type and payload.get("mode") == mode]
     if not runs:
         return f"unknown (no committed {mode} run on a {device.type} under {report.RESULTS_ROOT.name}/)"
-    wall, cpu = sum(env["wall_s"] for env in runs), sum(env["process_cpu_s"] for env in runs)
-    load = max(env["load_average_before"] or 0.0 for env in runs)
+    wall, cpu = sum(env["wall_s"] for env in runs), sum(env.get("process_cpu_s") or 0.0 for env in runs)
+    load = max(env.get("load_average_before") or 0.0 for env in runs)
     return (f"about {wall / 60:.1f} min (the committed {mode} run on a {device.type}: {cpu / 60:.1f} CPU-min at load "
             f"average {load:.1f}; a busier machine takes longer)")
 

@@ -175,6 +175,7 @@ def profile_call(fn: Callable[[], object], device: torch.device) -> Tuple[Option
     """(peak memory MiB, attention backends that ran) of one call of fn, under torch.profiler with ranges on."""
     from mplug_kernels import profiling
 
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # else the profiler logs every start and stop on stderr
     was_enabled = profiling.nvtx_enabled()
     profiling.enable_nvtx(True)
     on_gpu = device.type == "cuda"
