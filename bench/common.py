@@ -346,19 +346,21 @@ def environment(device: torch.device) -> Dict[str, object]:
 
 @dataclass
 class Run:
-    """What a benchmark's header needs from its start: the load average and the clocks at the start."""
+    """What a benchmark's header needs from its start: the load average, the clocks and the commit at the start."""
 
     device: torch.device
     policy: TimingPolicy
     load_before: Optional[float] = field(default_factory=load_average)
     started: float = field(default_factory=time.perf_counter)
     started_cpu: float = field(default_factory=time.process_time)
+    commit: str = field(default_factory=_git_commit)
 
     def header(self, rows: Sequence[dict], ratios: Sequence[dict]) -> Dict[str, object]:
         """The environment plus timing method, noisy-cell count, load average before and after, wall and CPU time."""
         cells = [row for row in rows if "ms_median" in row]
         return {
             **environment(self.device),
+            "commit": self.commit,
             "timing": {"method": TIMING_METHOD, **self.policy.describe()},
             "peak_memory_method": PEAK_MEMORY_METHOD[self.device.type],
             "cells": len(cells),
