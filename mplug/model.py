@@ -116,6 +116,72 @@ class MPLUG(nn.Module):
 
         return tasks.retrieval_scores(self, images, text_ids, text_mask, **kw)
 
+    def encode_video(self, frames, frame_mask=None):
+        """frames [B, T, 3, S, S] -> VideoMemory (embeds [B, T * Lv, hidden], mask [B, T * Lv]) (mplug.video)."""
+        from mplug import video
+
+        return video.encode_video(self, frames, frame_mask)
+
+    def video_qa_generate(self, frames, question_ids, question_mask=None, frame_mask=None, **kw):
+        """Beam-searched answers to questions about videos (mplug.video.video_qa_generate)."""
+        from mplug import video
+
+        return video.video_qa_generate(self, frames, question_ids, question_mask, frame_mask, **kw)
+
+    def video_caption_generate(self, frames, frame_mask=None, **kw):
+        """Beam-searched captions of videos (mplug.video.video_caption_generate)."""
+        from mplug import video
+
+        return video.video_caption_generate(self, frames, frame_mask, **kw)
+
+    def video_retrieval_scores(self, frames, text_ids, text_mask=None, frame_mask=None, **kw):
+        """Text-video ITC scores re-ranked by ITM (mplug.video.video_retrieval_scores)."""
+        from mplug import video
+
+        return video.video_retrieval_scores(self, frames, text_ids, text_mask, frame_mask, **kw)
+
+    def add_classifier_heads(self) -> "MPLUG":
+        """Add the SNLI-VE and NLVR2 heads ``ve_head`` / ``nlvr_head`` when missing (mplug.classification); returns self."""
+        from mplug import classification
+
+        return classification.add_classifier_heads(self)
+
+    def ve_loss(self, images, text_ids, text_mask, labels):
+        """SNLI-VE 3-way cross-entropy over the fused [CLS] (mplug.classification.ve_loss)."""
+        from mplug import classification
+
+        return classification.ve_loss(self, images, text_ids, text_mask, labels)
+
+    def ve_predict(self, images, text_ids, text_mask=None):
+        """SNLI-VE classes [B] (mplug.classification.ve_predict)."""
+        from mplug import classification
+
+        return classification.ve_predict(self, images, text_ids, text_mask)
+
+    def nlvr_loss(self, images, text_ids, text_mask, labels):
+        """NLVR2 cross-entropy over image pairs [B, 2, 3, H, W] (mplug.classification.nlvr_loss)."""
+        from mplug import classification
+
+        return classification.nlvr_loss(self, images, text_ids, text_mask, labels)
+
+    def nlvr_predict(self, images, text_ids, text_mask=None):
+        """NLVR2 labels [B] of image pairs (mplug.classification.nlvr_predict)."""
+        from mplug import classification
+
+        return classification.nlvr_predict(self, images, text_ids, text_mask)
+
+    def ground(self, images, text_ids, text_mask=None):
+        """Boxes [B, 4] (normalised cx, cy, w, h) of referring expressions (mplug.grounding.ground)."""
+        from mplug import grounding
+
+        return grounding.ground(self, images, text_ids, text_mask)
+
+    def grounding_loss(self, images, text_ids, text_mask, boxes):
+        """Coordinate-token loss weighted by L1 and 1 - GIoU (mplug.grounding.grounding_loss)."""
+        from mplug import grounding
+
+        return grounding.grounding_loss(self, images, text_ids, text_mask, boxes)
+
 
 def check_backend_name(name) -> None:
     """The backend must be 'auto' or a registered backend name."""

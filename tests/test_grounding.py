@@ -1,0 +1,126 @@
+"""Visual grounding on the tiny model: box quantisation, GIoU and the weighted coordinate loss by hand, greedy
+restricted decoding, bad boxes refused."""
+import math
+
+import pytest
+import torch
+
+from mplug import MPLUG, MPLUGConfig
+from mplug.grounding import (
+    box_iou_giou,
+    dequantize_boxes,
+    grounding_accuracy,
+    grounding_tokens,
+    quantize_boxes,
+    weighted_coordinate_loss,
+)
+
+CLS, SEP = 101, 102
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MPLUG(MPLUGConfig.tiny(attn_backend="reference")).double().eval()
+
+
+def inputs(batch=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, 32, 32, generator=generator, dtype=torch.float64)
+    ids = torch.randint(140, 200, (batch, 5), generator=generator)
+    ids[:, 0], ids[:, -1] = CLS, SEP
+    boxes = torch.rand(batch, 4, generator=generator, dtype=torch.float64)
+    return images, ids, torch.ones(ids.shape, dtype=torch.bool), boxes
+
+
+def test_tokens_are_reserved_ids_after_mask():
+    tokens = grounding_tokens(MPLUGConfig.tiny())
+    assert tokens == (104, 105, 33)  # tiny image_size 32 -> 33 levels, ids 105..137
+    assert grounding_tokens(MPLUGConfig.base()) == (104, 105, 385)
+    with pytest.raises(ValueError, match="vocab_size is 120"):
+        grounding_tokens(MPLUGConfig.tiny(vocab_size=120))
+
+
+def test_quantization_round_trip():
+    boxes = torch.tensor([[0.0, 1.0, 0.5, 0.26], [0.124, 0.126, 0.999, 0.001]])
+    levels = quantize_boxes(boxes, 4)
+    assert levels.tolist() == [[0, 4, 2, 1], [0, 1, 4, 0]]
+    assert dequantize_boxes(levels, 4).tolist() == [[0.0, 1.0, 0.5, 0.25], [0.0, 0.25, 1.0, 0.0]]
+    fine = torch.rand(100, 4, generator=torch.Generator().manual_seed(0))
+    assert (dequantize_boxes(quantize_boxes(fine, 384), 384) - fine).abs().max() <= 0.5 / 384 + 1e-7
+    assert torch.equal(quantize_boxes(dequantize_boxes(levels, 4), 4), levels)
+
+
+def test_giou_by_hand():
+    # corners [0, 0, .5, .5] and [.25, .25, .75, .75]: intersection 1/16, union 7/16, enclosing 9/16
+    a = torch.tensor([0.25, 0.25, 0.5, 0.5], dtype=torch.float64)
+    b = torch.tensor([0.5, 0.5, 0.5, 0.5], dtype=torch.float64)
+    iou, giou = box_iou_giou(a, b)
+    assert iou.item() == pytest.approx(1 / 7)
+    assert giou.item() == pytest.approx(1 / 7 - (9 / 16 - 7 / 16) / (9 / 16))
+    # disjoint: corners [0, 0, .2, .2] and [.8, .8, 1, 1]: IoU 0, GIoU = -(1 - 0.08) / 1
+    iou, giou = box_iou_giou(torch.tensor([0.1, 0.1, 0.2, 0.2]), torch.tensor([0.9, 0.9, 0.2, 0.2]))
+    assert iou.item() == 0 and giou.item() == pytest.approx(-0.92)
+    assert box_iou_giou(a, a)[1].item() == pytest.approx(1.0)
+    preds = torch.stack([a, b, a])
+    assert grounding_accuracy(preds, torch.stack([a, a, b])) == pytest.approx(1 / 3)
+
+
+def test_weighted_loss_on_a_hand_made_example():
+    """image_size 4 (5 levels); target levels (2, 2, 2, 2) = box (.5, .5, .5, .5); argmax levels (2, 2, 4, 1)
+    = box (.5, .5, 1, .25). L1 weights (0, 0, 2, 1); corners [0, .375, 1, .625] vs [.25, .25, .75, .75]:
+    intersection .125, union .25 + .25 - .125 = .375, enclosing [0, .25, 1, .75] = .5 -> GIoU 1/3 - .125/.5."""
+    logits = torch.zeros(1, 4, 5, dtype=torch.float64)
+    for position, level in enumerate((2, 2, 4, 1)):
+        logits[0, position, level] = 3.0
+    logits.requires_grad_(True)
+    target = torch.full((1, 4), 2)
+    loss = weighted_coordinate_loss(logits, target, 4)
+    giou = 1 / 3 - 0.125 / 0.5
+    ce_wrong = math.log(4 + math.exp(3))  # target logit 0, one logit 3, three logits 0
+    expected = (2 * ce_wrong + 1 * ce_wrong) * (1 - giou) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # weights carry no gradient: the first two tokens (weight 0) get none, the others d(w * CE)/d logits
+    assert logits.grad[0, :2].abs().max() == 0
+    softmax = torch.softmax(logits.detach()[0, 2], -1)
+    expected_grad = (softmax - torch.nn.functional.one_hot(torch.tensor(2), 5)) * 2 * (1 - giou) / 4
+    torch.testing.assert_close(logits.grad[0, 2], expected_grad.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_ground_is_four_greedy_restricted_steps(model):
+    images, ids, mask, boxes = inputs()
+    predicted = model.ground(images, ids, mask)
+    assert predicted.shape == (2, 4) and ((predicted >= 0) & (predicted <= 1)).all()
+    # recompute by hand: each step the best coordinate token of the full decoder logits
+    from mplug.tasks import encode_images
+    image_embeds, image_mask = encode_images(model, images)
+    v, t = model.fusion_encoder(image_embeds, image_mask, model.text_encoder(ids, mask), mask)
+    tokens = grounding_tokens(model.config)
+    seq = torch.tensor([[CLS, tokens.prefix]] * 2)
+    for _ in range(4):
+        logits = model.text_decoder(seq, torch.ones(seq.shape, dtype=torch.bool), memory=(v, t), memory_masks=(image_mask, mask))
+        coordinate = logits[:, -1, tokens.first_coordinate:tokens.first_coordinate + tokens.levels].argmax(-1)
+        seq = torch.cat([seq, coordinate[:, None] + tokens.first_coordinate], dim=1)
+    assert (predicted * 32).round().long().tolist() == (seq[:, 2:] - tokens.first_coordinate).tolist()
+
+
+def test_grounding_loss_trains_the_decoder(model):
+    images, ids, mask, boxes = inputs(seed=1)
+    loss = model.grounding_loss(images, ids, mask, boxes)
+    assert torch.isfinite(loss) and loss > 0
+    model.zero_grad()
+    loss.backward()
+    touched = [p.grad is not None and p.grad.abs().sum() > 0 for p in model.text_decoder.layers[0].crossattention.parameters()]
+    assert touched and all(touched)
+    model.zero_grad()
+
+
+def test_bad_boxes_are_rejected(model):
+    images, ids, mask, boxes = inputs()
+    outside = boxes.clone()
+    outside[1, 2] = 1.5
+    with pytest.raises(ValueError, match=r"boxes: rows \[1\] have coordinates outside \[0, 1\]"):
+        model.grounding_loss(images, ids, mask, outside)
+    with pytest.raises(ValueError, match=r"boxes must be a float tensor \[B, 4\]"):
+        model.grounding_loss(images, ids, mask, boxes[:, :3])
