@@ -6,6 +6,7 @@ kernel really reaches (registers, shared memory, threads), not from "fewer CTAs 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 from mplug_kernels.backends.kernel_inputs import MAX_SPLITS
 
@@ -34,13 +35,28 @@ SM_LIMITS = {
 }
 
 
+def device_limits(device) -> SMLimits:
+    """SMLimits of a CUDA device (torch.device) from its properties, defaulting to sm_90's where one is missing."""
+    import torch
+
+    properties = torch.cuda.get_device_properties(device)
+    default = SM_LIMITS[90]
+    return SMLimits(
+        registers=getattr(properties, "regs_per_multiprocessor", default.registers),
+        max_threads=getattr(properties, "max_threads_per_multi_processor", default.max_threads),
+        shared_bytes=getattr(properties, "shared_memory_per_multiprocessor", default.shared_bytes),
+        max_shared_per_cta=getattr(properties, "shared_memory_per_block_optin", default.max_shared_per_cta),
+    )
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def ctas_per_sm(registers_per_thread: int, shared_bytes: int, threads: int, arch: int) -> int:
-    """CTAs of one kernel resident on one SM of sm_<arch> (0 when one CTA does not fit) from its resources."""
-    limits = SM_LIMITS[arch]
+def ctas_per_sm(registers_per_thread: int, shared_bytes: int, threads: int, arch: Union[int, SMLimits]) -> int:
+    """CTAs of one kernel resident on one SM of sm_<arch> (or of given SMLimits; 0 when one CTA does not
+    fit) from its registers per thread, shared memory per CTA and threads per CTA."""
+    limits = arch if isinstance(arch, SMLimits) else SM_LIMITS[arch]
     if shared_bytes > limits.max_shared_per_cta or registers_per_thread > limits.max_registers_per_thread:
         return 0
     warps = _ceil_div(threads, 32)
@@ -73,3 +89,10 @@ def num_splits_for_occupancy(
     time = {s: _ceil_div(ctas * s, wave) * _ceil_div(key_tiles, s) for s in candidates}
     best = min(time.values())
     return next(s for s in candidates if time[s] <= TIME_TOLERANCE * best)
+
+
+def fits_without_spills(
+    registers_per_thread: int, spill_bytes: int, shared_bytes: int, threads: int, arch: Union[int, SMLimits],
+) -> bool:
+    """True when a compiled kernel spills nothing and one CTA of it fits an SM of sm_<arch> (or SMLimits)."""
+    return spill_bytes == 0 and ctas_per_sm(registers_per_thread, shared_bytes, threads, arch) >= 1
