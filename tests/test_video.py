@@ -93,15 +93,16 @@ def test_bad_frames_are_rejected(model):
 
 
 # The video lengths: 16 frames x 577 tokens (ViT-B/16 at 384) and 16,384. Cheap shapes: B = 1, a few queries,
-# head dim 16; one head on the Triton interpreter, two on the cuda emulator.
+# head dim 32; one head on the Triton interpreter, two on the cuda emulator.
 VIDEO_LENGTHS = [9232, 16384]
 HEADS = {"reference": 2, "triton": 1, "cuda": 2}
+HEAD_DIM = 32
 
 
 def _video_inputs(backend, length, dtype, seed):
     generator = torch.Generator().manual_seed(seed)
     heads = HEADS[backend]
-    make = lambda n: torch.randn(1, n, heads, 16, generator=generator).to(dtype)
+    make = lambda n: torch.randn(1, n, heads, HEAD_DIM, generator=generator).to(dtype)
     q, k, v = make(5), make(length), make(length)
     mask = torch.ones(1, length, dtype=torch.bool)
     mask[0, -577:] = False  # the last frame is missing
@@ -118,8 +119,8 @@ def test_co_attention_at_video_lengths(backend, length):
     q, k, v, mask, _, _ = _video_inputs(backend, length, _dtype(backend), seed=length)
     skip_unless_supported(backend, q, [k], [v], [mask])
     out = mplug_kernels.co_attention(q, k, v, mask, backend=backend)
-    _, _, _, out_ref, _ = reference64(q, [k], [v], [mask], 16 ** -0.5)
-    out_base, _ = low_precision_baseline(q, [k], [v], [mask], 16 ** -0.5)
+    _, _, _, out_ref, _ = reference64(q, [k], [v], [mask], HEAD_DIM ** -0.5)
+    out_base, _ = low_precision_baseline(q, [k], [v], [mask], HEAD_DIM ** -0.5)
     assert_within_budget("out", out, out_ref, out_base, factor=2)
 
 
@@ -132,6 +133,6 @@ def test_concat_attention_at_video_lengths(backend, length):
     text_mask[0, 15:] = False
     skip_unless_supported(backend, q, [k, text_k], [v, text_v], [mask, text_mask])
     out = mplug_kernels.concat_attention(q, (k, text_k), (v, text_v), (mask, text_mask), backend=backend)
-    _, _, _, out_ref, _ = reference64(q, [k, text_k], [v, text_v], [mask, text_mask], 16 ** -0.5)
-    out_base, _ = low_precision_baseline(q, [k, text_k], [v, text_v], [mask, text_mask], 16 ** -0.5)
+    _, _, _, out_ref, _ = reference64(q, [k, text_k], [v, text_v], [mask, text_mask], HEAD_DIM ** -0.5)
+    out_base, _ = low_precision_baseline(q, [k, text_k], [v, text_v], [mask, text_mask], HEAD_DIM ** -0.5)
     assert_within_budget("out", out, out_ref, out_base, factor=2)
