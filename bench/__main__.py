@@ -73,9 +73,12 @@ def expected_duration(device: torch.device, mode: str) -> str:
 def run_fusion(args, device, policy) -> Path:
     """The fusion-variant benchmark: JSON, PNG, table."""
     run = Run(device, policy)
-    rows, ratios, extra = fusion.run(device, policy, args.config, args.batch, args.vision_lens, args.text_len,
-                                     args.backends, args.variants, args.passes)
-    path = write_results("fusion", run, rows, args.json_dir, ratios, mode=args.mode, **extra)
+
+    def write(rows, ratios, extra) -> Path:
+        return write_results("fusion", run, rows, args.json_dir, ratios, mode=args.mode, **extra)
+
+    path = write(*fusion.run(device, policy, args.config, args.batch, args.vision_lens, args.text_len,
+                             args.backends, args.variants, args.passes, after_group=write))
     payload = report.load(path)
     report.plot_fusion(payload, path.with_suffix(".png"))
     print(report.fusion_table(payload) + "\n", flush=True)

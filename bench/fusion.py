@@ -203,25 +203,18 @@ def run(
     backends: Optional[Sequence[str]] = None,
     variants: Sequence[str] = VARIANTS,
     passes: Sequence[str] = PASSES,
+    after_group: Optional[Callable[[List[dict], List[dict], dict], None]] = None,
 ) -> Tuple[List[dict], List[dict], dict]:
     """(rows, ratio rows, extra JSON fields): every variant x backend x Lv x pass. CPU default batch 1, GPU 64.
 
     The variants and backends of one (pass, Lv) are timed interleaved (one network per variant, switched
-    between backends), so their ratios are paired per round.
+    between backends), so their ratios are paired per round. after_group(rows, ratios, extra) is called after
+    every (pass, Lv) group with the results so far (the main job writes them, so a stopped run keeps them).
     """
     config = CONFIGS[config_name]()
     dtype = bench_dtype(device)
     batch = batch or (64 if device.type == "cuda" else 1)
     names, skipped = fusion_backends(device, dtype, config, backends)
-    networks = {variant: build_fusion(config, variant, names[0], device, dtype) for variant in variants}
-    rows, ratios = [], []
-    for pass_name, vision_len in progress(list(itertools.product(passes, vision_lens)), "fusion"):
-        inputs = fusion_inputs(config, batch, vision_len, text_len, device, dtype)
-        functions = {(variant, backend): step_function(networks[variant], inputs, pass_name, backend)
-                     for variant in variants for backend in names}
-        timings = measure(functions, device, policy)
-        rows += [_cell_row(config, key, timing, batch, vision_len, text_len, pass_name) for key, timing in timings.items()]
-        ratios += _ratio_rows(timings, pass_name, vision_len)
     extra = {
         "benchmark": "fusion",
         "config": config_name,
@@ -235,4 +228,15 @@ def run(
         "flop_ratios": flop_ratios(config, vision_lens, text_len),
         "paper_ms_per_100": PAPER_MS_PER_100,
     }
+    networks = {variant: build_fusion(config, variant, names[0], device, dtype) for variant in variants}
+    rows, ratios = [], []
+    for pass_name, vision_len in progress(list(itertools.product(passes, vision_lens)), "fusion"):
+        inputs = fusion_inputs(config, batch, vision_len, text_len, device, dtype)
+        functions = {(variant, backend): step_function(networks[variant], inputs, pass_name, backend)
+                     for variant in variants for backend in names}
+        timings = measure(functions, device, policy)
+        rows += [_cell_row(config, key, timing, batch, vision_len, text_len, pass_name) for key, timing in timings.items()]
+        ratios += _ratio_rows(timings, pass_name, vision_len)
+        if after_group is not None:
+            after_group(rows, ratios, extra)
     return rows, ratios, extra
