@@ -193,7 +193,8 @@ def _job_rows(job: Tuple[str, int, Tuple[int, ...]]) -> Tuple[List[dict], int]:
 
 def compile_pool(workers: int, cache_dir: str) -> ProcessPoolExecutor:
     """Spawned worker processes that compile for CUDA (TRITON_INTERPRET=0) into a fresh Triton cache."""
-    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_setup, initargs=(cache_dir,))
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_setup,
+                               initargs=(cache_dir,))
 
 
 def _worker_setup(cache_dir: str) -> None:

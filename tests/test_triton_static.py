@@ -52,7 +52,8 @@ def test_ahead_of_time_compile_reads_metadata_and_sass():
         rows, pruned = pool.submit(static_triton.launch_rows, "float16", 32, 25, 80, ("dq",)).result()
     assert pruned == 0 and len(rows) == 1
     row = rows[0]
-    assert (row["kernel"], row["backend"], row["arch"], row["dtype"], row["head_dim"]) == ("dq", "triton", 80, "float16", 32)
+    identity = (row["kernel"], row["backend"], row["arch"], row["dtype"], row["head_dim"])
+    assert identity == ("dq", "triton", 80, "float16", 32)
     assert "BLOCK_M=32" in row["config"] and "BLOCK_D=32" in row["config"]
     assert 16 <= row["registers"] <= 255 and row["spill_bytes"] == 0 and row["local_bytes"] == 0
     assert 0 < row["shared_bytes"] <= SM_LIMITS[80].max_shared_per_cta

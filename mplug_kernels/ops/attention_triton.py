@@ -313,15 +313,16 @@ def _config(block_n: int, warps: int, stages: int) -> triton.Config:
 
 
 # Forward autotuning candidates (BLOCK_N, num_warps, num_stages) per element size (2: fp16/bf16, 4: fp32); the
-# first is the configuration run untuned. Before tuning, each candidate is compiled for the device and dropped
-# when it spills or does not fit (_prune_forward); bench/static_triton.py compiles all of them for sm_80 and
-# sm_90 at every head dim and BLOCK_M. fp32 dots are exact (ieee: FMA, not tensor cores), so fp32 tiles are small.
+# first that fits is the configuration run untuned (_untuned_config). Before tuning, each candidate is compiled
+# for the device and dropped when it spills or does not fit (_prune_forward); bench/static_triton.py compiles
+# all of them for sm_80 and sm_90 at every head dim and BLOCK_M. fp32 dots are exact (ieee: FMA, not tensor
+# cores), which holds whole operand rows per thread, so fp32 tiles are small and single-stage.
 FORWARD_CANDIDATES = {
     2: ((32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2)),
     4: ((16, 8, 1), (16, 4, 1), (32, 8, 1)),
 }
 FORWARD_CONFIGS = [_config(*candidate) for candidate in dict.fromkeys(sum(FORWARD_CANDIDATES.values(), ()))]
-# MPLUG_KERNELS_TRITON_AUTOTUNE=0 runs the forward with the first candidate instead of tuning (GPU test runs,
+# MPLUG_KERNELS_TRITON_AUTOTUNE=0 runs the forward with _untuned_config instead of tuning (GPU test runs,
 # where tuning every new shape would cost more than the tests; every configuration has its own test).
 AUTOTUNE_ENV = "MPLUG_KERNELS_TRITON_AUTOTUNE"
 
@@ -413,8 +414,8 @@ def _prune_forward(configs, named_args, **kwargs):
     args = list(named_args.values())
     wanted = FORWARD_CANDIDATES[q.element_size()]
     candidates = [config for config in configs if _candidate(config) in wanted]
-    return prune_configs(candidates, lambda config: compiled_facts(_forward_kernel, args, {**kwargs, **config_meta(config)}),
-                         device_limits(q.device))
+    facts_of = lambda config: compiled_facts(_forward_kernel, args, {**kwargs, **config_meta(config)})
+    return prune_configs(candidates, facts_of, device_limits(q.device))
 
 
 _tuned_forward_kernel = triton.autotune(
@@ -425,7 +426,7 @@ _tuned_forward_kernel = triton.autotune(
 
 
 def _forward_launcher():
-    """(kernel, meta): the autotuned kernel and {} on a GPU; the plain kernel and None (its first candidate)
+    """(kernel, meta): the autotuned kernel and {} on a GPU; the plain kernel and None (_untuned_config)
     under the CPU interpreter (tuning there is meaningless) or with MPLUG_KERNELS_TRITON_AUTOTUNE=0."""
     if interpreter_on() or os.environ.get(AUTOTUNE_ENV, "1") == "0":
         return _forward_kernel, None
@@ -437,7 +438,7 @@ def _forward_launcher():
 @dataclass
 class Launch:
     """One kernel launch: the @triton.jit kernel, grid, positional arguments and keyword (constexpr, warps,
-    stages) arguments; `tuned` launches take their BLOCK_N/warps/stages from the autotuner or its first candidate."""
+    stages) arguments; `tuned` launches take their BLOCK_N/warps/stages from the autotuner or _untuned_config."""
 
     kernel: object
     grid: Tuple[int, ...]
@@ -450,8 +451,7 @@ class Launch:
             self.kernel[self.grid](*self.args, **self.meta)
             return
         kernel, tuning = _forward_launcher()
-        element_bytes = self.args[0].element_size()
-        tuning = config_meta(forward_candidates(element_bytes)[0]) if tuning is None else tuning
+        tuning = config_meta(_untuned_config(self)) if tuning is None else tuning
         kernel[self.grid](*self.args, **self.meta, **tuning)
 
 
@@ -514,6 +514,16 @@ def forward_launches(
     return [forward, combine]
 
 
+def _untuned_config(launch: Launch) -> triton.Config:
+    """The forward configuration run without tuning: the first candidate that fits the GPU (the first one
+    under the CPU interpreter, where nothing is compiled)."""
+    q = launch.args[0]
+    candidates = forward_candidates(q.element_size())
+    if q.device.type != "cuda":
+        return candidates[0]
+    return _prune_forward(candidates, dict(zip(_forward_kernel.arg_names, launch.args)), **launch.meta)[0]
+
+
 def _multiprocessor_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -522,11 +532,11 @@ _forward_occupancy: Dict[tuple, int] = {}
 
 
 def _forward_ctas_per_sm(launch: Launch) -> int:
-    """CTAs per SM of the unsplit forward in its first candidate configuration, compiled for the current GPU."""
+    """CTAs per SM of the unsplit forward in its untuned configuration, compiled for the current GPU."""
     q = launch.args[0]
     key = (q.device, q.dtype, tuple(sorted(launch.meta.items())))
     if key not in _forward_occupancy:
-        meta = {**launch.meta, **config_meta(forward_candidates(q.element_size())[0])}
+        meta = {**launch.meta, **config_meta(_untuned_config(launch))}
         facts = compiled_facts(launch.kernel, launch.args, meta)
         _forward_occupancy[key] = max(1, facts.ctas_per_sm(device_limits(q.device)))
     return _forward_occupancy[key]
