@@ -36,8 +36,9 @@ def add_classifier_heads(model):
 def fused_cls(model, images: torch.Tensor, text_ids: torch.Tensor, text_mask) -> torch.Tensor:
     """The fused text [CLS] state [B, hidden] of images [B, 3, H, W] with texts [B, L]."""
     image_embeds, image_mask = encode_images(model, images)
-    text_embeds = model.text_encoder(text_ids, default_mask(text_ids, text_mask))
-    return model.fusion_encoder(image_embeds, image_mask, text_embeds, default_mask(text_ids, text_mask))[1][:, 0]
+    text_mask = default_mask(text_ids, text_mask)
+    text_embeds = model.text_encoder(text_ids, text_mask)
+    return model.fusion_encoder(image_embeds, image_mask, text_embeds, text_mask)[1][:, 0]
 
 
 def _check_labels(labels, batch: int, classes: int) -> None:
