@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mplug.validation import check_own_layout, check_state_dict_keys, load_checkpoint_file, non_finite_entries
+
 
 POSITIONAL_EMBEDDING = "visual_encoder.visual.positional_embedding"
 QUEUES = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
@@ -53,12 +55,14 @@ class LoadResult(NamedTuple):
 def _read(path_or_state_dict, weights_only: bool) -> Dict[str, torch.Tensor]:
     """The flat state dict inside a path, a {'model'|'module': ...} dict or a state dict."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        path_or_state_dict = torch.load(path_or_state_dict, map_location="cpu", weights_only=weights_only)
+        path_or_state_dict = load_checkpoint_file(path_or_state_dict, weights_only)
     if not isinstance(path_or_state_dict, dict):
         raise TypeError(f"checkpoint must be a path or a dict, got {type(path_or_state_dict).__name__}")
     for wrapper in ("model", "module"):
         if isinstance(path_or_state_dict.get(wrapper), dict):
-            return path_or_state_dict[wrapper]
+            path_or_state_dict = path_or_state_dict[wrapper]
+            break
+    check_state_dict_keys(path_or_state_dict)
     return path_or_state_dict
 
 
@@ -95,9 +99,10 @@ def _always_ignored(key: str) -> bool:
 def resize_positional_embedding(positions: torch.Tensor, length: int) -> torch.Tensor:
     """[1 + n*n, w] -> [length, w]: the class row kept, the n x n grid resized bilinearly to sqrt(length - 1) squared."""
     old_side, new_side = math.isqrt(positions.shape[0] - 1), math.isqrt(length - 1)
-    if old_side ** 2 != positions.shape[0] - 1 or new_side ** 2 != length - 1:
+    if min(old_side, new_side) < 1 or old_side ** 2 != positions.shape[0] - 1 or new_side ** 2 != length - 1:
         raise ValueError(
-            f"{POSITIONAL_EMBEDDING}: cannot resize {tuple(positions.shape)} to {length} rows; both grids must be square"
+            f"{POSITIONAL_EMBEDDING}: cannot resize {tuple(positions.shape)} to {length} rows; both grids must be "
+            f"square with at least one cell (1 + n * n rows, n >= 1)"
         )
     grid = positions[1:].float().reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(new_side, new_side), mode="bilinear", align_corners=False)
@@ -132,8 +137,10 @@ def load_official_checkpoint(
     ours = model.state_dict(keep_vars=True)
     loadable: Dict[str, torch.Tensor] = {}
     unexpected, ignored, mismatched = [], [], []
-    for official_key, value in _read(path_or_state_dict, weights_only).items():
-        official_key = official_key[len("module."):] if official_key.startswith("module.") else official_key
+    state = {key[len("module."):] if key.startswith("module.") else key: value
+             for key, value in _read(path_or_state_dict, weights_only).items()}
+    check_own_layout(state, config.text_layers)
+    for official_key, value in state.items():
         if _always_ignored(official_key):
             ignored.append(official_key)
             continue
@@ -151,17 +158,18 @@ def load_official_checkpoint(
         loadable[key] = value
     if mismatched:
         raise ValueError("checkpoint shapes do not fit the model:\n  " + "\n  ".join(mismatched))
-    model.load_state_dict(loadable, strict=False)
     loaded = set(loadable)
     momentum_loaded = any(key.split(".")[0].endswith("_m") for key in loaded)
-    _copy_online_into_unloaded_momentum(ours, loaded)
     missing = [
         key for key in ours
         if key not in loaded and key not in QUEUES and not _shared_with_loaded(key, loaded, ours)
         and _expected(key, task, momentum_loaded)
     ]
     if strict and (missing or unexpected):
-        raise RuntimeError(f"strict load failed: missing keys {missing}, unexpected keys {unexpected}")
+        raise RuntimeError(f"strict load failed (nothing was loaded): missing keys {missing}, unexpected keys {unexpected}")
+    non_finite_entries(loadable, strict)
+    model.load_state_dict(loadable, strict=False)
+    _copy_online_into_unloaded_momentum(ours, loaded)
     return LoadResult(missing, unexpected, ignored)
 
 

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from mplug.validation import check_positive_int
 from mplug_kernels.profiling import nvtx_annotate
 
 StepFn = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -78,8 +79,7 @@ def _check_search_args(prompt_ids, num_beams, min_length, max_length, num_return
         raise ValueError(f"prompt_ids must be a long tensor [B, P] with P >= 1, got {got}")
     if prompt_ids.shape[0] == 0 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be [B, P] with B, P >= 1, got shape {tuple(prompt_ids.shape)}")
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    check_positive_int("num_beams", num_beams)
     if not 0 <= min_length < max_length:
         raise ValueError(f"need 0 <= min_length < max_length, got min_length={min_length}, max_length={max_length}")
     if not 1 <= num_return_sequences <= num_beams:

@@ -2,6 +2,7 @@
 the PrefixLM split, and a token mean that stays exact under DistributedDataParallel."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -119,17 +120,31 @@ def enqueue(
     idx_queue: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None,
 ) -> None:
     """Write the features [B, E] of every process into the queue buffers [E, Q] at queue_ptr (wrapping), in place;
-    with idx_queue [1, Q] also their ids [B] (-1 when ids is None)."""
+    with idx_queue [1, Q] also their ids [B] (-1 when ids is None). Pairs with a non-finite image or text feature
+    are skipped (a RuntimeWarning gives their count), so one bad batch cannot poison the queues."""
     image_feat, _ = gather_batch(image_feat.detach())
     text_feat, _ = gather_batch(text_feat.detach())
+    if ids is not None:
+        ids = gather_batch(ids)[0]
+    image_feat, text_feat, ids = _finite_pairs(image_feat, text_feat, ids)
     size = image_queue.shape[1]
     slots = (int(queue_ptr) + torch.arange(image_feat.shape[0], device=image_queue.device)) % size
     image_queue[:, slots] = image_feat.t().to(image_queue.dtype)
     text_queue[:, slots] = text_feat.t().to(text_queue.dtype)
     if idx_queue is not None:
-        ids = torch.full(image_feat.shape[:1], -1, dtype=torch.long, device=idx_queue.device) if ids is None else gather_batch(ids)[0]
+        ids = torch.full(image_feat.shape[:1], -1, dtype=torch.long, device=idx_queue.device) if ids is None else ids
         idx_queue[0, slots] = ids
     queue_ptr.fill_((int(queue_ptr) + image_feat.shape[0]) % size)
+
+
+def _finite_pairs(image_feat: torch.Tensor, text_feat: torch.Tensor, ids: Optional[torch.Tensor]):
+    """(image_feat, text_feat, ids) without the rows where either feature [N, E] holds NaN or inf, with a warning."""
+    finite = torch.isfinite(image_feat).all(dim=1) & torch.isfinite(text_feat).all(dim=1)
+    if bool(finite.all()):
+        return image_feat, text_feat, ids
+    warnings.warn(f"ITC queues: {int((~finite).sum())} image-text pair(s) with non-finite features not enqueued",
+                  RuntimeWarning, stacklevel=4)
+    return image_feat[finite], text_feat[finite], None if ids is None else ids[finite]
 
 
 @torch.no_grad()

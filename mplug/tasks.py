@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mplug.generation import BeamSearchOutput, DecoderStep, beam_search
+from mplug.validation import check_finite_rows, check_generation, check_images, text_inputs
 from mplug.momentum import MomentumView, add_momentum_copies, momentum_update
 from mplug.objectives import (
     contrastive_loss,
@@ -130,14 +131,15 @@ def pretrain_losses(
     Random choices (MLM masking, PrefixLM split, hard negatives) use ``generator``; ``mlm_inputs`` = (masked ids,
     labels) and ``prefix_lengths`` [B] fix the first two. In training mode with update_queue the momentum copies
     take their EMA step (before the forward, as the authors do) and the queues take this batch's features (the
-    momentum ones when distilling). Under DistributedDataParallel the token losses average over all tokens and ITC
-    contrasts every process's batch, so the gradients equal one process's on the combined batch (ITM draws
-    negatives within each process).
+    momentum ones when distilling; pairs with a non-finite feature are skipped with a RuntimeWarning). Under
+    DistributedDataParallel the token losses average over all tokens and ITC contrasts every process's batch, so the
+    gradients equal one process's on the combined batch (ITM draws negatives within each process).
     """
     unknown = set(objectives) - set(OBJECTIVES)
     if unknown or not objectives:
         raise ValueError(f"objectives must be a non-empty subset of {OBJECTIVES}, got {tuple(objectives)}")
-    _check_batches(images, "text_ids", text_ids)
+    check_images("images", images)
+    text_ids, text_mask = text_inputs("text_ids", text_ids, "text_mask", text_mask, images.shape[0])
     alpha = model.config.alpha if alpha is None else alpha
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -285,7 +287,9 @@ def vqa_generate(
     """Answers to questions [B, Lq] about images [B, 3, H, W]: the decoder reads the fused [v; t] -> BeamSearchOutput
     (sequences [B, R, <= max_length] answer ids ending with [SEP]). use_cache=False is the authors' full re-run;
     mode="authors" (their beam search) or "best_first" (mplug.generation.beam_search)."""
-    _check_batches(images, "question_ids", question_ids)
+    check_images("images", images)
+    question_ids, question_mask = text_inputs("question_ids", question_ids, "question_mask", question_mask, images.shape[0])
+    check_generation(model.config, prompt_ids, num_beams, max_length, num_return_sequences)
     image_embeds, image_mask = encode_images(model, images)
     question_embeds = model.text_encoder(question_ids, question_mask)
     image_out, question_out = model.fusion_encoder(image_embeds, image_mask, question_embeds, question_mask)
@@ -311,8 +315,10 @@ def caption_generate(
     """Captions of images [B, 3, H, W]: the decoder reads the vision tokens only -> BeamSearchOutput
     (sequences [B, R, <= max_length]). prompt_ids [B, P] (starting with [CLS]) seed every caption; mode as in
     vqa_generate."""
+    check_images("images", images)
     if prompt_ids is not None:
         _check_batches(images, "prompt_ids", prompt_ids)
+    check_generation(model.config, prompt_ids, num_beams, max_length, num_return_sequences)
     image_embeds, image_mask = encode_images(model, images)
     return _generate(
         model, (image_embeds,), (image_mask,), prompt_ids, num_beams, use_cache,
@@ -329,12 +335,15 @@ def retrieval_scores(
     time) -> RetrievalScores."""
     if not isinstance(k, int) or k < 1 or batch_size < 1:
         raise ValueError(f"k and batch_size must be positive ints, got k={k!r}, batch_size={batch_size!r}")
+    check_images("images", images)
+    text_ids, text_mask = text_inputs("text_ids", text_ids, "text_mask", text_mask)
     image_embeds = torch.cat([model.visual_encoder(chunk) for chunk in images.split(batch_size)])
-    text_mask = torch.ones(text_ids.shape, dtype=torch.bool, device=text_ids.device) if text_mask is None else text_mask
     text_embeds = torch.cat(
         [model.text_encoder(ids, mask) for ids, mask in zip(text_ids.split(batch_size), text_mask.split(batch_size))]
     )
     image_feat, text_feat = contrastive_features(model, image_embeds, text_embeds)
+    check_finite_rows("images", image_feat)
+    check_finite_rows("texts", text_feat)
     itc = image_feat @ text_feat.t()
     match = partial(_match_logits, model, image_embeds, text_embeds, text_mask, batch_size)
     i2t = _rerank(itc, k, match)
