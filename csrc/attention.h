@@ -72,8 +72,19 @@ struct SplitPlan {
   int64_t split_size;
 };
 
-// How many key splits keep `sm_count` multiprocessors busy for `blocks` (B*H*query tiles) blocks.
-SplitPlan plan_splits(int64_t blocks, int64_t total_keys, int sm_count, int forced_splits);
+// The key ranges of `wanted_splits` (1..kMaxSplits) splits of `total_keys` keys: split_size a
+// multiple of kKeysPerTile, no split empty (so num_splits may be fewer than wanted).
+SplitPlan split_keys(int64_t total_keys, int wanted_splits);
+
+// Warps per forward CTA, 16 query rows each (a warp past the queries only loads K/V): 2 for up
+// to 32 queries (25 queries: the MMAs cover 32 rows, 1.3x), 4 for longer query sequences and for
+// D = 128 (whose two-stage K/V tiles leave room for 3 CTAs per SM: 4 warps keep 12 warps per SM).
+constexpr int forward_warps(int64_t head_dim, int64_t q_len) { return q_len <= 32 && head_dim <= 96 ? 2 : 4; }
+inline int64_t forward_rows_per_cta(int64_t head_dim, int64_t q_len) { return 16 * forward_warps(head_dim, q_len); }
+
+// CTAs of the forward kernel for (dtype, head_dim, q_len) resident on one multiprocessor of the
+// current device (registers, shared memory, threads); the emulator models an H100's limits.
+int forward_ctas_per_sm(ElementType dtype, int64_t head_dim, int64_t q_len);
 
 void attention_forward(const AttentionArgs& args);
 void attention_backward(const AttentionArgs& args);

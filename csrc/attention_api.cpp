@@ -28,16 +28,11 @@ void check_common(const AttentionArgs& args) {
 
 }  // namespace
 
-SplitPlan plan_splits(int64_t blocks, int64_t total_keys, int sm_count, int forced_splits) {
+SplitPlan split_keys(int64_t total_keys, int wanted_splits) {
+  require(wanted_splits >= 1 && wanted_splits <= kMaxSplits,
+          "wanted_splits must be in 1.." + std::to_string(kMaxSplits) + ", got " + std::to_string(wanted_splits));
   const int64_t key_tiles = std::max<int64_t>(1, ceil_div(total_keys, kKeysPerTile));
-  int64_t wanted = 1;
-  if (forced_splits > 0) {
-    wanted = std::min<int64_t>(forced_splits, key_tiles);
-  } else if (blocks < sm_count) {
-    wanted = std::min<int64_t>({ceil_div(2 * sm_count, std::max<int64_t>(blocks, 1)),
-                                ceil_div(total_keys, 2 * kKeysPerTile), kMaxSplits});
-  }
-  wanted = std::max<int64_t>(1, std::min<int64_t>(wanted, kMaxSplits));
+  const int64_t wanted = std::min<int64_t>(wanted_splits, key_tiles);
   const int64_t split_size = ceil_div(ceil_div(std::max<int64_t>(total_keys, 1), wanted), kKeysPerTile) * kKeysPerTile;
   return SplitPlan{static_cast<int>(std::max<int64_t>(1, ceil_div(total_keys, split_size))), split_size};
 }
@@ -48,12 +43,20 @@ void attention_forward(const AttentionArgs& args) {
   require(args.split_size > 0 && args.split_size % kKeysPerTile == 0, "split_size must be a positive multiple of 64");
   require(args.num_splits == 1 || (args.part_out != nullptr && args.part_lse != nullptr),
           "split-KV needs part_out and part_lse buffers");
+  require(args.batch * args.heads * ceil_div(args.q_len, forward_rows_per_cta(args.head_dim, args.q_len)) <= kMaxGridX,
+          "batch * heads * query tiles exceeds the CUDA grid limit");
   if (args.batch * args.heads * args.q_len == 0) return;
   if (args.dtype == ElementType::float16) {
     forward_float16(args);
   } else {
     forward_bfloat16(args);
   }
+}
+
+int forward_ctas_per_sm(ElementType dtype, int64_t head_dim, int64_t q_len) {
+  require(q_len >= 1, "q_len must be >= 1, got " + std::to_string(q_len));
+  return dtype == ElementType::float16 ? forward_ctas_per_sm_float16(head_dim, q_len)
+                                       : forward_ctas_per_sm_bfloat16(head_dim, q_len);
 }
 
 void attention_backward(const AttentionArgs& args) {

@@ -103,14 +103,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dout"), py::arg("dq"), py::arg("dq_accum"), py::arg("dlse"), py::arg("delta"), py::arg("stream"),
         "dq, and every source's dk and dv; dQ by atomics into dq_accum when it is set, else deterministic");
   m.def(
-      "plan_splits",
-      [](int64_t blocks, int64_t total_keys, int sm_count, int forced_splits) {
-        const mplug::SplitPlan plan = mplug::plan_splits(blocks, total_keys, sm_count, forced_splits);
+      "split_keys",
+      [](int64_t total_keys, int wanted_splits) {
+        const mplug::SplitPlan plan = mplug::split_keys(total_keys, wanted_splits);
         return std::make_tuple(plan.num_splits, plan.split_size);
       },
-      py::arg("blocks"), py::arg("total_keys"), py::arg("sm_count"), py::arg("forced_splits"),
-      "(num_splits, split_size) of the forward's split-KV for `blocks` = B * H * query tiles");
+      py::arg("total_keys"), py::arg("wanted_splits"),
+      "(num_splits, split_size) of the forward's split-KV: split_size a multiple of KEYS_PER_TILE, no split empty");
+  m.def(
+      "forward_launch",
+      [](const std::string& dtype, int64_t head_dim, int64_t q_len) {
+        return std::make_tuple(mplug::forward_rows_per_cta(head_dim, q_len),
+                               mplug::forward_ctas_per_sm(to_dtype(dtype), head_dim, q_len));
+      },
+      py::arg("dtype"), py::arg("head_dim"), py::arg("q_len"),
+      "(query rows per CTA, CTAs per multiprocessor) of the forward kernel for these inputs on the current device");
   m.def("build_info", &build_info, "archs, nvcc version, head dims, dtypes and kernel names compiled in");
-  m.attr("QUERY_ROWS_PER_BLOCK") = mplug::kQueryRowsPerBlock;
   m.attr("KEYS_PER_TILE") = mplug::kKeysPerTile;
 }

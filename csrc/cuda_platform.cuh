@@ -52,6 +52,13 @@ __device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&acc)[4], con
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// 2^x by the special function unit (ex2.approx.ftz: denormal results flush to 0; 2^-inf = 0).
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
 }
@@ -111,7 +118,9 @@ int ctas_per_multiprocessor(Kernel kernel, const char* name, int threads, size_t
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)),
              name);
   int ctas = 0;
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, threads, smem_bytes), name);
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(&ctas, reinterpret_cast<const void*>(kernel), threads,
+                                                                    smem_bytes, cudaOccupancyDefault),
+             name);
   return ctas;
 }
 

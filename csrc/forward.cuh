@@ -1,148 +1,476 @@
-// Forward kernels: split-KV attention of up to kBlockM query rows over one key range of the
-// concatenated sources (double-buffered 16-byte asynchronous K/V tile loads, tensor-core GEMMs,
-// float32 running softmax), and the combine kernel that merges the splits by their lse.
+// Forward kernels, FlashAttention-2 style: each warp owns 16 query rows whose Q fragments, scores,
+// probabilities, output accumulators and softmax statistics stay in registers (mma.sync m16n8k16,
+// float32 accumulation; the probabilities are re-used as the A operand of the P V product). K/V
+// tiles of 64 keys of the concatenated sources (a tile may span source boundaries) stream through
+// swizzled shared memory by a two-stage cp.async pipeline with one barrier per tile and are read
+// with ldmatrix (.trans for V). The combine kernel merges split-KV partial results by their lse.
 #pragma once
 
-#include "kernel_utils.cuh"
+#include <cfloat>
+
+#include "mma.cuh"
 
 namespace mplug {
 
-// Byte offsets of the forward kernel's shared-memory tiles.
-template <typename T, int D>
+constexpr int kForwardStages = 2;
+constexpr int kForwardWarpRows = 16;  // query rows per warp: one m16 MMA tile
+constexpr int kForwardMaxWarps = 4;  // forward_warps (attention.h) picks 2 or 4
+
+// Shared memory of the forward: per pipeline stage a swizzled K tile and V tile [kBlockN, D];
+// then three rotating key bias buffers, one float per key: 0 for a visible key, -inf for a hidden
+// one (tile t uses buffer t % 3: written one tile ahead, read by the copies and the compute of its
+// tile). After the key loop the stages hold the output rows.
+template <int D>
 struct ForwardSmem {
-  static constexpr size_t kKeyTile = align128(kBlockN * HeadTile<D>::kLd * sizeof(T));
-  static constexpr size_t queries = 0;
-  static constexpr size_t keys = queries + align128(kBlockM * HeadTile<D>::kLd * sizeof(T));
-  static constexpr size_t values = keys + 2 * kKeyTile;
-  static constexpr size_t scores = values + 2 * kKeyTile;
-  static constexpr size_t probs = scores + align128(kBlockM * kScoreLd * sizeof(float));
-  static constexpr size_t out = probs + align128(kBlockM * kProbLd * sizeof(T));
-  static constexpr size_t bytes = out + align128(kBlockM * HeadTile<D>::kAccLd * sizeof(float));
+  static constexpr int kTileBytes = kBlockN * D * 2;
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  static constexpr int keys = 0;
+  static constexpr int values = kTileBytes;
+  static constexpr int kFlagBuffers = 3;
+  static constexpr int flags = kForwardStages * kStageBytes;
+  static constexpr size_t bytes = flags + kFlagBuffers * kBlockN * sizeof(float);
+  static_assert(kForwardMaxWarps * kForwardWarpRows * D * 2 <= kForwardStages * kStageBytes,
+                "the output rows fit the stages");
 };
 
-template <typename T, int D>
-__device__ __forceinline__ void issue_key_tile(const AttentionArgs& args, const KeyTile& tile, int64_t b, int64_t h,
-                                               unsigned char* key_buffer, unsigned char* value_buffer) {
-  T* keys = reinterpret_cast<T*>(key_buffer);
-  T* values = reinterpret_cast<T*>(value_buffer);
-  const SourceView& source = args.sources[tile.source];
-  const int64_t valid = tile.end - tile.start;
-  load_rows_async<T, D, kBlockN>(keys, element<const T>(source.k, b, tile.start, h), source.k.stride_s, valid);
-  load_rows_async<T, D, kBlockN>(values, element<const T>(source.v, b, tile.start, h), source.v.stride_s, valid);
+// Where the sources start in the concatenated key index: source s holds keys [start(s), start(s + 1)).
+struct SourceStarts {
+  int64_t s1, s2, s3, total;
+
+  __device__ __forceinline__ int source_of(int64_t key) const {
+    return static_cast<int>(key >= s1) + static_cast<int>(key >= s2) + static_cast<int>(key >= s3);
+  }
+  __device__ __forceinline__ int64_t start(int s) const {
+    return s == 0 ? 0 : (s == 1 ? s1 : (s == 2 ? s2 : (s == 3 ? s3 : total)));
+  }
+};
+
+__device__ __forceinline__ SourceStarts source_starts(const AttentionArgs& args) {
+  int64_t start[kMaxSources + 1];
+  start[0] = 0;
+#pragma unroll
+  for (int s = 0; s < kMaxSources; ++s) start[s + 1] = start[s] + (s < args.num_sources ? args.sources[s].length : 0);
+  return SourceStarts{start[1], start[2], start[3], start[4]};
 }
 
-// Each warp folds the scores of its kRowsPerWarp rows into their running softmax, writes the
-// probabilities for the P V product and rescales the rows' output accumulators. Rows from
-// `valid_rows` on (past the end of the queries) are skipped, warp-uniformly: their outputs are
-// never written, and a row of the P V product depends on its own row of P only.
-template <typename T, int D>
-__device__ __forceinline__ void softmax_tile(const AttentionArgs& args, const KeyTile& tile, int64_t b,
-                                             int valid_rows, const float* scores, T* probs, float* out_acc,
-                                             RunningSoftmax (&rows)[kRowsPerWarp]) {
-  static_assert(kBlockN == 64, "each lane handles keys lane and lane + 32");
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const SourceView& source = args.sources[tile.source];
-  const bool visible_lo = key_visible(source, tile, b, lane);
-  const bool visible_hi = key_visible(source, tile, b, lane + 32);
-  const float scale_log2 = args.scale * kLog2e;
+__device__ __forceinline__ bool any_mask(const AttentionArgs& args) {
+  bool masked = false;
 #pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    const int r = warp * kRowsPerWarp + i;
-    if (r >= valid_rows) break;
-    const float s_lo = visible_lo ? scores[r * kScoreLd + lane] * scale_log2 : -INFINITY;
-    const float s_hi = visible_hi ? scores[r * kScoreLd + lane + 32] * scale_log2 : -INFINITY;
-    float shift;
-    const float alpha = rescale_for_tile(rows[i], warp_max(fmaxf(s_lo, s_hi)), &shift);
-    const float p_lo = exp2f(s_lo - shift);
-    const float p_hi = exp2f(s_hi - shift);
-    rows[i].sum += warp_sum(p_lo + p_hi);
-    probs[r * kProbLd + lane] = from_float<T>(p_lo);
-    probs[r * kProbLd + lane + 32] = from_float<T>(p_hi);
-    for (int d = lane; d < D; d += 32) out_acc[r * HeadTile<D>::kAccLd + d] *= alpha;
+  for (int s = 0; s < kMaxSources; ++s) masked = masked || (s < args.num_sources && args.sources[s].mask != nullptr);
+  return masked;
+}
+
+// Visibility of the keys k0 + threadIdx.x + j * kThreadsHere (j = 0, 1, ...) of a tile: bit j set
+// when the key is below `hi` and not padded in its source's mask. The loads are consumed a tile
+// later (store_flags), so their latency hides behind a tile of work. Out of line: only masked
+// calls need it.
+template <int kThreadsHere>
+MPLUG_NOINLINE __device__ uint32_t masked_key_flags(const AttentionArgs& args, int64_t b, int64_t k0, int64_t hi) {
+  const SourceStarts starts = source_starts(args);
+  uint32_t bits = 0;
+#pragma unroll
+  for (int j = 0; j * kThreadsHere < kBlockN; ++j) {
+    const int n = static_cast<int>(threadIdx.x) + j * kThreadsHere;
+    const int64_t key = k0 + n;
+    if (n < kBlockN && key < hi) {
+      const int s = starts.source_of(key);
+      const uint8_t* mask = args.sources[s].mask;
+      const bool unmasked = mask == nullptr || mask[b * args.sources[s].mask_stride_b + (key - starts.start(s))] != 0;
+      bits |= static_cast<uint32_t>(unmasked) << j;
+    }
+  }
+  return bits;
+}
+
+// key_flags of a tile: masked_key_flags where a source has a mask, else whether keys are below `hi`.
+template <int kThreadsHere>
+__device__ __forceinline__ uint32_t key_flags(const AttentionArgs& args, bool masked, int64_t b, int64_t k0,
+                                              int64_t hi) {
+  if (masked) return masked_key_flags<kThreadsHere>(args, b, k0, hi);
+  uint32_t bits = 0;
+#pragma unroll
+  for (int j = 0; j * kThreadsHere < kBlockN; ++j) {
+    const int n = static_cast<int>(threadIdx.x) + j * kThreadsHere;
+    bits |= static_cast<uint32_t>(n < kBlockN && k0 + n < hi) << j;
+  }
+  return bits;
+}
+
+// The bits key_flags returns for a tile whose keys are all visible.
+template <int kThreadsHere>
+__device__ __forceinline__ uint32_t all_flags() {
+  uint32_t bits = 0;
+#pragma unroll
+  for (int j = 0; j * kThreadsHere < kBlockN; ++j) {
+    bits |= static_cast<uint32_t>(threadIdx.x + j * kThreadsHere < kBlockN) << j;
+  }
+  return bits;
+}
+
+// Writes this thread's keys of a tile to its key bias buffer: 0 where visible, -inf where hidden.
+template <int kThreadsHere>
+__device__ __forceinline__ void store_flags(uint32_t bits, float* bias) {
+#pragma unroll
+  for (int j = 0; j * kThreadsHere < kBlockN; ++j) {
+    const int n = static_cast<int>(threadIdx.x) + j * kThreadsHere;
+    if (n < kBlockN) bias[n] = (bits >> j) & 1u ? 0.0f : -INFINITY;
   }
 }
 
-// Writes each row's normalised output and lse: to out/lse, or to the split's partial buffers.
-template <typename T, int D>
-__device__ __forceinline__ void write_rows(const AttentionArgs& args, int64_t b, int64_t h, int64_t m0,
-                                           const float* out_acc, const RunningSoftmax (&rows)[kRowsPerWarp]) {
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int64_t bh = b * args.heads + h;
-#pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    const int r = warp * kRowsPerWarp + i;
-    const int64_t m = m0 + r;
-    if (m >= args.q_len) continue;
-    const float normalizer = row_normalizer(rows[i]);
-    const float* acc = out_acc + r * HeadTile<D>::kAccLd;
-    if (args.num_splits == 1) {
-      T* out = element<T>(args.out, b, m, h);
-      for (int d = lane; d < D; d += 32) out[d] = from_float<T>(acc[d] * normalizer);
-      if (lane == 0) args.lse[bh * args.q_len + m] = row_lse(rows[i]);
+// issue_tile for a tile with hidden keys or keys of several sources: each row checks its
+// visibility and finds its source. Out of line, as the rare case, so the key loop stays lean.
+template <typename T, int D, int kThreadsHere>
+MPLUG_NOINLINE __device__ void issue_tile_by_row(const AttentionArgs& args, int64_t b, int64_t h, int64_t k0,
+                                                 const float* bias, unsigned char* stage) {
+  constexpr int kChunks = D / 8;
+  const SourceStarts starts = source_starts(args);
+#pragma unroll 1
+  for (int i = threadIdx.x; i < kBlockN * kChunks; i += kThreadsHere) {
+    const int row = i / kChunks;
+    const int col = i % kChunks * 8;
+    unsigned char* k_dst = stage + ForwardSmem<D>::keys + swizzled_offset<D>(row, col);
+    unsigned char* v_dst = stage + ForwardSmem<D>::values + swizzled_offset<D>(row, col);
+    if (bias[row] == 0.0f) {
+      const int64_t key = k0 + row;
+      const int s = starts.source_of(key);
+      const SourceView& source = args.sources[s];
+      __pipeline_memcpy_async(k_dst, element<const T>(source.k, b, key - starts.start(s), h) + col, 16);
+      __pipeline_memcpy_async(v_dst, element<const T>(source.v, b, key - starts.start(s), h) + col, 16);
     } else {
-      const int64_t part_row = (blockIdx.z * args.batch * args.heads + bh) * args.q_len + m;
-      float* part = args.part_out + part_row * D;
-      for (int d = lane; d < D; d += 32) part[d] = acc[d] * normalizer;
-      if (lane == 0) args.part_lse[part_row] = row_lse(rows[i]);
+      *reinterpret_cast<uint4*>(k_dst) = make_uint4(0u, 0u, 0u, 0u);
+      *reinterpret_cast<uint4*>(v_dst) = make_uint4(0u, 0u, 0u, 0u);
     }
   }
 }
 
-// grid (B*H, query tiles, splits): query rows [m0, m0 + kBlockM) of one (batch, head) over the
-// keys [split * split_size, (split + 1) * split_size) of the concatenated sources.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const AttentionArgs args) {
-  using Smem = ForwardSmem<T, D>;
-  using namespace nvcuda;
-  constexpr int kLd = HeadTile<D>::kLd;
-  constexpr int kAccLd = HeadTile<D>::kAccLd;
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* queries = reinterpret_cast<T*>(smem + Smem::queries);
-  // double buffers: buffer i of keys/values starts i * kKeyTile bytes in
-  unsigned char* keys = smem + Smem::keys;
-  unsigned char* values = smem + Smem::values;
-  float* scores = reinterpret_cast<float*>(smem + Smem::scores);
-  T* probs = reinterpret_cast<T*>(smem + Smem::probs);
-  float* out_acc = reinterpret_cast<float*>(smem + Smem::out);
+// This thread's first K and V copy of a tile in one source (row first_row, column col of the
+// tile), and how far its copies and the next tile lie; valid for tiles that end by `end`.
+template <typename T, int D, int kThreadsHere>
+struct CopyCursor {
+  static constexpr int kChunks = D / 8;
+  // copies of one thread: rows first_row + j * kRowStep at one column where the threads cover
+  // whole rows (D / 8 divides the thread count), else chunks threadIdx.x + j * kThreadsHere
+  static constexpr bool kColumnPerThread = kThreadsHere % kChunks == 0;
+  static constexpr int kRowStep = kColumnPerThread ? kThreadsHere / kChunks : 1;
+  static constexpr int kCopies = kBlockN * kChunks / kThreadsHere;
+  static_assert(kBlockN * kChunks % kThreadsHere == 0, "every thread copies the same number of chunks");
 
-  const int64_t bh = blockIdx.x;
+  const T* k;
+  const T* v;
+  int64_t k_stride;
+  int64_t v_stride;
+  int64_t end = -1;
+
+  __device__ __forceinline__ static int first_row() {
+    return kColumnPerThread ? static_cast<int>(threadIdx.x) / kChunks : 0;
+  }
+  __device__ __forceinline__ static int col() {
+    return kColumnPerThread ? static_cast<int>(threadIdx.x) % kChunks * 8 : 0;
+  }
+
+  __device__ __forceinline__ void advance() {
+    k += kBlockN * k_stride;
+    v += kBlockN * v_stride;
+  }
+};
+
+// The cursor of the tile starting at key k0, in the source holding k0. Out of line: once per source.
+template <typename T, int D, int kThreadsHere>
+MPLUG_NOINLINE __device__ CopyCursor<T, D, kThreadsHere> cursor_at(const AttentionArgs& args, int64_t b, int64_t h,
+                                                                    int64_t k0) {
+  using Cursor = CopyCursor<T, D, kThreadsHere>;
+  const SourceStarts starts = source_starts(args);
+  const int s = starts.source_of(k0);
+  const SourceView& source = args.sources[s];
+  const int64_t row = k0 - starts.start(s) + Cursor::first_row();
+  Cursor cursor;
+  cursor.k = element<const T>(source.k, b, row, h) + Cursor::col();
+  cursor.v = element<const T>(source.v, b, row, h) + Cursor::col();
+  cursor.k_stride = source.k.stride_s;
+  cursor.v_stride = source.v.stride_s;
+  cursor.end = starts.start(s + 1);
+  return cursor;
+}
+
+// Starts the 16-byte cp.async copies of the K and V rows of the tile [k0, k0 + kBlockN) into a
+// stage's swizzled tiles: straight from the cursor when every key is visible and in the cursor's
+// source, else row by row (hidden keys, padded or past the split, become zero rows, so no NaN in
+// a hidden key or value reaches the products; rows may come from different sources). Advances
+// the cursor to the next tile.
+template <typename T, int D, int kThreadsHere>
+__device__ __forceinline__ void issue_tile(const AttentionArgs& args, int64_t b, int64_t h, int64_t k0,
+                                           bool all_visible, const float* bias, unsigned char* stage,
+                                           CopyCursor<T, D, kThreadsHere>& cursor) {
+  using Cursor = CopyCursor<T, D, kThreadsHere>;
+  if (k0 >= cursor.end) cursor = cursor_at<T, D, kThreadsHere>(args, b, h, k0);
+  if (all_visible && k0 + kBlockN <= cursor.end) {
+#pragma unroll Cursor::kColumnPerThread ? Cursor::kCopies : 4
+    for (int j = 0; j < Cursor::kCopies; ++j) {
+      int row, col;
+      int64_t k_offset, v_offset;
+      if constexpr (Cursor::kColumnPerThread) {
+        row = Cursor::first_row() + j * Cursor::kRowStep;
+        col = Cursor::col();
+        k_offset = j * Cursor::kRowStep * cursor.k_stride;
+        v_offset = j * Cursor::kRowStep * cursor.v_stride;
+      } else {
+        const int i = static_cast<int>(threadIdx.x) + j * kThreadsHere;
+        row = i / Cursor::kChunks;
+        col = i % Cursor::kChunks * 8;
+        k_offset = row * cursor.k_stride + col;
+        v_offset = row * cursor.v_stride + col;
+      }
+      __pipeline_memcpy_async(stage + ForwardSmem<D>::keys + swizzled_offset<D>(row, col), cursor.k + k_offset, 16);
+      __pipeline_memcpy_async(stage + ForwardSmem<D>::values + swizzled_offset<D>(row, col), cursor.v + v_offset, 16);
+    }
+  } else {
+    issue_tile_by_row<T, D, kThreadsHere>(args, b, h, k0, bias, stage);
+  }
+  cursor.advance();
+}
+
+// The registers of one warp: Q fragments of its 16 rows, the output accumulators and the running
+// softmax of rows g and g + 8 of this lane (g = lane / 4).
+template <int D>
+struct WarpState {
+  uint32_t q[D / 16][4];
+  float o[D / 8][4];
+  RunningSoftmax rows[2];
+};
+
+// Loads the A fragments of query rows [row0, row0 + 16) straight from global memory (rows past
+// q_len read as zeros); each lane takes its 32-bit pairs. `sign` (0x80008000 or 0) negates Q
+// exactly, so that a negative softmax scale becomes a positive one.
+template <typename T, int D>
+__device__ __forceinline__ void load_queries(const AttentionArgs& args, int64_t b, int64_t h, int64_t row0,
+                                             uint32_t sign, uint32_t (&q)[D / 16][4]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = row0 + lane_quad(lane) + 8 * (i % 2);
+    const T* q_row = element<const T>(args.q, b, row < args.q_len ? row : 0, h);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const int col = 16 * ks + 2 * lane_in_quad(lane) + 8 * (i / 2);
+      q[ks][i] = row < args.q_len ? *reinterpret_cast<const uint32_t*>(q_row + col) ^ sign : 0u;
+    }
+  }
+}
+
+// S = Q K^T for the warp's 16 rows and the tile's 64 keys: s[j] holds keys 8j .. 8j + 7.
+template <typename T, int D>
+__device__ __forceinline__ void tile_scores(const uint32_t (&q)[D / 16][4], const unsigned char* keys,
+                                            float (&s)[kBlockN / 8][4]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) s[j][i] = 0.0f;
+  }
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+    for (int n16 = 0; n16 < kBlockN / 16; ++n16) {
+      uint32_t k[4];
+      ldmatrix<4>(k, keys + swizzled_offset<D>(16 * n16 + x4_row_b(lane), 16 * ks + x4_col_b(lane)));
+      mma_m16n8k16<T>(s[2 * n16], q[ks], {k[0], k[1]});
+      mma_m16n8k16<T>(s[2 * n16 + 1], q[ks], {k[2], k[3]});
+    }
+  }
+}
+
+// Adds the key bias (-inf for hidden keys) to the scores. A hidden key's K row is zeros (never
+// loaded), so its score is 0 (or NaN where the query row holds inf or NaN, a NaN row anyway):
+// a NaN stored in a hidden key never reaches the row.
+__device__ __forceinline__ void add_key_bias(float (&s)[kBlockN / 8][4], const float* bias) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+    const float2 pair = *reinterpret_cast<const float2*>(bias + 8 * j + 2 * lane_in_quad(lane));
+    s[j][0] += pair.x;
+    s[j][1] += pair.y;
+    s[j][2] += pair.x;
+    s[j][3] += pair.y;
+  }
+}
+
+// Folds the tile's scores into the running softmax of rows g and g + 8 (maxima reduced within the
+// lane's quad by two shuffles), rescales the output accumulators and turns s into probabilities.
+// Scores are unscaled, scale_log2 >= 0; row sums stay per lane until the end.
+template <int D>
+__device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 8][4], float scale_log2, WarpState<D>& warp) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    float shift;
+    const float alpha = rescale_for_tile(warp.rows[r], tile_max * scale_log2, &shift);
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        s[j][2 * r + c] = exp2_approx(fmaf(s[j][2 * r + c], scale_log2, -shift));
+        sum += s[j][2 * r + c];
+      }
+    }
+    warp.rows[r].sum += sum;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      warp.o[n][2 * r] *= alpha;
+      warp.o[n][2 * r + 1] *= alpha;
+    }
+  }
+}
+
+// O += P V: the probabilities, packed to T, are the A fragments; V comes by ldmatrix .trans.
+template <typename T, int D>
+__device__ __forceinline__ void accumulate_values(const float (&p)[kBlockN / 8][4], const unsigned char* values,
+                                                  float (&o)[D / 8][4]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int k16 = 0; k16 < kBlockN / 16; ++k16) {
+    const uint32_t a[4] = {pack_b16x2<T>(p[2 * k16][0], p[2 * k16][1]), pack_b16x2<T>(p[2 * k16][2], p[2 * k16][3]),
+                           pack_b16x2<T>(p[2 * k16 + 1][0], p[2 * k16 + 1][1]),
+                           pack_b16x2<T>(p[2 * k16 + 1][2], p[2 * k16 + 1][3])};
+#pragma unroll
+    for (int d16 = 0; d16 < D / 16; ++d16) {
+      uint32_t v[4];
+      ldmatrix_trans<4>(v, values + swizzled_offset<D>(16 * k16 + x4_row(lane), 16 * d16 + x4_col(lane)));
+      mma_m16n8k16<T>(o[2 * d16], a, {v[0], v[1]});
+      mma_m16n8k16<T>(o[2 * d16 + 1], a, {v[2], v[3]});
+    }
+  }
+}
+
+// Quad-reduces the row sums and writes the warp's rows: normalised T output by 16-byte stores
+// (staged through the warp's own `scratch`) and lse, or the float partials of a split.
+template <typename T, int D>
+__device__ __forceinline__ void write_rows(const AttentionArgs& args, int64_t b, int64_t h, int64_t row0,
+                                           WarpState<D>& warp, unsigned char* scratch) {
+  const int lane = threadIdx.x % 32;
+  const int64_t bh = b * args.heads + h;
+  const int64_t split_row0 = (blockIdx.y * args.batch * args.heads + bh) * args.q_len;
+  float normalizer[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    warp.rows[r].sum += __shfl_xor_sync(0xffffffffu, warp.rows[r].sum, 1);
+    warp.rows[r].sum += __shfl_xor_sync(0xffffffffu, warp.rows[r].sum, 2);
+    normalizer[r] = row_normalizer(warp.rows[r]);
+    const int64_t m = row0 + lane_quad(lane) + 8 * r;
+    if (lane_in_quad(lane) == 0 && m < args.q_len) {
+      (args.num_splits == 1 ? args.lse + bh * args.q_len : args.part_lse + split_row0)[m] = row_lse(warp.rows[r]);
+    }
+  }
+  if (args.num_splits > 1) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t m = row0 + lane_quad(lane) + 8 * r;
+      if (m >= args.q_len) continue;
+      float* part = args.part_out + (split_row0 + m) * D;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<float2*>(part + 8 * n + 2 * lane_in_quad(lane)) =
+            make_float2(warp.o[n][2 * r] * normalizer[r], warp.o[n][2 * r + 1] * normalizer[r]);
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const uint32_t pair = pack_b16x2<T>(warp.o[n][2 * r] * normalizer[r], warp.o[n][2 * r + 1] * normalizer[r]);
+      *reinterpret_cast<uint32_t*>(scratch + swizzled_offset<D>(lane_quad(lane) + 8 * r, 8 * n) +
+                                   4 * lane_in_quad(lane)) = pair;
+    }
+  }
+  __syncwarp();
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int i = lane; i < kForwardWarpRows * kChunks; i += 32) {
+    const int row = i / kChunks;
+    const int col = i % kChunks * 8;
+    if (row0 + row < args.q_len) {
+      *reinterpret_cast<uint4*>(element<T>(args.out, b, row0 + row, h) + col) =
+          *reinterpret_cast<const uint4*>(scratch + swizzled_offset<D>(row, col));
+    }
+  }
+}
+
+// grid (B * H * query tiles, splits), query tiles of one (batch, head) adjacent: the kWarps * 16
+// query rows of one tile over the keys [split * split_size, (split + 1) * split_size) of the
+// concatenated sources. Tiles of 64 keys may span source boundaries. One barrier per tile: it
+// publishes tile t (landed, with tile t + 1's visibility) and frees tile t - 1's stage.
+template <typename T, int D, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) forward_kernel(const __grid_constant__ AttentionArgs args) {
+  constexpr int kThreadsHere = kWarps * 32;
+  using Smem = ForwardSmem<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t query_tiles = (args.q_len + kWarps * kForwardWarpRows - 1) / (kWarps * kForwardWarpRows);
+  const int64_t bh = blockIdx.x / query_tiles;
   const int64_t b = bh / args.heads;
   const int64_t h = bh % args.heads;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBlockM;
-  const int64_t split_lo = static_cast<int64_t>(blockIdx.z) * args.split_size;
-  const TileWalk walk = TileWalk::over(args, split_lo, split_lo + args.split_size);
+  const int warp_index = threadIdx.x / 32;
+  const int64_t row0 = (blockIdx.x % query_tiles) * (kWarps * kForwardWarpRows) + warp_index * kForwardWarpRows;
+  const SourceStarts starts = source_starts(args);
+  const bool masked = any_mask(args);
+  const int64_t lo = static_cast<int64_t>(blockIdx.y) * args.split_size;
+  const int64_t hi = min(lo + args.split_size, starts.total);
+  const int tiles = hi > lo ? static_cast<int>((hi - lo + kBlockN - 1) / kBlockN) : 0;
+  // |scale| (Q is negated for a negative scale), at least FLT_MIN so that -inf * scale stays -inf
+  const float scale_log2 = fmaxf(fabsf(args.scale) * kLog2e, FLT_MIN);
+  auto stage_of = [&](int t) { return smem + (t % kForwardStages) * Smem::kStageBytes; };
+  // flag buffer of tile t: t % 3, counted incrementally
+  auto flags_at = [&](int buffer) { return reinterpret_cast<float*>(smem + Smem::flags) + buffer * kBlockN; };
+  auto following = [](int buffer) { return buffer + 1 == Smem::kFlagBuffers ? 0 : buffer + 1; };
 
-  const int valid_rows = static_cast<int>(min(int64_t{kBlockM}, args.q_len - m0));
-  load_rows_async<T, D, kBlockM>(queries, element<const T>(args.q, b, m0, h), args.q.stride_s, valid_rows);
-  zero_floats(out_acc, kBlockM * kAccLd);
-  if (walk.total > 0) issue_key_tile<T, D>(args, walk.at(0), b, h, keys, values);
-  __pipeline_commit();
-
-  RunningSoftmax rows[kRowsPerWarp];
+  WarpState<D> warp;
+  load_queries<T, D>(args, b, h, row0, args.scale < 0.0f ? 0x80008000u : 0u, warp.q);
 #pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) rows[i] = empty_softmax();
-
-  for (int64_t t = 0; t < walk.total; ++t) {
-    const size_t current = (t & 1) * Smem::kKeyTile;
-    const size_t next = Smem::kKeyTile - current;
-    if (t + 1 < walk.total) issue_key_tile<T, D>(args, walk.at(t + 1), b, h, keys + next, values + next);
-    __pipeline_commit();
-    __pipeline_wait_prior(1);
-    __syncthreads();
-    block_gemm<T, wmma::row_major, wmma::col_major, kBlockM / kFrag, kBlockN / kFrag, D / kFrag>(
-        queries, kLd, reinterpret_cast<const T*>(keys + current), kLd, scores, kScoreLd, false);
-    __syncthreads();
-    softmax_tile<T, D>(args, walk.at(t), b, valid_rows, scores, probs, out_acc, rows);
-    __syncthreads();
-    block_gemm<T, wmma::row_major, wmma::row_major, kBlockM / kFrag, D / kFrag, kBlockN / kFrag>(
-        probs, kProbLd, reinterpret_cast<const T*>(values + current), kLd, out_acc, kAccLd, true);
-    __syncthreads();
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) warp.o[n][i] = 0.0f;
   }
-  __pipeline_wait_prior(0);
+  warp.rows[0] = warp.rows[1] = empty_softmax();
+
+  uint32_t flags = key_flags<kThreadsHere>(args, masked, b, lo, hi);
+  CopyCursor<T, D, kThreadsHere> cursor;
+  int buffer = 0;
+  store_flags<kThreadsHere>(flags, flags_at(buffer));
+  bool next_visible = __syncthreads_and(flags == all_flags<kThreadsHere>());
+  if (tiles > 0) {
+    issue_tile<T, D, kThreadsHere>(args, b, h, lo, next_visible, flags_at(buffer), stage_of(0), cursor);
+  }
+  __pipeline_commit();
+  flags = key_flags<kThreadsHere>(args, masked, b, lo + kBlockN, hi);
+  for (int t = 0; t < tiles; ++t) {
+    const bool visible = next_visible;
+    const int next_buffer = following(buffer);
+    __pipeline_wait_prior(0);
+    store_flags<kThreadsHere>(flags, flags_at(next_buffer));
+    next_visible = __syncthreads_and(flags == all_flags<kThreadsHere>());
+    if (t + 1 < tiles) {
+      issue_tile<T, D, kThreadsHere>(args, b, h, lo + int64_t{t + 1} * kBlockN, next_visible, flags_at(next_buffer),
+                                     stage_of(t + 1), cursor);
+      flags = key_flags<kThreadsHere>(args, masked, b, lo + int64_t{t + 2} * kBlockN, hi);
+    }
+    __pipeline_commit();
+    const float* bias = flags_at(buffer);
+    buffer = next_buffer;
+    if (row0 >= args.q_len) continue;  // a warp past the queries only helps to load
+    float s[kBlockN / 8][4];
+    tile_scores<T, D>(warp.q, stage_of(t) + Smem::keys, s);
+    if (!visible) add_key_bias(s, bias);
+    online_softmax<D>(s, scale_log2, warp);
+    accumulate_values<T, D>(s, stage_of(t) + Smem::values, warp.o);
+  }
+  // every warp is done with the stages before they hold output rows
   __syncthreads();
-  write_rows<T, D>(args, b, h, m0, out_acc, rows);
+  if (row0 < args.q_len) write_rows<T, D>(args, b, h, row0, warp, smem + warp_index * kForwardWarpRows * D * 2);
 }
 
 // One warp per query row: merges the row's split partial outputs weighted by exp(lse_split - lse_max).
@@ -162,7 +490,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const AttentionArgs a
   const float w_lo = lane < splits ? merge_weight(lse_lo, lse_max) : 0.0f;
   const float w_hi = lane + 32 < splits ? merge_weight(lse_hi, lse_max) : 0.0f;
   const float weight_sum = warp_sum(w_lo + w_hi);
-  const float normalizer = weight_sum > 0.0f ? 1.0f / weight_sum : 0.0f;
+  const float normalizer = merged_normalizer(weight_sum);
   T* out = element<T>(args.out, bh / args.heads, m, bh % args.heads);
   for (int64_t d0 = 0; d0 < args.head_dim; d0 += 32) {
     const int64_t d = d0 + lane;
@@ -177,19 +505,42 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const AttentionArgs a
   if (lane == 0) args.lse[row] = merged_lse(lse_max, weight_sum);
 }
 
+// Calls body(forward_kernel<T, D, warps>, threads) for the head dim and query length of `args`.
+template <typename T, typename Body>
+void with_forward_kernel(int64_t head_dim, int64_t q_len, Body&& body) {
+  dispatch_head_dim(head_dim, [&](auto head_dim_constant) {
+    constexpr int D = decltype(head_dim_constant)::value;
+    // only the warp counts forward_warps picks for D are instantiated
+    if constexpr (forward_warps(D, 1) == 2) {
+      if (forward_warps(D, q_len) == 2) return body(forward_kernel<T, D, 2>, 64, ForwardSmem<D>::bytes);
+    }
+    return body(forward_kernel<T, D, kForwardMaxWarps>, kForwardMaxWarps * 32, ForwardSmem<D>::bytes);
+  });
+}
+
 template <typename T>
 void forward_for_type(const AttentionArgs& args) {
-  const int64_t query_tiles = (args.q_len + kBlockM - 1) / kBlockM;
-  dispatch_head_dim(args.head_dim, [&](auto head_dim) {
-    constexpr int D = decltype(head_dim)::value;
-    const dim3 grid(static_cast<unsigned>(args.batch * args.heads), static_cast<unsigned>(query_tiles),
+  with_forward_kernel<T>(args.head_dim, args.q_len, [&](auto kernel, int threads, size_t smem_bytes) {
+    const int64_t rows_per_cta = threads / 32 * kForwardWarpRows;
+    const int64_t query_tiles = (args.q_len + rows_per_cta - 1) / rows_per_cta;
+    const dim3 grid(static_cast<unsigned>(args.batch * args.heads * query_tiles),
                     static_cast<unsigned>(args.num_splits));
-    launch(forward_kernel<T, D>, "forward_kernel", grid, ForwardSmem<T, D>::bytes, args);
+    launch(kernel, "forward_kernel", grid, threads, smem_bytes, args);
   });
   if (args.num_splits > 1) {
     const int64_t rows = args.batch * args.heads * args.q_len;
     launch(combine_kernel<T>, "combine_kernel", dim3(static_cast<unsigned>((rows + kWarps - 1) / kWarps)), 0, args);
   }
+}
+
+// CTAs of the forward kernel for (head_dim, q_len) resident on one multiprocessor.
+template <typename T>
+int forward_ctas_per_sm_for_type(int64_t head_dim, int64_t q_len) {
+  int ctas = 0;
+  with_forward_kernel<T>(head_dim, q_len, [&](auto kernel, int threads, size_t smem_bytes) {
+    ctas = ctas_per_multiprocessor(kernel, "forward_kernel", threads, smem_bytes);
+  });
+  return ctas;
 }
 
 }  // namespace mplug

@@ -16,6 +16,13 @@
 #include "key_tiles.h"
 #include "row_math.h"
 
+// Keeps a rarely taken device function out of line (the emulator build uses the host attribute).
+#if defined(__CUDACC__)
+#define MPLUG_NOINLINE __noinline__
+#else
+#define MPLUG_NOINLINE [[gnu::noinline]]
+#endif
+
 namespace mplug {
 
 constexpr int kThreads = kThreadsPerBlock;

@@ -17,8 +17,9 @@ constexpr int kMmaN = 8;   // columns of B and C
 constexpr int kMmaK = 16;  // columns of A, rows of B
 
 // Lane l of a warp is thread t = l % 4 of quad g = l / 4; a quad shares the rows of an accumulator.
-__device__ __forceinline__ int lane_quad(int lane) { return lane / 4; }
-__device__ __forceinline__ int lane_in_quad(int lane) { return lane % 4; }
+// (Bit operations: these indices are never negative, and signed division would cost instructions.)
+__device__ __forceinline__ int lane_quad(int lane) { return lane >> 2; }
+__device__ __forceinline__ int lane_in_quad(int lane) { return lane & 3; }
 
 // Row and column of accumulator element acc[i] (0..3) in lane `lane`'s 16x8 tile.
 __device__ __forceinline__ int acc_row(int lane, int i) { return lane_quad(lane) + 8 * (i / 2); }
@@ -30,8 +31,15 @@ __device__ __forceinline__ int acc_col(int lane, int i) { return 2 * lane_in_qua
 // of the block, or the B fragments {r0, r2} and {r1, r3} of the block's rows 0-7 and 8-15 read as
 // columns of B (keys of K^T); loaded with .trans, {r0, r1} and {r2, r3} are the B fragments of the
 // block's columns 0-7 and 8-15 (V as B, its rows along k).
-__device__ __forceinline__ int x4_row(int lane) { return lane % 8 + 8 * ((lane / 8) % 2); }
-__device__ __forceinline__ int x4_col(int lane) { return 8 * (lane / 16); }
+__device__ __forceinline__ int x4_row(int lane) { return lane & 15; }
+__device__ __forceinline__ int x4_col(int lane) { return (lane >> 4) << 3; }
+
+// As x4_row/x4_col with the quarters in the order (rows 0-7, cols 0-7), (rows 0-7, cols 8-15),
+// (rows 8-15, cols 0-7), (rows 8-15, cols 8-15): loaded plain, {r0, r1} and {r2, r3} are the B
+// fragments of the block's rows 0-7 and 8-15 read as columns of B (K as B of Q K^T), each an
+// adjacent register pair as mma.sync wants it (no moves).
+__device__ __forceinline__ int x4_row_b(int lane) { return (lane & 7) | ((lane >> 4) << 3); }
+__device__ __forceinline__ int x4_col_b(int lane) { return ((lane >> 3) & 1) << 3; }
 
 // XOR swizzle of [rows, D] tiles of 16-bit elements in shared memory, in 16-byte chunks: the
 // chunks of a row form groups of 8 (then one group of 2 or 4 where D / 8 is not a multiple of 8),
@@ -46,10 +54,11 @@ __host__ __device__ __forceinline__ int swizzled_chunk(int row, int chunk) {
   constexpr int kTail = kChunks - kFull;
   static_assert(kTail == 0 || kTail == 2 || kTail == 4, "D / 8 must leave a tail group of 0, 2 or 4 chunks");
   if constexpr (kTail == 0) {
-    return chunk ^ (row % 8);
+    return chunk ^ (row & 7);
   } else {
-    if (chunk < kFull) return chunk ^ (row % 8);
-    return kFull + ((chunk - kFull) ^ ((row / (8 / kTail)) % kTail));
+    constexpr int kRowShift = kTail == 4 ? 1 : 2;  // row / (8 / kTail)
+    if (chunk < kFull) return chunk ^ (row & 7);
+    return kFull + ((chunk - kFull) ^ ((row >> kRowShift) & (kTail - 1)));
   }
 }
 
@@ -57,7 +66,7 @@ __host__ __device__ __forceinline__ int swizzled_chunk(int row, int chunk) {
 // is a multiple of 8 are contiguous (one 16-byte chunk).
 template <int D>
 __host__ __device__ __forceinline__ uint32_t swizzled_offset(int row, int col) {
-  return static_cast<uint32_t>(row * D * 2 + swizzled_chunk<D>(row, col / 8) * 16 + (col % 8) * 2);
+  return static_cast<uint32_t>(row * D * 2 + swizzled_chunk<D>(row, col >> 3) * 16 + (col & 7) * 2);
 }
 
 template <typename T>

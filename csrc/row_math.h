@@ -33,13 +33,14 @@ MPLUG_HD float rescale_for_tile(RunningSoftmax& state, float tile_max, float* sh
   return alpha;
 }
 
-// Natural-log log-sum-exp of the row; -inf for a row with no visible key.
+// Natural-log log-sum-exp of the row; -inf for a row with no visible key, NaN where the sum is NaN
+// (a NaN score), so lse is NaN exactly where the output is.
 MPLUG_HD float row_lse(const RunningSoftmax& state) {
-  return state.sum > 0.0f ? (state.max_log2 + log2f(state.sum)) * kLn2 : -INFINITY;
+  return state.sum == 0.0f ? -INFINITY : (state.max_log2 + log2f(state.sum)) * kLn2;
 }
 
-// 1 / sum, or 0 for a row with no visible key (its output is then 0).
-MPLUG_HD float row_normalizer(const RunningSoftmax& state) { return state.sum > 0.0f ? 1.0f / state.sum : 0.0f; }
+// 1 / sum, or 0 for a row with no visible key (its output is then 0); NaN stays NaN.
+MPLUG_HD float row_normalizer(const RunningSoftmax& state) { return state.sum == 0.0f ? 0.0f : 1.0f / state.sum; }
 
 // Softmax probability of a score (log2 units) recomputed from the row's natural-log lse.
 MPLUG_HD float probability_from_lse(float score_log2, float lse) {
@@ -49,9 +50,13 @@ MPLUG_HD float probability_from_lse(float score_log2, float lse) {
 // Weight of one split's partial output when merging splits whose largest lse is `max_lse`.
 MPLUG_HD float merge_weight(float part_lse, float max_lse) { return expf(part_lse - finite_or_zero(max_lse)); }
 
-// lse of the merged row from the largest partial lse and the sum of merge weights.
+// lse of the merged row from the largest partial lse and the sum of merge weights (NaN when a
+// split's lse is NaN, -inf when no split saw a visible key).
 MPLUG_HD float merged_lse(float max_lse, float weight_sum) {
-  return weight_sum > 0.0f ? finite_or_zero(max_lse) + logf(weight_sum) : -INFINITY;
+  return weight_sum == 0.0f ? -INFINITY : finite_or_zero(max_lse) + logf(weight_sum);
 }
+
+// 1 / weight_sum, 0 when no split saw a visible key; NaN stays NaN.
+MPLUG_HD float merged_normalizer(float weight_sum) { return weight_sum == 0.0f ? 0.0f : 1.0f / weight_sum; }
 
 }  // namespace mplug

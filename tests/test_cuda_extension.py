@@ -6,12 +6,14 @@ from __future__ import annotations
 import itertools
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 import cuda_emulator
+import mplug_kernels
 from mplug_kernels.backends import AttentionCall, BACKENDS
 from mplug_kernels.backends import cuda as cuda_backend
 from mplug_kernels.backends.kernel_inputs import force_num_splits
@@ -108,18 +110,34 @@ def test_launch_failure_raises_runtime_error_with_cuda_message():
 
 
 @needs_extension
-@pytest.mark.parametrize("blocks", [1, 24, 131, 132, 768])
 @pytest.mark.parametrize("total_keys", [0, 1, 64, 577, 1025, 20000])
-@pytest.mark.parametrize("forced", [0, 1, 3, 64])
-def test_split_plan_covers_keys_without_empty_splits(blocks, total_keys, forced):
-    num_splits, split_size = EXTENSION.plan_splits(blocks, total_keys, 132, forced)
-    assert 1 <= num_splits <= 64 and split_size > 0 and split_size % EXTENSION.KEYS_PER_TILE == 0
+@pytest.mark.parametrize("wanted", [1, 3, 10, 64])
+def test_split_keys_covers_keys_without_empty_splits(total_keys, wanted):
+    num_splits, split_size = EXTENSION.split_keys(total_keys, wanted)
+    assert 1 <= num_splits <= wanted and split_size > 0 and split_size % EXTENSION.KEYS_PER_TILE == 0
     assert num_splits * split_size >= total_keys
     assert (num_splits - 1) * split_size < max(total_keys, 1)
-    if forced:
-        assert num_splits <= forced
-    elif blocks >= 132:
-        assert num_splits == 1
+
+
+@needs_extension
+@pytest.mark.parametrize("head_dim, q_len, rows", [(64, 1, 32), (64, 25, 32), (64, 32, 32), (64, 33, 64), (64, 602, 64),
+                                                  (96, 25, 32), (128, 25, 64)])
+def test_forward_launch_rows_per_cta(head_dim, q_len, rows):
+    """16 query rows per warp, 2 warps up to 32 queries (D <= 96), else 4: mPLUG's 25 text queries take 32 rows, not
+    64 or 128 (warps past the queries only load K/V)."""
+    rows_per_cta, ctas_per_sm = EXTENSION.forward_launch("bfloat16", head_dim, q_len)
+    assert rows_per_cta == rows and ctas_per_sm >= 1
+    with pytest.raises(ValueError, match="head_dim 48"):
+        EXTENSION.forward_launch("bfloat16", 48, q_len)
+
+
+@needs_extension
+@pytest.mark.parametrize("batch, splits", [(1, 10), (64, 1)])
+def test_split_count_follows_occupancy(batch, splits):
+    """mPLUG's VQA cross-attention (H = 12, Lq = 25, Lk = 577): 12 CTAs at B = 1 are split over all 10 key tiles
+    to fill the GPU; 768 CTAs at B = 64 fill its waves unsplit."""
+    q = torch.empty(batch, 25, 12, 64, dtype=torch.bfloat16, device=cuda_backend.kernel_device_type())
+    assert cuda_backend._occupancy_splits(EXTENSION, q, 577) == splits
 
 
 @pytest.mark.parametrize(
@@ -228,3 +246,54 @@ def test_backward_both_dq_paths_over_two_sources(emulator_setting, deterministic
                      [q, *ks, *vs], [dout] + ([dlse] if with_dlse else []))
     for name, ours, ref, base in zip(["dq", "dk0", "dk1", "dv0", "dv1"], [dq, *dks, *dvs], expected, baseline):
         assert_within_budget(name, ours, ref, base, factor=3)
+
+
+@needs_extension
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_nan_key_gives_nan_lse_exactly_where_out_is_nan(forced_splits, num_splits):
+    """Issue 16 item 8: a NaN in a visible key makes its batch's rows NaN in out and in lse (not -inf or a finite
+    lse), with and without split-KV; a NaN in a masked key changes nothing."""
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = (random_tensor(2, n, 2, 64, dtype=torch.float16, generator=generator) for n in (5, 150, 150))
+    mask = torch.ones(2, 150, dtype=torch.bool)
+    mask[1, 100:] = False
+    skip_unless_supported("cuda", q, [k], [v], [mask])
+    k[0, 70, 1, 3] = float("nan")   # visible key of batch 0, head 1
+    k[1, 120, 0, 5] = float("nan")  # masked key of batch 1
+    forced_splits(num_splits)
+    device = cuda_backend.kernel_device_type()
+    out, lse = cuda_backend.forward(q.to(device), [k.to(device)], [v.to(device)], [mask.to(device)], 0.125)
+    out_nan = out.isnan().any(dim=-1).transpose(1, 2).cpu()  # [B, H, Lq]
+    expected = torch.zeros(2, 2, 5, dtype=torch.bool)
+    expected[0, 1] = True
+    assert torch.equal(out_nan, expected) and torch.equal(lse.isnan().cpu(), expected)
+    assert lse[~expected].isfinite().all()
+
+
+@needs_extension
+def test_concurrent_calls_from_threads_match_serial_ones():
+    """Issue 16 item 9: four threads calling co_attention(backend="cuda") at once (the binding releases the GIL;
+    the emulator serialises launches, a GPU runs each on its thread's current stream) get the serial results."""
+    device = cuda_backend.kernel_device_type()
+    generator = torch.Generator().manual_seed(9)
+    inputs = [[random_tensor(1, n, 2, 32, dtype=torch.float16, generator=generator).to(device) for n in (9, 70, 70)]
+              for _ in range(4)]
+    skip_unless_supported("cuda", inputs[0][0], [inputs[0][1]], [inputs[0][2]], [None])
+    serial = [mplug_kernels.co_attention(q, k, v, backend="cuda") for q, k, v in inputs]
+    results, errors = [None] * 4, []
+
+    def run(i):
+        try:
+            for _ in range(3):
+                results[i] = mplug_kernels.co_attention(*inputs[i], backend="cuda")
+        except Exception as error:  # reported below, with the thread that raised it
+            errors.append((i, error))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for got, expected in zip(results, serial):
+        assert torch.equal(got, expected)

@@ -18,6 +18,7 @@ import torch
 
 from mplug_kernels.backends.base import Backend
 from mplug_kernels.backends.kernel_inputs import forced_num_splits, mask_bytes
+from mplug_kernels.occupancy import num_splits_for_occupancy
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -121,6 +122,21 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+@lru_cache(maxsize=None)
+def _forward_launch(extension, dtype: str, head_dim: int, q_len: int, device: torch.device) -> Tuple[int, int]:
+    """(query rows per CTA, CTAs per SM) of the forward kernel for these inputs on `device`."""
+    return extension.forward_launch(dtype, head_dim, q_len)
+
+
+def _occupancy_splits(extension, q: torch.Tensor, total_keys: int) -> int:
+    """Split-KV count that fills the GPU's waves, from the forward kernel's real CTAs per SM."""
+    batch, q_len, heads, head_dim = q.shape
+    rows_per_cta, ctas_per_sm = _forward_launch(extension, DTYPE_NAMES[q.dtype], head_dim, max(q_len, 1), q.device)
+    ctas = batch * heads * -(-q_len // rows_per_cta)
+    key_tiles = -(-total_keys // extension.KEYS_PER_TILE)
+    return num_splits_for_occupancy(ctas, ctas_per_sm, _sm_count(q.device), key_tiles)
+
+
 def forward(
     q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
     masks: Sequence[Optional[torch.Tensor]], softmax_scale: float,
@@ -133,10 +149,10 @@ def forward(
     batch, q_len, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
-    query_tiles = -(-q_len // extension.QUERY_ROWS_PER_BLOCK)
-    num_splits, split_size = extension.plan_splits(
-        batch * heads * query_tiles, sum(k.shape[1] for k in ks), _sm_count(q.device), forced_num_splits() or 0
-    )
+    total_keys = sum(k.shape[1] for k in ks)
+    with _on_device(q.device):
+        wanted = forced_num_splits() or _occupancy_splits(extension, q, total_keys)
+    num_splits, split_size = extension.split_keys(total_keys, wanted)
     part_out = part_lse = None
     if num_splits > 1:
         part_out = torch.empty((num_splits, batch * heads, q_len, head_dim), dtype=torch.float32, device=q.device)

@@ -121,7 +121,7 @@ int run_case(const Case& c) {
     source.dk = contiguous_view(dks.back().get(), c, L);
     source.dv = contiguous_view(dvs.back().get(), c, L);
   }
-  const mplug::SplitPlan plan = mplug::plan_splits(B * H * ((Lq + 31) / 32), total_keys, 132, c.forced_splits);
+  const mplug::SplitPlan plan = mplug::split_keys(total_keys, c.forced_splits > 0 ? c.forced_splits : 1);
   args.num_splits = plan.num_splits;
   args.split_size = plan.split_size;
   auto part_out = uninitialised<float>(plan.num_splits * rows * D);

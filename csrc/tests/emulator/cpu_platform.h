@@ -55,6 +55,7 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__
+#define __grid_constant__
 
 struct dim3 {
   unsigned x, y, z;
@@ -67,6 +68,10 @@ struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
 inline uint3 threadIdx{0, 0, 0};
 inline uint3 blockIdx{0, 0, 0};
@@ -172,6 +177,7 @@ struct Runtime {
   int warp_exited[kBlockWarps] = {};
   float exchange[kBlockWarps][2][kLanes];
   alignas(16) unsigned char lane_bytes[kBlockWarps][2][kLanes][kLaneBytes];
+  int block_and[2] = {1, 1};  // __syncthreads_and of the barrier generations by parity
   int block_threads = kThreadsPerBlock;
   bool eager_copies = false;
   Schedule schedule = Schedule::warps_ascending;
@@ -448,6 +454,12 @@ struct MmaFragments {
 
 }  // namespace emulator
 
+// 2^x as ex2.approx.ftz computes it, to float rounding (the hardware's is within 2 ulp).
+inline float exp2_approx(float x) {
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: acc += A * B with the fragment layouts of
 // cuda_platform.cuh; A and B come from the lanes that hold them by those layouts.
 template <typename T>
@@ -531,6 +543,16 @@ template <int N>
 }  // namespace mplug
 
 [[gnu::noinline]] inline void __syncthreads() { mplug::emulator::sync_block(__builtin_return_address(0)); }
+
+// __syncthreads that also returns whether `predicate` was non-zero in every thread of the block.
+[[gnu::noinline]] inline int __syncthreads_and(int predicate) {
+  mplug::emulator::Runtime& r = mplug::emulator::runtime();
+  const unsigned parity = r.block.generation & 1u;
+  if (r.block.arrived == 0) r.block_and[parity] = 1;
+  if (predicate == 0) r.block_and[parity] = 0;
+  mplug::emulator::sync_block(__builtin_return_address(0));
+  return r.block_and[parity];
+}
 
 [[gnu::noinline]] inline void __syncwarp(unsigned mask = 0xffffffffu) {
   mplug::emulator::check_full_mask(mask, "__syncwarp");

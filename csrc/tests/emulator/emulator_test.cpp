@@ -258,8 +258,8 @@ void ldmatrix_loads_documented_elements() {
   }
 }
 
-// The kernels' path: A [16, 32] and B^T [16, 32] (keys as rows, as K) and V [32, 16] stored in
-// swizzled shared memory, read with ldmatrix x4 (.trans for V) at x4_row/x4_col, multiplied by
+// The kernels' path: A [16, 32] and B^T [16, 32] (keys as rows, as K) and V [16, 16] stored in
+// swizzled shared memory, read with ldmatrix x4 (A and .trans V at x4_row/x4_col, K at x4_row_b/x4_col_b), multiplied by
 // mma_m16n8k16 and packed with pack_b16x2, equal (A B) V computed in double within rounding.
 template <typename T>
 void swizzled_ldmatrix_and_mma_compute_a_matmul(const char* type) {
@@ -285,9 +285,9 @@ void swizzled_ldmatrix_and_mma_compute_a_matmul(const char* type) {
     for (int k0 = 0; k0 < D; k0 += 16) {
       uint32_t a_frag[4], k_frag[4];
       mplug::ldmatrix<4>(a_frag, tiles + mplug::swizzled_offset<D>(mplug::x4_row(lane), k0 + mplug::x4_col(lane)));
-      mplug::ldmatrix<4>(k_frag, tiles + 16 * D * 2 + mplug::swizzled_offset<D>(mplug::x4_row(lane), k0 + mplug::x4_col(lane)));
-      mplug::mma_m16n8k16<T>(s[0], a_frag, {k_frag[0], k_frag[2]});
-      mplug::mma_m16n8k16<T>(s[1], a_frag, {k_frag[1], k_frag[3]});
+      mplug::ldmatrix<4>(k_frag, tiles + 16 * D * 2 + mplug::swizzled_offset<D>(mplug::x4_row_b(lane), k0 + mplug::x4_col_b(lane)));
+      mplug::mma_m16n8k16<T>(s[0], a_frag, {k_frag[0], k_frag[1]});
+      mplug::mma_m16n8k16<T>(s[1], a_frag, {k_frag[2], k_frag[3]});
     }
     const uint32_t p[4] = {mplug::pack_b16x2<T>(s[0][0], s[0][1]), mplug::pack_b16x2<T>(s[0][2], s[0][3]),
                            mplug::pack_b16x2<T>(s[1][0], s[1][1]), mplug::pack_b16x2<T>(s[1][2], s[1][3])};
@@ -377,6 +377,24 @@ void concurrent_launches_from_host_threads() {
   }
 }
 
+void syncthreads_and_reduces_a_predicate() {
+  std::vector<int> all_true(kThreadsPerBlock), one_false(kThreadsPerBlock);
+  const std::string error = error_of(dim3(1), 0, [&] {
+    all_true[threadIdx.x] = __syncthreads_and(1);
+    one_false[threadIdx.x] = __syncthreads_and(threadIdx.x != 77);
+  });
+  expect(error.empty(), "__syncthreads_and ran: " + error);
+  for (int t = 0; t < kThreadsPerBlock; ++t) {
+    expect(all_true[t] == 1 && one_false[t] == 0, "__syncthreads_and is the AND over the block, in every thread");
+  }
+}
+
+void exp2_approx_flushes_like_ex2_approx_ftz() {
+  expect(mplug::exp2_approx(3.0f) == 8.0f && mplug::exp2_approx(-INFINITY) == 0.0f, "exp2_approx of 3 and -inf");
+  expect(mplug::exp2_approx(-130.0f) == 0.0f, "a denormal result flushes to zero");
+  expect(std::isnan(mplug::exp2_approx(NAN)), "exp2_approx keeps NaN");
+}
+
 void atomics_add_up() {
   float total = 0.0f;
   const std::string error = error_of(dim3(3), 0, [&] { atomicAdd(&total, 1.0f); });
@@ -458,6 +476,8 @@ int main() {
   swizzled_ldmatrix_and_mma_compute_a_matmul<__half>("float16");
   swizzled_ldmatrix_and_mma_compute_a_matmul<__nv_bfloat16>("bfloat16");
   concurrent_launches_from_host_threads();
+  syncthreads_and_reduces_a_predicate();
+  exp2_approx_flushes_like_ex2_approx_ftz();
   atomics_add_up();
   half_and_bfloat16_round_to_nearest_even();
   mistakes_raise_errors();
