@@ -52,9 +52,9 @@ def train_step_function(model: MPLUG, inputs: Dict[str, torch.Tensor]) -> Callab
 
     def train_step():
         model.train()
-        model.zero_grad(set_to_none=True)
         losses = model.pretrain_losses(inputs["images"], inputs["text_ids"], inputs["text_mask"])
         sum(loss.float() for loss in losses.values()).backward()
+        model.zero_grad(set_to_none=True)  # every call starts without gradients: its peak memory holds a full set
 
     return train_step
 
