@@ -63,9 +63,10 @@ void attention_backward(const AttentionArgs& args) {
   check_common(args);
   int64_t key_tiles = 0;
   for (int s = 0; s < args.num_sources; ++s) key_tiles += ceil_div(args.sources[s].length, kKeysPerTile);
-  require(key_tiles <= kMaxGridYZ, "total key length exceeds the CUDA grid limit");
-  require(args.delta != nullptr, "backward needs a delta workspace");
   if (args.batch * args.heads == 0) return;
+  require(args.batch * args.heads * std::max(key_tiles, args.q_len) <= kMaxGridX,
+          "batch * heads * max(key tiles, q_len) exceeds the CUDA grid limit");
+  require(args.q_len == 0 || args.delta != nullptr, "backward needs a delta workspace");
   if (args.dtype == ElementType::float16) {
     backward_float16(args);
   } else {

@@ -1,64 +1,342 @@
-// Backward kernels: delta = rowsum(dO * O) - dlse; dK/dV of one key tile of one source over every
-// query tile (dQ by float32 atomics when args.dq_accum is set); and a deterministic dQ kernel that
-// walks every key tile of every source for one query tile.
+// Backward kernels, register-resident (mma.sync m16n8k16, float32 accumulation):
+// - delta = rowsum(dO * O) - dlse;
+// - dK/dV: one CTA per key tile of one source, each warp owning 16 of its keys with their dK and dV
+//   in registers, over every query tile (Q, dO, lse and delta double-buffered through cp.async);
+//   S^T, P^T, dP^T and dS^T stay in registers, P^T and dS^T re-used as A operands; dQ by float32
+//   atomics when args.dq_accum is set, from dS^T staged in shared memory;
+// - dQ, deterministic (no atomics): one CTA per 64 query rows, each warp owning 16 rows, over every
+//   key tile of every source (K and V double-buffered).
+// Masked keys, and query rows that see no key, are selected out, never multiplied: their K/V (Q/dO)
+// rows load as zeros and their P and dS are 0, so a NaN there reaches no gradient.
 #pragma once
 
-#include "kernel_utils.cuh"
+#include "mma.cuh"
 
 namespace mplug {
+// The backward's own names: kernels of other translation units may define helpers of the same name.
+namespace backward {
 
-// Byte offsets of the backward kernels' shared-memory tiles; the accumulators come last.
-template <typename T, int D>
-struct BackwardSmem {
-  static constexpr size_t kKeyTile = align128(kBlockN * HeadTile<D>::kLd * sizeof(T));
-  static constexpr size_t kQueryTile = align128(kBlockM * HeadTile<D>::kLd * sizeof(T));
-  static constexpr size_t kScoreTile = align128(kBlockM * kScoreLd * sizeof(float));
-  static constexpr size_t kProbTile = align128(kBlockM * kProbLd * sizeof(T));
+constexpr int kBackwardKeys = kKeysPerTile;            // keys per dK/dV CTA, 16 per warp
+constexpr int kBackwardQueries = 32;                   // query rows per dK/dV pipeline stage
+constexpr int kDqQueries = kWarps * kMmaM;             // query rows per deterministic dQ CTA, 16 per warp
+constexpr int kQueryTiles = kBackwardQueries / kMmaN;  // 8-column accumulator tiles of S^T
+constexpr int kKeyTiles = kBackwardKeys / kMmaN;       // 8-column accumulator tiles of S
+static_assert(kBackwardKeys == kWarps * kMmaM, "each warp owns 16 keys of the dK/dV tile");
+
+// Byte offsets of the dK/dV kernel's shared memory: swizzled K and V tiles, two stages of Q, dO,
+// lse and delta, and dS^T [keys, queries] for the atomic dQ. After the loop the K and V tiles hold
+// the finished dK and dV on their way to global memory.
+template <int D>
+struct DkdvSmem {
+  static constexpr size_t kKeyTile = kBackwardKeys * D * 2;
+  static constexpr size_t kQueryTile = kBackwardQueries * D * 2;
+  static constexpr size_t kRows = kBackwardQueries * sizeof(float);
   static constexpr size_t keys = 0;
   static constexpr size_t values = keys + kKeyTile;
-  static constexpr size_t queries = values + kKeyTile;
+  static constexpr size_t queries = values + kKeyTile;  // stage s at queries + s * kQueryTile
+  static constexpr size_t douts = queries + 2 * kQueryTile;
+  static constexpr size_t lse = douts + 2 * kQueryTile;  // stage s at lse + s * kRows
+  static constexpr size_t delta = lse + 2 * kRows;
+  static constexpr size_t dscores = delta + 2 * kRows;
+  static constexpr size_t bytes = dscores + kBackwardKeys * kBackwardQueries * 2;
+};
+
+// Byte offsets of the deterministic dQ kernel's shared memory: swizzled Q and dO tiles, two stages
+// of K, V and the visibility of their keys. After the loop the Q tile holds the finished dQ.
+template <int D>
+struct DqSmem {
+  static constexpr size_t kQueryTile = kDqQueries * D * 2;
+  static constexpr size_t kKeyTile = kBackwardKeys * D * 2;
+  static constexpr size_t queries = 0;
   static constexpr size_t douts = queries + kQueryTile;
-  static constexpr size_t scores = douts + kQueryTile;
-  static constexpr size_t dprobs = scores + kScoreTile;
-  static constexpr size_t probs = dprobs + kScoreTile;
-  static constexpr size_t dscores = probs + kProbTile;
-  static constexpr size_t visible = dscores + kProbTile;
-  static constexpr size_t row_lse = visible + align128(kBlockN);
-  static constexpr size_t row_delta = row_lse + align128(kBlockM * sizeof(float));
-  static constexpr size_t accumulators = row_delta + align128(kBlockM * sizeof(float));
-  static constexpr size_t kKeyAcc = align128(kBlockN * HeadTile<D>::kAccLd * sizeof(float));
-  static constexpr size_t dkdv_bytes = accumulators + 2 * kKeyAcc;
-  static constexpr size_t dq_bytes = accumulators + align128(kBlockM * HeadTile<D>::kAccLd * sizeof(float));
-  // the dK/dV kernel's per-tile dQ product reuses the (then consumed) scores and dprobs tiles
-  static_assert(2 * kScoreTile >= kBlockM * HeadTile<D>::kAccLd * sizeof(float), "dQ scratch does not fit");
+  static constexpr size_t keys = douts + kQueryTile;  // stage s at keys + s * kKeyTile
+  static constexpr size_t values = keys + 2 * kKeyTile;
+  static constexpr size_t visible = values + 2 * kKeyTile;  // stage s at visible + s * kBackwardKeys
+  static constexpr size_t bytes = visible + 2 * kBackwardKeys;
 };
 
-template <typename T, int D>
-struct BackwardTiles {
-  T* keys;
-  T* values;
-  T* queries;
-  T* douts;
-  float* scores;
-  float* dprobs;
-  T* probs;
-  T* dscores;
-  uint8_t* visible;
-  float* row_lse;
-  float* row_delta;
-  float* accumulators;
-
-  __device__ static BackwardTiles at(unsigned char* smem) {
-    using Smem = BackwardSmem<T, D>;
-    return BackwardTiles{reinterpret_cast<T*>(smem + Smem::keys),        reinterpret_cast<T*>(smem + Smem::values),
-                         reinterpret_cast<T*>(smem + Smem::queries),     reinterpret_cast<T*>(smem + Smem::douts),
-                         reinterpret_cast<float*>(smem + Smem::scores),  reinterpret_cast<float*>(smem + Smem::dprobs),
-                         reinterpret_cast<T*>(smem + Smem::probs),       reinterpret_cast<T*>(smem + Smem::dscores),
-                         smem + Smem::visible,                           reinterpret_cast<float*>(smem + Smem::row_lse),
-                         reinterpret_cast<float*>(smem + Smem::row_delta),
-                         reinterpret_cast<float*>(smem + Smem::accumulators)};
+// Starts 16-byte asynchronous copies of the rows r of a [ROWS, D] slab for which keep(r) holds
+// into a swizzled tile, and zero-fills the other rows (selected out: what they hold reaches no MMA).
+template <typename T, int D, int ROWS, typename Keep>
+__device__ __forceinline__ void load_swizzled_async(unsigned char* tile, const T* rows, int64_t row_stride, Keep keep) {
+  constexpr int kChunks = D / 8;
+  for (int i = threadIdx.x; i < ROWS * kChunks; i += kThreads) {
+    const int row = i / kChunks;
+    const int col = (i % kChunks) * 8;
+    unsigned char* destination = tile + swizzled_offset<D>(row, col);
+    if (keep(row)) {
+      __pipeline_memcpy_async(destination, rows + row * row_stride + col, 16);
+    } else {
+      *reinterpret_cast<uint4*>(destination) = make_uint4(0u, 0u, 0u, 0u);
+    }
   }
+}
+
+// Copies rows [0, valid) of a swizzled [ROWS, D] tile of T to global rows with 16-byte stores.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void store_swizzled(T* rows, int64_t row_stride, const unsigned char* tile, int64_t valid) {
+  constexpr int kChunks = D / 8;
+  for (int i = threadIdx.x; i < ROWS * kChunks; i += kThreads) {
+    const int row = i / kChunks;
+    const int col = (i % kChunks) * 8;
+    if (row < valid) {
+      *reinterpret_cast<uint4*>(rows + row * row_stride + col) =
+          *reinterpret_cast<const uint4*>(tile + swizzled_offset<D>(row, col));
+    }
+  }
+}
+
+// acc [16, NT * 8] = A B^T of rows a_row0.. (16) of swizzled [rows, D] tile `a` and rows 0.. (NT * 8)
+// of swizzled tile `b`: both operands read by ldmatrix, the product over all D columns.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void warp_rows_product(float (&acc)[NT][4], const unsigned char* a, int a_row0,
+                                                  const unsigned char* b) {
+  static_assert(NT % 2 == 0, "B rows are read 16 at a time");
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+  }
+#pragma unroll
+  for (int ks = 0; ks < D / kMmaK; ++ks) {
+    uint32_t a_frag[4];
+    ldmatrix<4>(a_frag, a + swizzled_offset<D>(a_row0 + x4_row(lane), ks * kMmaK + x4_col(lane)));
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t rows[4];
+      ldmatrix<4>(rows, b + swizzled_offset<D>(np * 16 + x4_row(lane), ks * kMmaK + x4_col(lane)));
+      const uint32_t first[2] = {rows[0], rows[2]};
+      const uint32_t second[2] = {rows[1], rows[3]};
+      mma_m16n8k16<T>(acc[2 * np], a_frag, first);
+      mma_m16n8k16<T>(acc[2 * np + 1], a_frag, second);
+    }
+  }
+}
+
+// acc [16, NT * 8] += A B: A [16, KS * 16] in registers (one A fragment per k-step), B the rows
+// b_row0.. (KS * 16) and columns col0.. (NT * 8) of a swizzled [rows, D] tile, read by ldmatrix.trans.
+template <typename T, int D, int NT, int KS>
+__device__ __forceinline__ void warp_accumulate(float (&acc)[NT][4], const uint32_t (&a)[KS][4],
+                                                const unsigned char* b, int b_row0, int col0) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int row = b_row0 + ks * kMmaK + x4_row(lane);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t cols[4];
+      ldmatrix_trans<4>(cols, b + swizzled_offset<D>(row, col0 + np * 16 + x4_col(lane)));
+      const uint32_t first[2] = {cols[0], cols[1]};
+      const uint32_t second[2] = {cols[2], cols[3]};
+      mma_m16n8k16<T>(acc[2 * np], a[ks], first);
+      mma_m16n8k16<T>(acc[2 * np + 1], a[ks], second);
+    }
+    if constexpr (NT % 2 == 1) {
+      uint32_t last[2];
+      ldmatrix_trans<2>(last, b + swizzled_offset<D>(row, col0 + (NT - 1) * kMmaN));
+      mma_m16n8k16<T>(acc[NT - 1], a[ks], last);
+    }
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ void zero_accumulators(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+  }
+}
+
+// The A fragments (one per 16 columns) of a [16, NT * 8] accumulator rounded to T.
+template <typename T, int NT>
+__device__ __forceinline__ void to_a_fragments(uint32_t (&a)[NT / 2][4], const float (&acc)[NT][4]) {
+#pragma unroll
+  for (int ks = 0; ks < NT / 2; ++ks) {
+    a[ks][0] = pack_b16x2<T>(acc[2 * ks][0], acc[2 * ks][1]);
+    a[ks][1] = pack_b16x2<T>(acc[2 * ks][2], acc[2 * ks][3]);
+    a[ks][2] = pack_b16x2<T>(acc[2 * ks + 1][0], acc[2 * ks + 1][1]);
+    a[ks][3] = pack_b16x2<T>(acc[2 * ks + 1][2], acc[2 * ks + 1][3]);
+  }
+}
+
+// Writes a warp's [16, NT * 8] accumulator times `factor`, rounded to T, into rows row0.. and
+// columns col0.. of a swizzled [rows, D] tile.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void stage_accumulator(unsigned char* tile, int row0, int col0, const float (&acc)[NT][4],
+                                                  float factor) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + acc_row(lane, 2 * half);
+      const int col = col0 + nt * kMmaN + acc_col(lane, 0);
+      *reinterpret_cast<uint32_t*>(tile + swizzled_offset<D>(row, col)) =
+          pack_b16x2<T>(acc[nt][2 * half] * factor, acc[nt][2 * half + 1] * factor);
+    }
+  }
+}
+
+// Selects the query rows of (b, h) from m0 on whose Q and dO load: rows that exist and see a key
+// (lse > -inf). The others load as zeros with lse -inf and delta 0, so a NaN in a query or dO of a
+// row without keys reaches no gradient.
+struct LiveQueries {
+  const float* lse;  // of row m0
+  int64_t valid;     // rows that exist
+
+  __device__ static LiveQueries at(const AttentionArgs& args, int64_t b, int64_t h, int64_t m0, int rows) {
+    return LiveQueries{args.lse + (b * args.heads + h) * args.q_len + m0, min(int64_t{rows}, args.q_len - m0)};
+  }
+  __device__ bool operator()(int r) const { return r < valid && lse[r] != -INFINITY; }
 };
+
+// Starts loading Q, dO, lse and delta of query rows [m0, m0 + kBackwardQueries) into one stage;
+// rows past the end or without keys load as zeros with lse -inf, so their probabilities are 0.
+template <typename T, int D>
+__device__ __forceinline__ void issue_query_tile(const AttentionArgs& args, unsigned char* smem, int stage, int64_t b,
+                                                 int64_t h, int64_t m0) {
+  using Smem = DkdvSmem<D>;
+  const LiveQueries live = LiveQueries::at(args, b, h, m0, kBackwardQueries);
+  load_swizzled_async<T, D, kBackwardQueries>(smem + Smem::queries + stage * Smem::kQueryTile,
+                                              element<const T>(args.q, b, m0, h), args.q.stride_s, live);
+  load_swizzled_async<T, D, kBackwardQueries>(smem + Smem::douts + stage * Smem::kQueryTile,
+                                              element<const T>(args.dout, b, m0, h), args.dout.stride_s, live);
+  float* lse = reinterpret_cast<float*>(smem + Smem::lse + stage * Smem::kRows);
+  float* delta = reinterpret_cast<float*>(smem + Smem::delta + stage * Smem::kRows);
+  const float* delta_rows = args.delta + (live.lse - args.lse);
+  for (int r = threadIdx.x; r < kBackwardQueries; r += kThreads) {
+    if (live(r)) {
+      __pipeline_memcpy_async(lse + r, live.lse + r, sizeof(float));
+      __pipeline_memcpy_async(delta + r, delta_rows + r, sizeof(float));
+    } else {
+      lse[r] = -INFINITY;
+      delta[r] = 0.0f;
+    }
+  }
+}
+
+// Starts loading K and V of one key tile into swizzled tiles; masked keys and keys past the tile
+// load as zeros.
+template <typename T, int D>
+__device__ __forceinline__ void issue_key_tile(const AttentionArgs& args, const KeyTile& tile, int64_t b, int64_t h,
+                                               unsigned char* keys, unsigned char* values) {
+  const SourceView& source = args.sources[tile.source];
+  const auto visible = [&](int n) { return key_visible(source, tile, b, n); };
+  load_swizzled_async<T, D, kBackwardKeys>(keys, element<const T>(source.k, b, tile.start, h), source.k.stride_s,
+                                           visible);
+  load_swizzled_async<T, D, kBackwardKeys>(values, element<const T>(source.v, b, tile.start, h), source.v.stride_s,
+                                           visible);
+}
+
+// dS^T (rounded, as A fragments) into the swizzled [keys, queries] tile, at the warp's 16 key rows.
+__device__ __forceinline__ void stage_dscores(unsigned char* tile, int key0, const uint32_t (&ds)[kQueryTiles / 2][4]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int ks = 0; ks < kQueryTiles / 2; ++ks) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      // register i of an A fragment: row g + 8 (i % 2), columns 2t + 8 (i / 2) + {0, 1}
+      const int row = key0 + lane_quad(lane) + 8 * (i % 2);
+      const int col = ks * kMmaK + 2 * lane_in_quad(lane) + 8 * (i / 2);
+      *reinterpret_cast<uint32_t*>(tile + swizzled_offset<kBackwardQueries>(row, col)) = ds[ks][i];
+    }
+  }
+}
+
+// address[0..1] += (x, y): one 8-byte atomic where the arch has it (sm_90), else two 4-byte ones.
+__device__ __forceinline__ void atomic_add_pair(float* address, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(address), make_float2(x, y));
+#else
+  atomicAdd(address, x);
+  atomicAdd(address + 1, y);
+#endif
+}
+
+// Adds scale * dS K of the current query tile to the float32 dQ accumulator in global memory: warp
+// w computes query rows 16 (w % 2).. and head columns (w / 2) D / 2.. from the staged dS^T and K.
+template <typename T, int D>
+__device__ __forceinline__ void accumulate_dq_atomic(const AttentionArgs& args, const unsigned char* dscores,
+                                                     const unsigned char* keys, int64_t b, int64_t h, int64_t m0) {
+  constexpr int kHalfTiles = D / 2 / kMmaN;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int row0 = kMmaM * (warp % 2);
+  const int col0 = (warp / 2) * (D / 2);
+  uint32_t ds[kBackwardKeys / kMmaK][4];
+#pragma unroll
+  for (int ks = 0; ks < kBackwardKeys / kMmaK; ++ks) {
+    // dS [queries, keys] is stored transposed: matrix i = lane / 8 holds keys 8 (i / 2).. and queries 8 (i % 2)..
+    const int key = ks * kMmaK + lane % 8 + 8 * (lane / 16);
+    const int query = row0 + 8 * ((lane / 8) % 2);
+    ldmatrix_trans<4>(ds[ks], dscores + swizzled_offset<kBackwardQueries>(key, query));
+  }
+  float dq[kHalfTiles][4];
+  zero_accumulators(dq);
+  warp_accumulate<T, D, kHalfTiles, kBackwardKeys / kMmaK>(dq, ds, keys, 0, col0);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t m = m0 + row0 + acc_row(lane, 2 * half);
+    if (m >= args.q_len) continue;
+    float* row = args.dq_accum + ((b * args.q_len + m) * args.heads + h) * D + col0 + acc_col(lane, 0);
+#pragma unroll
+    for (int nt = 0; nt < kHalfTiles; ++nt) {
+      atomic_add_pair(row + nt * kMmaN, dq[nt][2 * half] * args.scale, dq[nt][2 * half + 1] * args.scale);
+    }
+  }
+}
+
+// The warp's dK^T/dV^T products of one query stage: S^T and dP^T [16 keys, 32 queries] from K, V
+// (rows key0..) and the stage's Q and dO; P^T and dS^T, selected to 0 for invisible keys; then
+// dV += P^T dO, dK += dS^T Q; dS^T rounded to T is returned for the dQ product.
+template <typename T, int D>
+__device__ __forceinline__ void dkdv_stage(const AttentionArgs& args, const unsigned char* smem, int stage, int key0,
+                                           const bool (&visible)[2], float (&dk)[D / kMmaN][4],
+                                           float (&dv)[D / kMmaN][4], uint32_t (&ds_frags)[kQueryTiles / 2][4]) {
+  using Smem = DkdvSmem<D>;
+  const int lane = threadIdx.x % 32;
+  const unsigned char* queries = smem + Smem::queries + stage * Smem::kQueryTile;
+  const unsigned char* douts = smem + Smem::douts + stage * Smem::kQueryTile;
+  const float* lse = reinterpret_cast<const float*>(smem + Smem::lse + stage * Smem::kRows);
+  const float* delta = reinterpret_cast<const float*>(smem + Smem::delta + stage * Smem::kRows);
+  float scores[kQueryTiles][4];
+  float dprobs[kQueryTiles][4];
+  warp_rows_product<T, D, kQueryTiles>(scores, smem + Smem::keys, key0, queries);
+  warp_rows_product<T, D, kQueryTiles>(dprobs, smem + Smem::values, key0, douts);
+  const float scale_log2 = args.scale * kLog2e;
+#pragma unroll
+  for (int nt = 0; nt < kQueryTiles; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = nt * kMmaN + acc_col(lane, i);
+      const bool keep = visible[i / 2];
+      const float p = keep ? probability_from_lse(scores[nt][i] * scale_log2, lse[m]) : 0.0f;
+      scores[nt][i] = p;
+      dprobs[nt][i] = keep ? p * (dprobs[nt][i] - delta[m]) : 0.0f;
+    }
+  }
+  uint32_t p_frags[kQueryTiles / 2][4];
+  to_a_fragments<T, kQueryTiles>(p_frags, scores);
+  to_a_fragments<T, kQueryTiles>(ds_frags, dprobs);
+  warp_accumulate<T, D, D / kMmaN, kQueryTiles / 2>(dv, p_frags, douts, 0, 0);
+  warp_accumulate<T, D, D / kMmaN, kQueryTiles / 2>(dk, ds_frags, queries, 0, 0);
+}
+
+// Starts loading K, V and the key visibility of key tile `t` into stage `stage` of the dQ kernel.
+template <typename T, int D>
+__device__ __forceinline__ void issue_dq_key_tile(const AttentionArgs& args, const TileWalk& walk, int64_t t,
+                                                  unsigned char* smem, int stage, int64_t b, int64_t h) {
+  using Smem = DqSmem<D>;
+  const KeyTile tile = walk.at(t);
+  issue_key_tile<T, D>(args, tile, b, h, smem + Smem::keys + stage * Smem::kKeyTile,
+                       smem + Smem::values + stage * Smem::kKeyTile);
+  uint8_t* visible = smem + Smem::visible + stage * kBackwardKeys;
+  for (int n = threadIdx.x; n < kBackwardKeys; n += kThreads) visible[n] = key_visible(args.sources[tile.source], tile, b, n);
+}
+
+}  // namespace backward
 
 // One warp per query row: delta[b, h, m] = sum_d dO * O - dlse[b, h, m].
 template <typename T>
@@ -76,177 +354,150 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const AttentionArgs arg
   if (lane == 0) args.delta[row] = sum - (args.dlse != nullptr ? args.dlse[row] : 0.0f);
 }
 
-// Starts loading Q and dO of query rows [m0, m0 + kBlockM) and stores their lse and delta; rows
-// past the end get lse -inf, so their probabilities are 0.
+// grid (key tiles of all sources x B*H, key tiles of one head adjacent): dK, dV of one key tile
+// over every query tile, and dQ by atomics when args.dq_accum is set.
 template <typename T, int D>
-__device__ __forceinline__ void load_query_tile(const AttentionArgs& args, const BackwardTiles<T, D>& tiles, int64_t b,
-                                                int64_t h, int64_t m0) {
-  const int64_t valid = min(int64_t{kBlockM}, args.q_len - m0);
-  load_rows_async<T, D, kBlockM>(tiles.queries, element<const T>(args.q, b, m0, h), args.q.stride_s, valid);
-  load_rows_async<T, D, kBlockM>(tiles.douts, element<const T>(args.dout, b, m0, h), args.dout.stride_s, valid);
-  const int64_t row0 = (b * args.heads + h) * args.q_len + m0;
-  for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
-    tiles.row_lse[r] = r < valid ? args.lse[row0 + r] : -INFINITY;
-    tiles.row_delta[r] = r < valid ? args.delta[row0 + r] : 0.0f;
-  }
-}
-
-// Starts loading K and V of one key tile and marks which of its keys are visible.
-template <typename T, int D>
-__device__ __forceinline__ void load_key_tile(const AttentionArgs& args, const BackwardTiles<T, D>& tiles,
-                                              const KeyTile& tile, int64_t b, int64_t h) {
-  const SourceView& source = args.sources[tile.source];
-  const int64_t valid = tile.end - tile.start;
-  load_rows_async<T, D, kBlockN>(tiles.keys, element<const T>(source.k, b, tile.start, h), source.k.stride_s, valid);
-  load_rows_async<T, D, kBlockN>(tiles.values, element<const T>(source.v, b, tile.start, h), source.v.stride_s, valid);
-  for (int n = threadIdx.x; n < kBlockN; n += kThreads) tiles.visible[n] = key_visible(source, tile, b, n);
-}
-
-// P = exp(S * scale - lse) and dS = P * (dO V^T - delta) of the loaded query and key tiles.
-template <typename T, int D>
-__device__ __forceinline__ void probs_and_dscores(const AttentionArgs& args, const BackwardTiles<T, D>& tiles) {
-  using namespace nvcuda;
-  constexpr int kLd = HeadTile<D>::kLd;
-  block_gemm<T, wmma::row_major, wmma::col_major, kBlockM / kFrag, kBlockN / kFrag, D / kFrag>(
-      tiles.queries, kLd, tiles.keys, kLd, tiles.scores, kScoreLd, false);
-  block_gemm<T, wmma::row_major, wmma::col_major, kBlockM / kFrag, kBlockN / kFrag, D / kFrag>(
-      tiles.douts, kLd, tiles.values, kLd, tiles.dprobs, kScoreLd, false);
-  __syncthreads();
-  const float scale_log2 = args.scale * kLog2e;
-  for (int i = threadIdx.x; i < kBlockM * kBlockN; i += kThreads) {
-    const int r = i / kBlockN;
-    const int n = i % kBlockN;
-    const float p = tiles.visible[n] ? probability_from_lse(tiles.scores[r * kScoreLd + n] * scale_log2, tiles.row_lse[r])
-                                     : 0.0f;
-    const float ds = p * (tiles.dprobs[r * kScoreLd + n] - tiles.row_delta[r]);
-    tiles.probs[r * kProbLd + n] = from_float<T>(p);
-    tiles.dscores[r * kProbLd + n] = from_float<T>(ds);
-  }
-  __syncthreads();
-}
-
-// Adds scale * (dS K) of the current tiles to the float32 dQ accumulator in global memory.
-template <typename T, int D>
-__device__ __forceinline__ void accumulate_dq_atomic(const AttentionArgs& args, const BackwardTiles<T, D>& tiles,
-                                                     int64_t b, int64_t h, int64_t m0) {
-  using namespace nvcuda;
-  constexpr int kAccLd = HeadTile<D>::kAccLd;
-  float* dq_part = tiles.scores;
-  block_gemm<T, wmma::row_major, wmma::row_major, kBlockM / kFrag, D / kFrag, kBlockN / kFrag>(
-      tiles.dscores, kProbLd, tiles.keys, HeadTile<D>::kLd, dq_part, kAccLd, false);
-  __syncthreads();
-  const int64_t valid = min(int64_t{kBlockM}, args.q_len - m0);
-  for (int i = threadIdx.x; i < valid * D; i += kThreads) {
-    const int r = i / D;
-    const int d = i % D;
-    atomicAdd(args.dq_accum + ((b * args.q_len + m0 + r) * args.heads + h) * D + d, dq_part[r * kAccLd + d] * args.scale);
-  }
-}
-
-// grid (B*H, key tiles of all sources): dK, dV of one key tile, looping over every query tile.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttentionArgs args) {
-  using namespace nvcuda;
-  using Smem = BackwardSmem<T, D>;
-  constexpr int kLd = HeadTile<D>::kLd;
-  constexpr int kAccLd = HeadTile<D>::kAccLd;
+__global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs args) {
+  using namespace backward;
+  using Smem = DkdvSmem<D>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const BackwardTiles<T, D> tiles = BackwardTiles<T, D>::at(smem);
-  float* dk_acc = tiles.accumulators;
-  float* dv_acc = reinterpret_cast<float*>(smem + Smem::accumulators + Smem::kKeyAcc);
-
-  const int64_t b = blockIdx.x / args.heads;
-  const int64_t h = blockIdx.x % args.heads;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
   const TileWalk walk = TileWalk::over(args, 0, INT64_MAX);
-  const KeyTile tile = walk.at(blockIdx.y);
-  load_key_tile<T, D>(args, tiles, tile, b, h);
-  zero_floats(dk_acc, kBlockN * kAccLd);
-  zero_floats(dv_acc, kBlockN * kAccLd);
-  for (int64_t m0 = 0; m0 < args.q_len; m0 += kBlockM) {
-    load_query_tile<T, D>(args, tiles, b, h, m0);
-    __pipeline_commit();
-    __pipeline_wait_prior(0);
-    __syncthreads();
-    probs_and_dscores<T, D>(args, tiles);
-    block_gemm<T, wmma::col_major, wmma::row_major, kBlockN / kFrag, D / kFrag, kBlockM / kFrag>(
-        tiles.probs, kProbLd, tiles.douts, kLd, dv_acc, kAccLd, true);
-    block_gemm<T, wmma::col_major, wmma::row_major, kBlockN / kFrag, D / kFrag, kBlockM / kFrag>(
-        tiles.dscores, kProbLd, tiles.queries, kLd, dk_acc, kAccLd, true);
-    if (args.dq_accum != nullptr) accumulate_dq_atomic<T, D>(args, tiles, b, h, m0);
-    __syncthreads();
-  }
-  __pipeline_wait_prior(0);
-  __syncthreads();
+  const int64_t bh = blockIdx.x / walk.total;
+  const int64_t b = bh / args.heads;
+  const int64_t h = bh % args.heads;
+  const KeyTile tile = walk.at(blockIdx.x % walk.total);
+  const int key0 = warp * kMmaM;
   const SourceView& source = args.sources[tile.source];
-  const int64_t valid = tile.end - tile.start;
-  for (int i = threadIdx.x; i < valid * D; i += kThreads) {
-    const int n = i / D;
-    const int d = i % D;
-    element<T>(source.dk, b, tile.start + n, h)[d] = from_float<T>(dk_acc[n * kAccLd + d] * args.scale);
-    element<T>(source.dv, b, tile.start + n, h)[d] = from_float<T>(dv_acc[n * kAccLd + d]);
-  }
-}
+  const bool visible[2] = {key_visible(source, tile, b, key0 + acc_row(lane, 0)),
+                           key_visible(source, tile, b, key0 + acc_row(lane, 2))};
 
-// grid (B*H, query tiles): deterministic dQ of one query tile over every key tile of every source.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dq_kernel(const AttentionArgs args) {
-  using namespace nvcuda;
-  constexpr int kAccLd = HeadTile<D>::kAccLd;
-  extern __shared__ __align__(128) unsigned char smem[];
-  const BackwardTiles<T, D> tiles = BackwardTiles<T, D>::at(smem);
-  float* dq_acc = tiles.accumulators;
-
-  const int64_t b = blockIdx.x / args.heads;
-  const int64_t h = blockIdx.x % args.heads;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBlockM;
-  const TileWalk walk = TileWalk::over(args, 0, INT64_MAX);
-  load_query_tile<T, D>(args, tiles, b, h, m0);
-  zero_floats(dq_acc, kBlockM * kAccLd);
-  for (int64_t t = 0; t < walk.total; ++t) {
-    load_key_tile<T, D>(args, tiles, walk.at(t), b, h);
-    __pipeline_commit();
-    __pipeline_wait_prior(0);
-    __syncthreads();
-    probs_and_dscores<T, D>(args, tiles);
-    block_gemm<T, wmma::row_major, wmma::row_major, kBlockM / kFrag, D / kFrag, kBlockN / kFrag>(
-        tiles.dscores, kProbLd, tiles.keys, HeadTile<D>::kLd, dq_acc, kAccLd, true);
-    __syncthreads();
-  }
+  issue_key_tile<T, D>(args, tile, b, h, smem + Smem::keys, smem + Smem::values);
+  issue_query_tile<T, D>(args, smem, 0, b, h, 0);
   __pipeline_commit();
-  __pipeline_wait_prior(0);
-  __syncthreads();
-  const int64_t valid = min(int64_t{kBlockM}, args.q_len - m0);
-  for (int i = threadIdx.x; i < valid * D; i += kThreads) {
-    const int r = i / D;
-    const int d = i % D;
-    element<T>(args.dq, b, m0 + r, h)[d] = from_float<T>(dq_acc[r * kAccLd + d] * args.scale);
+  float dk[D / kMmaN][4];
+  float dv[D / kMmaN][4];
+  zero_accumulators(dk);
+  zero_accumulators(dv);
+  const int64_t query_tiles = (args.q_len + kBackwardQueries - 1) / kBackwardQueries;
+  for (int64_t t = 0; t < query_tiles; ++t) {
+    const int stage = static_cast<int>(t % 2);
+    __pipeline_wait_prior(0);
+    // stage t is visible to every warp, and every warp is done with stage t - 1 and its dS^T
+    __syncthreads();
+    if (t + 1 < query_tiles) issue_query_tile<T, D>(args, smem, 1 - stage, b, h, (t + 1) * kBackwardQueries);
+    __pipeline_commit();
+    uint32_t ds_frags[kQueryTiles / 2][4];
+    dkdv_stage<T, D>(args, smem, stage, key0, visible, dk, dv, ds_frags);
+    if (args.dq_accum != nullptr) {
+      stage_dscores(smem + Smem::dscores, key0, ds_frags);
+      __syncthreads();
+      accumulate_dq_atomic<T, D>(args, smem + Smem::dscores, smem + Smem::keys, b, h, t * kBackwardQueries);
+    }
   }
+  __pipeline_wait_prior(0);
+  // every warp is done reading K and V before they are overwritten by dK and dV
+  __syncthreads();
+  stage_accumulator<T, D, D / kMmaN>(smem + Smem::keys, key0, 0, dk, args.scale);
+  stage_accumulator<T, D, D / kMmaN>(smem + Smem::values, key0, 0, dv, 1.0f);
+  __syncthreads();
+  const int64_t valid = tile.end - tile.start;
+  store_swizzled<T, D, kBackwardKeys>(element<T>(source.dk, b, tile.start, h), source.dk.stride_s, smem + Smem::keys,
+                                      valid);
+  store_swizzled<T, D, kBackwardKeys>(element<T>(source.dv, b, tile.start, h), source.dv.stride_s,
+                                      smem + Smem::values, valid);
 }
 
-inline int64_t total_key_tiles(const AttentionArgs& args) {
-  int64_t tiles = 0;
-  for (int s = 0; s < args.num_sources; ++s) tiles += (args.sources[s].length + kBlockN - 1) / kBlockN;
-  return tiles;
+// grid (query tiles of 64 rows x B*H, query tiles of one head adjacent): deterministic dQ of one
+// query tile over every key tile of every source; warp w owns query rows 16 w..
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs args) {
+  using namespace backward;
+  using Smem = DqSmem<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t query_tiles = (args.q_len + kDqQueries - 1) / kDqQueries;
+  const int64_t bh = blockIdx.x / query_tiles;
+  const int64_t b = bh / args.heads;
+  const int64_t h = bh % args.heads;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x % query_tiles) * kDqQueries;
+  const int row0 = warp * kMmaM;
+  const TileWalk walk = TileWalk::over(args, 0, INT64_MAX);
+
+  const LiveQueries live = LiveQueries::at(args, b, h, m0, kDqQueries);
+  load_swizzled_async<T, D, kDqQueries>(smem + Smem::queries, element<const T>(args.q, b, m0, h), args.q.stride_s,
+                                        live);
+  load_swizzled_async<T, D, kDqQueries>(smem + Smem::douts, element<const T>(args.dout, b, m0, h),
+                                        args.dout.stride_s, live);
+  if (walk.total > 0) issue_dq_key_tile<T, D>(args, walk, 0, smem, 0, b, h);
+  __pipeline_commit();
+  // lse and delta of the lane's rows g and g + 8; rows past the end or without keys get lse -inf
+  float lse[2];
+  float delta[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = row0 + acc_row(lane, 2 * half);
+    lse[half] = live(r) ? live.lse[r] : -INFINITY;
+    delta[half] = live(r) ? args.delta[(live.lse - args.lse) + r] : 0.0f;
+  }
+  float dq[D / kMmaN][4];
+  zero_accumulators(dq);
+  const float scale_log2 = args.scale * kLog2e;
+  for (int64_t t = 0; t < walk.total; ++t) {
+    const int stage = static_cast<int>(t % 2);
+    __pipeline_wait_prior(0);
+    // tile t is visible to every warp, and every warp is done with tile t - 1
+    __syncthreads();
+    if (t + 1 < walk.total) issue_dq_key_tile<T, D>(args, walk, t + 1, smem, 1 - stage, b, h);
+    __pipeline_commit();
+    const unsigned char* keys = smem + Smem::keys + stage * Smem::kKeyTile;
+    const uint8_t* visible = smem + Smem::visible + stage * kBackwardKeys;
+    float scores[kKeyTiles][4];
+    float dprobs[kKeyTiles][4];
+    warp_rows_product<T, D, kKeyTiles>(scores, smem + Smem::queries, row0, keys);
+    warp_rows_product<T, D, kKeyTiles>(dprobs, smem + Smem::douts, row0, smem + Smem::values + stage * Smem::kKeyTile);
+#pragma unroll
+    for (int nt = 0; nt < kKeyTiles; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const bool keep = visible[nt * kMmaN + acc_col(lane, i)] != 0;
+        const float p = keep ? probability_from_lse(scores[nt][i] * scale_log2, lse[i / 2]) : 0.0f;
+        dprobs[nt][i] = keep ? p * (dprobs[nt][i] - delta[i / 2]) : 0.0f;
+      }
+    }
+    uint32_t ds_frags[kKeyTiles / 2][4];
+    to_a_fragments<T, kKeyTiles>(ds_frags, dprobs);
+    warp_accumulate<T, D, D / kMmaN, kKeyTiles / 2>(dq, ds_frags, keys, 0, 0);
+  }
+  __pipeline_wait_prior(0);
+  // each warp overwrites only its own Q rows, which no other warp reads
+  stage_accumulator<T, D, D / kMmaN>(smem + Smem::queries, row0, 0, dq, args.scale);
+  __syncthreads();
+  store_swizzled<T, D, kDqQueries>(element<T>(args.dq, b, m0, h), args.dq.stride_s, smem + Smem::queries, live.valid);
 }
+
+inline int64_t total_key_tiles(const AttentionArgs& args) { return TileWalk::over(args, 0, INT64_MAX).total; }
 
 template <typename T>
 void backward_for_type(const AttentionArgs& args) {
+  using namespace backward;
   const int64_t rows = args.batch * args.heads * args.q_len;
   if (rows > 0) {
     launch(delta_kernel<T>, "delta_kernel", dim3(static_cast<unsigned>((rows + kWarps - 1) / kWarps)), 0, args);
   }
+  const int64_t num_bh = args.batch * args.heads;
   const int64_t key_tiles = total_key_tiles(args);
-  const int64_t query_tiles = (args.q_len + kBlockM - 1) / kBlockM;
-  const unsigned num_bh = static_cast<unsigned>(args.batch * args.heads);
+  const int64_t query_tiles = (args.q_len + kDqQueries - 1) / kDqQueries;
   dispatch_head_dim(args.head_dim, [&](auto head_dim) {
     constexpr int D = decltype(head_dim)::value;
     if (key_tiles > 0) {
-      launch(dkdv_kernel<T, D>, "dkdv_kernel", dim3(num_bh, static_cast<unsigned>(key_tiles)),
-             BackwardSmem<T, D>::dkdv_bytes, args);
+      launch(dkdv_kernel<T, D>, "dkdv_kernel", dim3(static_cast<unsigned>(key_tiles * num_bh)), DkdvSmem<D>::bytes,
+             args);
     }
     if (args.dq_accum == nullptr && query_tiles > 0) {
-      launch(dq_kernel<T, D>, "dq_kernel", dim3(num_bh, static_cast<unsigned>(query_tiles)),
-             BackwardSmem<T, D>::dq_bytes, args);
+      launch(dq_kernel<T, D>, "dq_kernel", dim3(static_cast<unsigned>(query_tiles * num_bh)), DqSmem<D>::bytes, args);
     }
   });
 }
