@@ -26,9 +26,16 @@ BACKEND_LABELS = {
     "cuda": "cuda (ours)",
 }
 VISION_LENS = (257, 577, 901, 1025)
+VIDEO_FRAMES = (8, 16)  # the video row: T frames at image 224, their tokens one vision memory (mplug.video)
+VIDEO_IMAGE_SIZE = 224
 TEXT_LEN = 25
 PASSES = ("forward", "train")
 CONFIGS = {"base": MPLUGConfig.base, "large": MPLUGConfig.large, "tiny": MPLUGConfig.tiny}
+
+
+def video_vision_lens(config: MPLUGConfig) -> Tuple[int, ...]:
+    """Lv of the video row: VIDEO_FRAMES x ((VIDEO_IMAGE_SIZE / patch) ** 2 + 1) tokens (1576, 3152 for base)."""
+    return tuple(frames * ((VIDEO_IMAGE_SIZE // config.patch_size) ** 2 + 1) for frames in VIDEO_FRAMES)
 
 
 def _attention_macs(q_len: int, kv_len: int, hidden: int, heads: int, absorbed_kv: bool) -> int:
@@ -226,6 +233,8 @@ def run(
         "backend_labels": {name: BACKEND_LABELS.get(name, name) for name in names},
         "skipped_backends": skipped,
         "flop_ratios": flop_ratios(config, vision_lens, text_len),
+        "video_flop_ratios": {f"T={frames}": ratios for frames, ratios in zip(
+            VIDEO_FRAMES, flop_ratios(config, video_vision_lens(config), text_len).values())},
         "paper_ms_per_100": PAPER_MS_PER_100,
     }
     networks = {variant: build_fusion(config, variant, names[0], device, dtype) for variant in variants}
