@@ -360,17 +360,18 @@ def backward_meta(element_bytes: int, head_dim: int, q_len: int) -> dict:
     """BLOCK_M/N/D, num_warps and num_stages of the dK/dV and dQ kernels for this element size and shape."""
     block_d = _block_d(head_dim)
     max_block_m, block_n, warps, stages = BACKWARD_BLOCKS[(element_bytes, block_d)]
-    return {"BLOCK_M": min(max_block_m, _block_m(q_len)), "BLOCK_N": block_n, "BLOCK_D": block_d,
-            "num_warps": warps, "num_stages": stages}
+    return {"BLOCK_M": min(max_block_m, _block_m(q_len, element_bytes)), "BLOCK_N": block_n,
+            "BLOCK_D": block_d, "num_warps": warps, "num_stages": stages}
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _block_m(q_len: int) -> int:
-    """Query rows per program: 32 up to Lq = 32 (mPLUG's text, at most 2x padding at Lq = 25), else 64."""
-    return 32 if q_len <= 32 else 64
+def _block_m(q_len: int, element_bytes: int) -> int:
+    """Query rows per program: 32 up to Lq = 32 (mPLUG's text, at most 2x padding at Lq = 25), else 64;
+    always 32 in fp32, whose exact (FMA) dots spill at 64 rows of D = 128 on sm_90."""
+    return 32 if q_len <= 32 or element_bytes == 4 else 64
 
 
 def prune_configs(configs: Sequence[triton.Config], facts_of: Callable[[triton.Config], KernelFacts],
@@ -486,7 +487,7 @@ def forward_launches(
     """The forward kernel (tuned) and, with several splits, the combine kernel writing out/lse; q, ks, vs with
     a contiguous last dim, masks as mask_bytes. Partial-output buffers are allocated here."""
     batch, q_len, heads, head_dim = q.shape
-    block_m, block_d = _block_m(q_len), _block_d(head_dim)
+    block_m, block_d = _block_m(q_len, q.element_size()), _block_d(head_dim)
     total_keys = sum(k.shape[1] for k in ks)
     split_size = triton.cdiv(triton.cdiv(total_keys, num_splits), SPLIT_KEYS) * SPLIT_KEYS
     num_splits = triton.cdiv(total_keys, split_size)
