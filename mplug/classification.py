@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mplug.tasks import encode_images
-from mplug.video import default_mask, describe
+from mplug.validation import describe
+from mplug.video import default_mask
 
 VE_LABELS = ("entailment", "neutral", "contradiction")
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from mplug.tasks import encode_images
-from mplug.video import default_mask, describe
+from mplug.validation import describe
+from mplug.video import default_mask
 
 MAX_L1_WEIGHT = 5.0
 

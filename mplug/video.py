@@ -13,11 +13,7 @@ import torch.nn.functional as F
 
 from mplug.generation import BeamSearchOutput
 from mplug.tasks import RetrievalScores, _generate, _rerank, itm_logits
-
-
-def describe(x) -> str:
-    """'shape (..), dtype ..' of a tensor, else its type name (for error messages)."""
-    return f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+from mplug.validation import check_generation, describe
 
 
 def default_mask(ids: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -87,6 +83,7 @@ def video_qa_generate(model, frames, question_ids, question_mask=None, frame_mas
     (the search as in MPLUG.vqa_generate) -> BeamSearchOutput."""
     question_mask = default_mask(question_ids, question_mask)
     _check_batch(frames, "question_ids", question_ids)
+    check_generation(model.config, None, num_beams, max_length, num_return_sequences)
     video = encode_video(model, frames, frame_mask)
     question_embeds = model.text_encoder(question_ids, question_mask)
     video_out, question_out = model.fusion_encoder(video.embeds, video.mask, question_embeds, question_mask)
@@ -101,6 +98,7 @@ def video_caption_generate(model, frames, frame_mask=None, *, num_beams: int = 5
                            max_length: int = 25, num_return_sequences: int = 1, use_cache: bool = True,
                            mode: str = "authors") -> BeamSearchOutput:
     """Captions of videos [B, T, 3, S, S]: the decoder reads the frame tokens only (as MPLUG.caption_generate)."""
+    check_generation(model.config, None, num_beams, max_length, num_return_sequences)
     video = encode_video(model, frames, frame_mask)
     return _generate(
         model, (video.embeds,), (video.mask,), None, num_beams, use_cache,

@@ -90,6 +90,8 @@ def test_bad_frames_are_rejected(model):
         encode_video(model, clips, torch.tensor([[True, False, False], [False, False, False]]))
     with pytest.raises(ValueError, match="question_ids"):
         video_qa_generate(model, clips, ids[:1], mask[:1])
+    with pytest.raises(ValueError, match="num_beams must be an int >= 1"):
+        video_caption_generate(model, clips, num_beams=0)
 
 
 # The video lengths: 16 frames x 577 tokens (ViT-B/16 at 384) and 16,384. Cheap shapes: B = 1, a few queries,
