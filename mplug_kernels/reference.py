@@ -43,6 +43,17 @@ def dead_queries_zeroed(q: torch.Tensor, alive: Optional[torch.Tensor]) -> torch
     return q.masked_fill(~alive.reshape(-1, *[1] * (q.dim() - 1)), 0)
 
 
+def alive_batch_rows(ks: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """alive [B]: whether batch element b keeps any key of the sources (ks [B, Lk_i, H, D], masks [B, Lk_i]); None when all do."""
+    if any(mask is None and k.shape[1] > 0 for k, mask in zip(ks, masks)):
+        return None
+    alive = torch.zeros(ks[0].shape[0], dtype=torch.bool, device=ks[0].device)
+    for mask in masks:
+        if mask is not None and mask.shape[1] > 0:
+            alive = alive | mask.any(dim=1)
+    return alive
+
+
 def _joined_inputs(q, ks, vs, masks, dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, k, v) in dtype with masked keys and dead batch rows zeroed, and the keep mask [B, sum Lk]."""
     k, v, keep = joined_sources(ks, vs, masks)

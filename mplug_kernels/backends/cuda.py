@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from mplug_kernels.backends.base import Backend
+from mplug_kernels.reference import alive_batch_rows, dead_queries_zeroed
 from mplug_kernels.backends.kernel_inputs import forced_num_splits, mask_bytes
 from mplug_kernels.occupancy import num_splits_for_occupancy
 
@@ -223,7 +224,7 @@ class CudaBackend(Backend):
         return 15 if call.device_type == "cuda" else 99
 
     def forward(self, q, ks, vs, masks, scale):
-        return forward(q, ks, vs, masks, scale)
+        return forward(dead_queries_zeroed(q, alive_batch_rows(ks, masks)), ks, vs, masks, scale)
 
     def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic):
         return backward(dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic)

@@ -9,6 +9,7 @@ import torch
 from torch.torch_version import TorchVersion
 
 from mplug_kernels.backends.base import Backend
+from mplug_kernels.reference import alive_batch_rows, dead_queries_zeroed
 
 
 def interpreter_on() -> bool:
@@ -67,9 +68,10 @@ class TritonBackend(Backend):
     def forward(self, q, ks, vs, masks, scale):
         from mplug_kernels.ops import attention_triton
 
-        return attention_triton.forward(q, ks, vs, masks, scale)
+        return attention_triton.forward(dead_queries_zeroed(q, alive_batch_rows(ks, masks)), ks, vs, masks, scale)
 
     def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic):
         from mplug_kernels.ops import attention_triton
 
+        q = dead_queries_zeroed(q, alive_batch_rows(ks, masks))
         return attention_triton.backward(dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic)

@@ -12,7 +12,7 @@
 //   still read shows);
 // - __syncthreads reached from different call sites, or after a thread exited, is an error, and so
 //   is a barrier that no thread can pass (deadlock);
-// - wmma, ldmatrix and cp.async check their alignment rules, and ldmatrix that it reads shared
+// - ldmatrix and cp.async check their alignment rules, and ldmatrix that it reads shared
 //   memory; a launch checks its grid, its block size and its shared memory against sm_90's limits;
 // - mma.sync and ldmatrix are warp-collective: every lane publishes its fragment or row address and
 //   takes its result by the PTX ISA's fragment-to-lane layout, so a wrong lane or register shows.
@@ -604,90 +604,3 @@ inline void __pipeline_wait_prior(size_t pending) {
   }
 }
 
-// Tensor-core fragments: every lane holds the whole 16x16 tile as floats (row-major logical
-// order). Lanes compute redundantly; stores wait for the warp so no lane overwrites a tile another
-// lane has yet to load.
-namespace nvcuda {
-namespace wmma {
-
-struct row_major {};
-struct col_major {};
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the emulator implements 16x16x16 fragments");
-  float x[16 * 16];
-};
-
-inline float element_value(__half x) { return __half2float(x); }
-inline float element_value(__nv_bfloat16 x) { return __bfloat162float(x); }
-inline float element_value(float x) { return x; }
-
-template <typename T>
-inline void check_tile(const T* pointer, unsigned ldm, const char* what) {
-  mplug::emulator::check_aligned(pointer, 32, what);
-  if (ldm % (16 / sizeof(T)) != 0) mplug::emulator::fail(std::string(what) + ": ldm not a multiple of 16 bytes");
-}
-
-template <typename T>
-inline void load_tile(float* values, const T* pointer, unsigned ldm, bool row_major_memory) {
-  for (int row = 0; row < 16; ++row) {
-    for (int col = 0; col < 16; ++col) {
-      values[row * 16 + col] = element_value(row_major_memory ? pointer[row * ldm + col] : pointer[col * ldm + row]);
-    }
-  }
-}
-
-template <typename Use, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& fragment, const T* pointer, unsigned ldm) {
-  check_tile(pointer, ldm, "wmma::load_matrix_sync");
-  load_tile(fragment.x, pointer, ldm, std::is_same_v<Layout, row_major>);
-}
-
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& fragment, const float* pointer, unsigned ldm,
-                             layout_t layout) {
-  check_tile(pointer, ldm, "wmma::load_matrix_sync");
-  load_tile(fragment.x, pointer, ldm, layout == mem_row_major);
-}
-
-[[gnu::noinline]] inline void store_matrix_sync(float* pointer, const fragment<accumulator, 16, 16, 16, float>& fragment,
-                                                unsigned ldm, layout_t layout) {
-  check_tile(pointer, ldm, "wmma::store_matrix_sync");
-  mplug::emulator::sync_warp(__builtin_return_address(0));
-  for (int row = 0; row < 16; ++row) {
-    for (int col = 0; col < 16; ++col) {
-      const float value = fragment.x[row * 16 + col];
-      if (layout == mem_row_major) {
-        pointer[row * ldm + col] = value;
-      } else {
-        pointer[col * ldm + row] = value;
-      }
-    }
-  }
-}
-
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& fragment, float value) {
-  for (float& x : fragment.x) x = value;
-}
-
-template <typename T, typename LayoutA, typename LayoutB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LayoutA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LayoutB>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
-  float result[16 * 16];
-  for (int i = 0; i < 16; ++i) {
-    for (int j = 0; j < 16; ++j) {
-      float sum = c.x[i * 16 + j];
-      for (int k = 0; k < 16; ++k) sum += a.x[i * 16 + k] * b.x[k * 16 + j];
-      result[i * 16 + j] = sum;
-    }
-  }
-  std::memcpy(d.x, result, sizeof(result));
-}
-
-}  // namespace wmma
-}  // namespace nvcuda

@@ -135,38 +135,6 @@ void wait_prior_keeps_the_newest_groups_pending() {
   expect(first_landed && second_pending, "__pipeline_wait_prior(1) completes all but the newest group");
 }
 
-void wmma_multiplies_like_float_math() {
-  using namespace nvcuda;
-  std::mt19937 random(3);
-  std::normal_distribution<float> normal;
-  alignas(32) static __half a[16 * 32];  // row-major [16, 32]
-  alignas(32) static __half b[16 * 32];  // col-major [32, 16]: b[n * 32 + k]
-  alignas(32) static float c[16 * 16];
-  for (auto& x : a) x = __float2half_rn(normal(random));
-  for (auto& x : b) x = __float2half_rn(normal(random));
-  const std::string error = error_of(dim3(1), 0, [&] {
-    if (threadIdx.x >= 32) return;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.0f);
-    for (int k = 0; k < 2; ++k) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a_frag;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b_frag;
-      wmma::load_matrix_sync(a_frag, a + 16 * k, 32);
-      wmma::load_matrix_sync(b_frag, b + 16 * k, 32);
-      wmma::mma_sync(acc, a_frag, b_frag, acc);
-    }
-    wmma::store_matrix_sync(c, acc, 16, wmma::mem_row_major);
-  });
-  expect(error.empty(), "wmma kernel ran: " + error);
-  for (int i = 0; i < 16; ++i) {
-    for (int j = 0; j < 16; ++j) {
-      double expected = 0.0;
-      for (int k = 0; k < 32; ++k) expected += double(__half2float(a[i * 32 + k])) * __half2float(b[j * 32 + k]);
-      expect(std::fabs(c[i * 16 + j] - expected) < 1e-4 * (1.0 + std::fabs(expected)), "wmma product element");
-    }
-  }
-}
-
 uint16_t bits_of(float x, __half) { return __float2half_rn(x).bits; }
 uint16_t bits_of(float x, __nv_bfloat16) { return __float2bfloat16_rn(x).bits; }
 float value_of(uint16_t bits, __half) { return __half2float(__half{bits}); }
@@ -432,11 +400,6 @@ void mistakes_raise_errors() {
            __pipeline_memcpy_async(smem + 8, smem + 32, 16);
          }), "16-byte aligned"),
          "a misaligned cp.async is an error");
-  expect(mentions(error_of(dim3(1), 0, [] {
-           nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
-           nvcuda::wmma::load_matrix_sync(acc, reinterpret_cast<const float*>(smem + 16), 16, nvcuda::wmma::mem_row_major);
-         }), "32-byte aligned"),
-         "a misaligned wmma load is an error");
   expect(mentions(error_of(dim3(1), 64, [] {
            uint32_t regs[1];
            mplug::ldmatrix<1>(regs, smem + 8);
@@ -463,7 +426,6 @@ int main() {
   every_block_runs_once_with_fresh_nan_shared_memory();
   async_copies_land_at_the_wait();
   wait_prior_keeps_the_newest_groups_pending();
-  wmma_multiplies_like_float_math();
   mma_multiplies_like_a_matmul<__half>("float16");
   mma_multiplies_like_a_matmul<__nv_bfloat16>("bfloat16");
   ldmatrix_loads_documented_elements<1, false>();
