@@ -332,7 +332,7 @@ BACKWARD_BLOCKS = {
     (2, 16): (64, 32, 4, 2), (2, 32): (64, 32, 4, 2), (2, 64): (64, 32, 8, 2), (2, 128): (32, 32, 8, 2),
     (4, 16): (32, 32, 8, 1), (4, 32): (32, 32, 8, 1), (4, 64): (16, 16, 4, 1), (4, 128): (16, 16, 8, 1),
 }
-DELTA_META = {"BLOCK_M": 32, "num_warps": 4, "num_stages": 1}
+DELTA_META = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 COMBINE_META = {"num_warps": 4, "num_stages": 1}
 
 # Split-KV: a split holds a multiple of SPLIT_KEYS keys. Under the CPU interpreter no compiled kernel exists to
