@@ -1,0 +1,179 @@
+"""Run configurations of ``mplug.train`` / ``mplug.evaluate``: the shipped YAMLs (mplug/configs/<task>_<size>.yaml) or a
+user's YAML, with ``key=value`` overrides, checked against one table of allowed keys."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from mplug.config import MPLUGConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TASKS = ("vqa", "caption", "retrieval", "pretrain")
+MODELS = ("tiny", "base", "large")
+SHIPPED = tuple(f"{task}_{size}" for task in TASKS for size in ("base", "large"))
+PATH_KEYS = ("train_file", "test_file", "answer_list", "image_root", "vqa_root", "vg_root", "gqa_root", "vocab")
+
+# Every allowed key with its default; a shipped or user YAML sets any subset.
+DEFAULTS = {
+    "task": None,
+    "model": "base",
+    "image_size": 384,
+    "seed": 42,
+    "epochs": 1,
+    "max_steps": None,
+    "batch_size_train": 8,
+    "batch_size_test": 8,
+    "num_workers": 4,
+    "max_grad_norm": 1.0,
+    "grad_checkpointing": False,
+    "log_every": 50,
+    "save_every": 0,
+    "optimizer": {"lr": 1.0e-5, "lr_visual": 1.0e-5, "lr_head": None, "weight_decay": 0.02, "betas": [0.9, 0.999]},
+    "schedule": {"warmup_steps": 0, "warmup_ratio": None, "min_lr": 1.0e-6},
+    "max_words": 30,
+    "max_tokens": 40,
+    "answer_max_words": 10,
+    "num_beams": 5,
+    "min_length": 1,
+    "max_length": 10,
+    "k_test": 256,
+    "prompt": "",
+    **{key: None for key in PATH_KEYS},
+}
+
+POSITIVE_INTS = ("image_size", "epochs", "batch_size_train", "batch_size_test", "log_every", "max_words", "max_tokens",
+                 "answer_max_words", "num_beams", "max_length", "k_test")
+NON_NEGATIVE_INTS = ("seed", "num_workers", "save_every", "min_length")
+FLOATS = ("max_grad_norm", "optimizer.lr", "optimizer.lr_visual", "optimizer.lr_head", "optimizer.weight_decay",
+          "schedule.warmup_ratio", "schedule.min_lr")
+
+
+def allowed_keys() -> list:
+    """Every settable key, nested ones dotted (``optimizer.lr``)."""
+    keys = []
+    for key, value in DEFAULTS.items():
+        keys += [f"{key}.{sub}" for sub in value] if isinstance(value, dict) else [key]
+    return keys
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> dict:
+    """A shipped config name (``vqa_base``, ...) or a YAML path, then ``key=value`` overrides (values parsed as YAML,
+    dotted keys reach nested dicts) -> the checked config dict with every key of DEFAULTS."""
+    source = _config_file(name_or_path)
+    with open(source) as handle:
+        loaded = yaml.safe_load(handle) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{source}: a config must be a YAML mapping of keys to values, got {type(loaded).__name__}")
+    cfg = copy.deepcopy(DEFAULTS)
+    base = None if name_or_path in SHIPPED else source.parent
+    for key, value in _flatten(loaded):
+        _set(cfg, key, _resolve(key, value, base), f"{source}")
+    for override in overrides:
+        key, value = _parse_override(override)
+        _set(cfg, key, _resolve(key, value, Path.cwd()), "--set")
+    return _checked(cfg)
+
+
+def build_model_config(cfg: dict) -> MPLUGConfig:
+    """The MPLUGConfig of cfg["model"] ("tiny", "base" or "large") at cfg["image_size"]."""
+    return getattr(MPLUGConfig, cfg["model"])(image_size=cfg["image_size"])
+
+
+def _config_file(name_or_path: str) -> Path:
+    if name_or_path in SHIPPED:
+        return CONFIG_DIR / f"{name_or_path}.yaml"
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"config {name_or_path!r} is neither a shipped config {SHIPPED} nor an existing YAML file")
+    return path.resolve()
+
+
+def _flatten(mapping: dict, prefix: str = ""):
+    """(dotted key, value) pairs of a YAML mapping, descending into the nested dicts DEFAULTS has."""
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(DEFAULTS.get(dotted), dict):
+            yield from _flatten(value, f"{dotted}.")
+        else:
+            yield dotted, value
+
+
+def _parse_override(override: str):
+    if not isinstance(override, str) or "=" not in override:
+        raise ValueError(f"an override must be 'key=value' (e.g. optimizer.lr=1e-4), got {override!r}")
+    key, text = override.split("=", 1)
+    return key.strip(), yaml.safe_load(text)
+
+
+def _set(cfg: dict, key: str, value, where: str) -> None:
+    if key not in allowed_keys():
+        raise ValueError(f"{where}: unknown config key {key!r}; allowed keys: {', '.join(allowed_keys())}")
+    *parents, leaf = key.split(".")
+    target = cfg
+    for parent in parents:
+        target = target[parent]
+    if isinstance(target[leaf], dict):
+        raise ValueError(f"{where}: {key!r} is a group; set its keys ({', '.join(f'{key}.{s}' for s in target[leaf])})")
+    target[leaf] = value
+
+
+def _resolve(key: str, value, base):
+    """Relative data paths against base (a user YAML's folder, or the working directory for overrides)."""
+    if key not in PATH_KEYS or value is None or base is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_resolve(key, item, base) for item in value]
+    if not isinstance(value, str):
+        raise ValueError(f"config key {key!r} must be a path (or a list of paths for train_file), got {value!r}")
+    return str(base / Path(value).expanduser())
+
+
+def _checked(cfg: dict) -> dict:
+    if cfg["task"] not in TASKS:
+        raise ValueError(f"config key 'task' must be one of {TASKS}, got {cfg['task']!r}")
+    if cfg["model"] not in MODELS:
+        raise ValueError(f"config key 'model' must be one of {MODELS}, got {cfg['model']!r}")
+    for key in FLOATS:
+        _set_float(cfg, key)
+    for key in POSITIVE_INTS + NON_NEGATIVE_INTS:
+        value = cfg[key]
+        low = 1 if key in POSITIVE_INTS else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"config key {key!r} must be an int >= {low}, got {value!r}")
+    if cfg["max_steps"] is not None and (not isinstance(cfg["max_steps"], int) or cfg["max_steps"] < 1):
+        raise ValueError(f"config key 'max_steps' must be null or an int >= 1, got {cfg['max_steps']!r}")
+    schedule = cfg["schedule"]
+    if not isinstance(schedule["warmup_steps"], int) or schedule["warmup_steps"] < 0:
+        raise ValueError(f"config key 'schedule.warmup_steps' must be an int >= 0, got {schedule['warmup_steps']!r}")
+    if schedule["warmup_ratio"] is not None and schedule["warmup_steps"]:
+        raise ValueError("set one of schedule.warmup_steps and schedule.warmup_ratio, not both")
+    betas = cfg["optimizer"]["betas"]
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise ValueError(f"config key 'optimizer.betas' must be two floats in [0, 1), got {betas!r}")
+    cfg["optimizer"]["betas"] = [float(b) for b in betas]
+    if not isinstance(cfg["prompt"], str) or not isinstance(cfg["grad_checkpointing"], bool):
+        raise ValueError(f"config keys 'prompt' must be a string and 'grad_checkpointing' a bool, got "
+                         f"{cfg['prompt']!r}, {cfg['grad_checkpointing']!r}")
+    build_model_config(cfg)
+    return cfg
+
+
+def _set_float(cfg: dict, key: str) -> None:
+    """A float key (YAML reads 1e-5 without a dot as a string) becomes a float; null stays for optional ones."""
+    *parents, leaf = key.split(".")
+    target = cfg
+    for parent in parents:
+        target = target[parent]
+    value = target[leaf]
+    if value is None and key in ("optimizer.lr_head", "schedule.warmup_ratio"):
+        return
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or number < 0.0:
+        raise ValueError(f"config key {key!r} must be a number >= 0, got {value!r}")
+    target[leaf] = number
