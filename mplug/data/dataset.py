@@ -1,0 +1,175 @@
+"""The data set of one task's split: samples read up front (mplug.data.records), images decoded lazily, and a collate
+that builds the keyword arguments of the model method of the task (``batch["inputs"]``) plus the ids (``batch["meta"]``).
+
+inputs: train vqa -> MPLUG.vqa_loss, caption -> caption_loss (prompt_length an int), retrieval -> retrieval_loss,
+pretrain -> pretrain_losses; test vqa -> vqa_generate (images, question_ids, question_mask), caption ->
+caption_generate (images, and prompt_ids when the config has a prompt), retrieval -> the images of retrieval_scores
+(the texts of every image at once: ``dataset.text_inputs()``).
+meta: train {"index"}; test vqa {"question_id", "answers" (raw, None where a record has none)}, caption {"image_id",
+"references" (raw sentences)}, retrieval {"image_index", "text_ids" (indices into dataset.texts of each image)}.
+"""
+from __future__ import annotations
+
+import random
+from typing import Dict, List
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mplug.data.records import BadRecords, answer_list, image_source, read_samples
+from mplug.data.transforms import FINETUNE_SCALE, PRETRAIN_SCALE, eval_transform, train_transform
+
+TASKS = ("vqa", "caption", "retrieval", "pretrain")
+SPLITS = ("train", "test")
+
+
+class TaskDataset(Dataset):
+    """Samples of one task's split; ``set_epoch`` picks the augmentation (a pure function of seed, epoch and index)."""
+
+    def __init__(self, task: str, split: str, cfg: dict, tokenizer, skip_bad_records: bool = False):
+        bad = BadRecords(skip_bad_records)
+        self.task, self.split, self.tokenizer, self.epoch = task, split, tokenizer, 0
+        self.seed, self.image_size, self.max_tokens = cfg["seed"], cfg["image_size"], cfg["max_tokens"]
+        self.samples = read_samples(task, split, cfg, bad)
+        self.skipped, self.skipped_reasons = len(bad.reasons), bad.reasons
+        if not self.samples:
+            raise ValueError(f"the {task} {split} data has no usable records ({self.skipped} skipped)")
+        self.prompt = " ".join(cfg["prompt"].lower().split()) if task == "caption" else ""
+        self.prompt_ids = self.tokenizer(self.prompt, add_special_tokens=False)["input_ids"]
+        if len(self.prompt_ids) + 2 >= self.max_tokens:
+            raise ValueError(f"prompt {cfg['prompt']!r} is {len(self.prompt_ids)} tokens; max_tokens = {self.max_tokens} "
+                             "must exceed it by 2 or more")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch's augmentation (and pretraining caption choice) from now on."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def rng(self, index: int) -> random.Random:
+        """The random stream of sample index in this epoch."""
+        return random.Random(f"{self.seed}:{self.epoch}:{index}")
+
+    def load_image(self, index: int, rng: random.Random) -> torch.Tensor:
+        """Sample index's image -> [3, S, S] (training: augmented by rng; test: resized)."""
+        sample = self.samples[index]
+        try:
+            with Image.open(sample["image"]) as file:
+                image = file.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{image_source(sample)}: cannot read image {sample['image']} ({error})") from None
+        if self.split == "test":
+            return eval_transform(image, self.image_size)
+        scale = PRETRAIN_SCALE if self.task == "pretrain" else FINETUNE_SCALE
+        return train_transform(image, self.image_size, rng, scale)
+
+    def __getitem__(self, index: int) -> Dict:
+        rng = self.rng(index)
+        item = {key: value for key, value in self.samples[index].items() if key not in ("image", "source")}
+        item.update(image=self.load_image(index, rng), index=index)
+        if "captions" in item and self.split == "train":
+            item["caption"] = rng.choice(item["captions"])
+        return item
+
+    def tokens(self, texts: List[str]):
+        """Texts -> ("[CLS] .. [SEP]" ids long [N, L], bool mask [N, L]), right-padded to the longest, <= max_tokens."""
+        encoded = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        return encoded["input_ids"], encoded["attention_mask"].bool()
+
+    def collate(self, items: List[Dict]) -> Dict:
+        """Items -> {"inputs": the model method's keyword arguments, "meta": ids}."""
+        images = torch.stack([item["image"] for item in items])
+        return getattr(self, f"_collate_{self.task}_{self.split}")(items, images)
+
+    def _collate_vqa_train(self, items, images):
+        question_ids, question_mask = self.tokens([item["question"] for item in items])
+        answer_ids, answer_mask = self.tokens([answer for item in items for answer in item["answers"]])
+        weights = torch.tensor([weight for item in items for weight in item["weights"]], dtype=torch.float32)
+        counts = torch.tensor([len(item["answers"]) for item in items], dtype=torch.long)
+        inputs = dict(images=images, question_ids=question_ids, question_mask=question_mask, answer_ids=answer_ids,
+                      answer_mask=answer_mask, weights=weights, answers_per_question=counts)
+        return {"inputs": inputs, "meta": _indices(items)}
+
+    def _collate_vqa_test(self, items, images):
+        question_ids, question_mask = self.tokens([item["question"] for item in items])
+        meta = {"question_id": [item["question_id"] for item in items], "answers": [item["answers"] for item in items]}
+        return {"inputs": dict(images=images, question_ids=question_ids, question_mask=question_mask), "meta": meta}
+
+    def _collate_caption_train(self, items, images):
+        caption_ids, caption_mask = self.tokens([f"{self.prompt} {item['caption']}".strip() for item in items])
+        inputs = dict(images=images, caption_ids=caption_ids, caption_mask=caption_mask, prompt_length=len(self.prompt_ids))
+        return {"inputs": inputs, "meta": _indices(items)}
+
+    def _collate_caption_test(self, items, images):
+        inputs = {"images": images}
+        if self.prompt_ids:
+            row = [self.tokenizer.cls_token_id, *self.prompt_ids]
+            inputs["prompt_ids"] = torch.tensor([row] * len(items), dtype=torch.long)
+        meta = {"image_id": [item["image_id"] for item in items], "references": [item["references"] for item in items]}
+        return {"inputs": inputs, "meta": meta}
+
+    def _collate_retrieval_train(self, items, images):
+        text_ids, text_mask = self.tokens([item["caption"] for item in items])
+        image_ids = torch.tensor([self.image_numbers[item["image_id"]] for item in items], dtype=torch.long)
+        return {"inputs": dict(images=images, text_ids=text_ids, text_mask=text_mask, image_ids=image_ids), "meta": _indices(items)}
+
+    def _collate_retrieval_test(self, items, images):
+        meta = {"image_index": [item["index"] for item in items], "text_ids": [self.img2txt[item["index"]] for item in items]}
+        return {"inputs": {"images": images}, "meta": meta}
+
+    def _collate_pretrain_train(self, items, images):
+        text_ids, text_mask = self.tokens([item["caption"] for item in items])
+        return {"inputs": dict(images=images, text_ids=text_ids, text_mask=text_mask), "meta": _indices(items)}
+
+
+def _indices(items) -> Dict:
+    return {"index": [item["index"] for item in items]}
+
+
+class RetrievalTrainDataset(TaskDataset):
+    """Retrieval training pairs; ``image_numbers`` maps each image id to 0, 1, .. in order of first appearance."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.image_numbers = {}
+        for sample in self.samples:
+            self.image_numbers.setdefault(sample["image_id"], len(self.image_numbers))
+
+
+class RetrievalTestDataset(TaskDataset):
+    """Retrieval test images; ``texts`` every caption, ``img2txt[i]`` the indices of image i's texts, ``txt2img[t]``
+    the image of text t."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.texts, self.img2txt, self.txt2img = [], [], []
+        for image_index, sample in enumerate(self.samples):
+            self.img2txt.append(list(range(len(self.texts), len(self.texts) + len(sample["captions"]))))
+            self.txt2img += [image_index] * len(sample["captions"])
+            self.texts += sample["captions"]
+
+    def text_inputs(self) -> Dict[str, torch.Tensor]:
+        """Every text at once: {"text_ids" long [Nt, L], "text_mask" bool [Nt, L]} for MPLUG.retrieval_scores."""
+        text_ids, text_mask = self.tokens(self.texts)
+        return {"text_ids": text_ids, "text_mask": text_mask}
+
+
+class VQATestDataset(TaskDataset):
+    """VQA test questions; ``answer_list`` the candidate answers of the config's answer-list JSON."""
+
+    def __init__(self, task, split, cfg, *args, **kw):
+        super().__init__(task, split, cfg, *args, **kw)
+        self.answer_list = answer_list(cfg)
+
+
+def build_dataset(task: str, split: str, cfg: dict, tokenizer, skip_bad_records: bool = False) -> TaskDataset:
+    """The data set of task ("vqa", "caption", "retrieval", "pretrain") and split ("train", "test"; pretraining has
+    no test split) from cfg's files; bad records raise ValueError("<file>: record <i>: ..") or, with
+    skip_bad_records, are dropped and counted (``dataset.skipped``, ``dataset.skipped_reasons``)."""
+    if task not in TASKS or split not in SPLITS or (task, split) == ("pretrain", "test"):
+        raise ValueError(f"task must be one of {TASKS} and split one of {SPLITS} (pretrain has no test split), got {task!r}, {split!r}")
+    kind = {("retrieval", "train"): RetrievalTrainDataset, ("retrieval", "test"): RetrievalTestDataset,
+            ("vqa", "test"): VQATestDataset}.get((task, split), TaskDataset)
+    return kind(task, split, cfg, tokenizer, skip_bad_records)
