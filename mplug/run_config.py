@@ -115,8 +115,6 @@ def _set(cfg: dict, key: str, value, where: str) -> None:
     target = cfg
     for parent in parents:
         target = target[parent]
-    if isinstance(target[leaf], dict):
-        raise ValueError(f"{where}: {key!r} is a group; set its keys ({', '.join(f'{key}.{s}' for s in target[leaf])})")
     target[leaf] = value
 
 
