@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mplug.validation import check_own_layout, check_state_dict_keys, load_checkpoint_file, non_finite_entries
+from mplug.classification import add_classifier_heads
+from mplug.grounding import grounding_tokens
+from mplug.validation import check_own_layout, check_state_dict_keys, describe, load_checkpoint_file, non_finite_entries
 
 
 POSITIONAL_EMBEDDING = "visual_encoder.visual.positional_embedding"
@@ -36,16 +38,42 @@ UNUSED_PREFIXES = (
     "fusion_encoder.embeddings.",  # the fusion BERT's own embeddings: the fusion reads the text encoder's output
     "mlm_head.decoder.",  # our MLM head's decoder is tied to text_encoder's word embeddings and to mlm_head.bias
 )
+# Our modules each fine-tuned layout holds (momentum copies aside). Where the key names come from:
+# - "grounding": the authors' mPLUG/models/model_grounding_mplug.py (AliceMind; saved by grounding_mplug.py as
+#   {'model': state_dict()}): visual_encoder (CLIP), visn_fc/visn_layer_norm, text_encoder (BertModel, no "bert."),
+#   fusion_encoder (FusionModel, layers 6..11 run), vision_proj and text_proj (built, unused by grounding),
+#   text_decoder (BertPrefixModelForGrounding = BertPrefixModel: bert.* and cls.predictions.* over BERT's own
+#   30522-token vocabulary, no rows added), no momentum copies, and three buffers: prefix_ids ([unused339], id 344),
+#   target_ids ([unused340] .. [unused676], ids 345..681: image_res 336 + 1 levels) and bbox_prob_mask.
+# - "ve", "nlvr": the authors released no SNLI-VE or NLVR2 model, script or weights (their repository holds only
+#   dataset/ve_dataset.py and dataset/nlvr_dataset.py). ASSUMED layout: the encoders named as in their other
+#   fine-tuned files, and the classifier named as in ALBEF, the code base mPLUG's is built on (ALBEF
+#   models/model_ve.py, models/model_nlvr.py: cls_head = Sequential(Linear, ReLU, Linear), momentum copy cls_head_m).
+#   Our nlvr_head reads the two fused [CLS] states side by side (2 x hidden); ALBEF's NLVR head reads one [CLS] of a
+#   text encoder whose doubled cross-attention layers alternate between the two images (share_cross_attention):
+#   such a file's head is refused by shape and its extra fusion layers are reported unexpected.
 TASK_MODULES = {
     "vqa": ("visual_encoder", "text_encoder", "fusion_encoder", "text_decoder"),
     "caption": ("visual_encoder", "text_decoder"),
     "retrieval": ("visual_encoder", "text_encoder", "fusion_encoder", "vision_proj", "text_proj", "itm_head", "temp"),
+    "grounding": ("visual_encoder", "text_encoder", "fusion_encoder", "vision_proj", "text_proj", "text_decoder"),
+    "ve": ("visual_encoder", "text_encoder", "fusion_encoder", "ve_head"),
+    "nlvr": ("visual_encoder", "text_encoder", "fusion_encoder", "nlvr_head"),
 }
+CLASSIFIER_HEADS = {"ve": "ve_head", "nlvr": "nlvr_head"}  # added by mplug.classification; no pretrained file holds them
+TASK_RENAMES = {task: (("cls_head.", f"{head}."),) for task, head in CLASSIFIER_HEADS.items()}
+GROUNDING_BUFFERS = ("prefix_ids", "target_ids", "bbox_prob_mask")
+DECODER_VOCABULARY = (  # our decoder tensors with one row per token id
+    "text_decoder.bert.embeddings.word_embeddings.weight",
+    "text_decoder.cls.predictions.decoder.weight",
+    "text_decoder.cls.predictions.bias",
+)
 
 
 class LoadResult(NamedTuple):
     """Model keys the checkpoint did not fill, checkpoint keys the model has no place for, and keys
-    skipped on purpose (momentum copies, queues, fusion layers that never run, unused weights)."""
+    skipped on purpose (momentum copies, queues, fusion layers that never run, unused weights, grounding's
+    token-id buffers)."""
 
     missing_keys: List[str]
     unexpected_keys: List[str]
@@ -66,17 +94,17 @@ def _read(path_or_state_dict, weights_only: bool) -> Dict[str, torch.Tensor]:
     return path_or_state_dict
 
 
-def _renamed(key: str, config) -> Tuple[Optional[str], bool]:
+def _renamed(key: str, config, renames=PREFIX_RENAMES) -> Tuple[Optional[str], bool]:
     """(our name for an official key or None for a fusion layer that never runs or a weight mPLUG does not use,
     whether the model may lack it); a momentum key (``name_m.*``) maps like ``name.*`` and keeps its ``_m``."""
     head, _, rest = key.partition(".")
     if head.endswith("_m"):
-        key, _ = _renamed(f"{head[:-2]}.{rest}", config)
+        key, _ = _renamed(f"{head[:-2]}.{rest}", config, renames)
         if key is None:
             return None, True
         head, _, rest = key.partition(".")
         return f"{head}_m.{rest}", True
-    for old, new in PREFIX_RENAMES:
+    for old, new in renames:
         if key.startswith(old):
             key = new + key[len(old):]
             break
@@ -92,8 +120,8 @@ def _renamed(key: str, config) -> Tuple[Optional[str], bool]:
     return key, key.endswith("predictions.decoder.bias")
 
 
-def _always_ignored(key: str) -> bool:
-    return key.split(".")[0] in QUEUES or key.endswith("embeddings.position_ids")
+def _always_ignored(key: str, task: Optional[str]) -> bool:
+    return key.split(".")[0] in QUEUES or key.endswith("embeddings.position_ids") or (task == "grounding" and key in GROUNDING_BUFFERS)
 
 
 def resize_positional_embedding(positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -126,38 +154,36 @@ def load_official_checkpoint(
     (CLIP's text tower and image projection, the fusion BERT's embeddings), resizes the visual position grid to
     the configured image size, and raises ValueError naming every key whose shape does not fit. Momentum keys
     (``*_m.*``) load into the momentum copies when the model has them (else ignored); momentum weights the file
-    lacks are copied from the loaded online weights. task ("vqa", "caption", "retrieval" or None = the whole
-    pretrained model) names the file's layout: model parts it does not hold are left alone and not reported
-    missing. Returns LoadResult; with strict=True a missing or unexpected key raises RuntimeError. weights_only is
-    torch.load's flag (old .pth files holding an argparse Namespace need weights_only=False: only for trusted files).
+    lacks are copied from the loaded online weights. task ("vqa", "caption", "retrieval", "grounding", "ve",
+    "nlvr" or None = the whole pretrained model) names the file's layout: model parts it does not hold are left
+    alone and not reported missing. "ve" / "nlvr" load ``cls_head.*`` into ve_head / nlvr_head (added when
+    missing); "grounding" copies the decoder rows of the file's prefix_ids / target_ids tokens to our grounding
+    token ids (mplug.grounding). Returns LoadResult; with strict=True a missing or unexpected key raises
+    RuntimeError. weights_only is torch.load's flag (old .pth files holding an argparse Namespace need
+    weights_only=False: only for trusted files). On any error the model is left as it was.
     """
     if task is not None and task not in TASK_MODULES:
         raise ValueError(f"task must be None or one of {sorted(TASK_MODULES)}, got {task!r}")
-    config = model.config
-    ours = model.state_dict(keep_vars=True)
-    loadable: Dict[str, torch.Tensor] = {}
-    unexpected, ignored, mismatched = [], [], []
     state = {key[len("module."):] if key.startswith("module.") else key: value
              for key, value in _read(path_or_state_dict, weights_only).items()}
-    check_own_layout(state, config.text_layers)
-    for official_key, value in state.items():
-        if _always_ignored(official_key):
-            ignored.append(official_key)
-            continue
-        key, may_be_absent = _renamed(official_key, config)
-        if key is None or key not in ours:
-            (ignored if may_be_absent else unexpected).append(official_key)
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"checkpoint key {official_key!r} holds a {type(value).__name__}, not a tensor")
-        if key.replace("visual_encoder_m.", "visual_encoder.", 1) == POSITIONAL_EMBEDDING and value.dim() == 2 and value.shape[1] == ours[key].shape[1]:
-            value = resize_positional_embedding(value, ours[key].shape[0]) if value.shape != ours[key].shape else value
-        if value.shape != ours[key].shape:
-            mismatched.append(f"{official_key} -> {key}: checkpoint {tuple(value.shape)}, model {tuple(ours[key].shape)}")
-            continue
-        loadable[key] = value
-    if mismatched:
-        raise ValueError("checkpoint shapes do not fit the model:\n  " + "\n  ".join(mismatched))
+    check_own_layout(state, model.config.text_layers)
+    added = [head for head in CLASSIFIER_HEADS.values() if task in CLASSIFIER_HEADS and not hasattr(model, head)]
+    if added:
+        add_classifier_heads(model)
+    try:
+        return _load(model, state, strict, task)
+    except Exception:
+        for head in added:
+            delattr(model, head)
+        raise
+
+
+def _load(model: nn.Module, state: Dict[str, torch.Tensor], strict: bool, task: Optional[str]) -> LoadResult:
+    """load_official_checkpoint on a flat state dict without the ``module.`` prefix."""
+    ours = model.state_dict(keep_vars=True)
+    loadable, unexpected, ignored = _sorted_keys(state, ours, model.config, task)
+    if task == "grounding":
+        _move_grounding_rows(loadable, *_grounding_rows(state, model.config))
     loaded = set(loadable)
     momentum_loaded = any(key.split(".")[0].endswith("_m") for key in loaded)
     missing = [
@@ -171,6 +197,68 @@ def load_official_checkpoint(
     model.load_state_dict(loadable, strict=False)
     _copy_online_into_unloaded_momentum(ours, loaded)
     return LoadResult(missing, unexpected, ignored)
+
+
+def _sorted_keys(state, ours, config, task) -> Tuple[Dict[str, torch.Tensor], List[str], List[str]]:
+    """({our key: value} to load, unexpected official keys, ignored official keys); ValueError naming every key
+    whose shape does not fit."""
+    renames = PREFIX_RENAMES + TASK_RENAMES.get(task, ())
+    loadable: Dict[str, torch.Tensor] = {}
+    unexpected, ignored, mismatched = [], [], []
+    for official_key, value in state.items():
+        if _always_ignored(official_key, task):
+            ignored.append(official_key)
+            continue
+        key, may_be_absent = _renamed(official_key, config, renames)
+        if key is None or key not in ours:
+            (ignored if may_be_absent else unexpected).append(official_key)
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"checkpoint key {official_key!r} holds a {type(value).__name__}, not a tensor")
+        if key.replace("visual_encoder_m.", "visual_encoder.", 1) == POSITIONAL_EMBEDDING and value.dim() == 2 and value.shape[1] == ours[key].shape[1]:
+            value = resize_positional_embedding(value, ours[key].shape[0]) if value.shape != ours[key].shape else value
+        if value.shape != ours[key].shape:
+            note = " (nlvr_head reads the two fused [CLS] states side by side: 2 x hidden)" if key.startswith("nlvr_head.") else ""
+            mismatched.append(f"{official_key} -> {key}: checkpoint {tuple(value.shape)}, model {tuple(ours[key].shape)}{note}")
+            continue
+        loadable[key] = value
+    if mismatched:
+        raise ValueError("checkpoint shapes do not fit the model:\n  " + "\n  ".join(mismatched))
+    return loadable, unexpected, ignored
+
+
+def _grounding_rows(state: Dict[str, torch.Tensor], config) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(our token ids, the file's token ids) of the grounding prefix and coordinate levels, in the same order; the
+    file's come from its prefix_ids [1] and target_ids [levels] buffers."""
+    buffers = {name: state.get(name) for name in ("prefix_ids", "target_ids")}
+    tokens = grounding_tokens(config)
+    for name, ids in buffers.items():
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dim() != 1:
+            raise ValueError(
+                f"task='grounding' reads the file's {name} buffer (1-D integer token ids, saved by the authors' "
+                f"grounding model) to place the coordinate tokens; got {describe(ids) if name in state else 'no such key'}"
+            )
+    if buffers["prefix_ids"].numel() != 1 or buffers["target_ids"].numel() != tokens.levels:
+        raise ValueError(
+            f"prefix_ids / target_ids: the file has {buffers['prefix_ids'].numel()} prefix and "
+            f"{buffers['target_ids'].numel()} coordinate tokens (image_res {buffers['target_ids'].numel() - 1} + 1 levels); "
+            f"the model needs 1 and {tokens.levels} (image_size {config.image_size} + 1)"
+        )
+    theirs = torch.cat([buffers["prefix_ids"], buffers["target_ids"]]).long().cpu()
+    if bool(((theirs < 0) | (theirs >= config.vocab_size)).any()):
+        raise ValueError(f"prefix_ids / target_ids hold token ids outside the vocabulary [0, {config.vocab_size}): {theirs.tolist()}")
+    ours = torch.cat([torch.tensor([tokens.prefix]), torch.arange(tokens.levels) + tokens.first_coordinate])
+    return ours, theirs
+
+
+def _move_grounding_rows(loadable: Dict[str, torch.Tensor], ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """In every decoder tensor indexed by token id, row ours[i] takes the file's row theirs[i] (the file's tensors
+    are not modified); the other rows keep the file's values."""
+    for key, value in loadable.items():
+        if key.replace("text_decoder_m.", "text_decoder.", 1) in DECODER_VOCABULARY:
+            moved = value.clone()
+            moved[ours.to(value.device)] = value[theirs.to(value.device)]
+            loadable[key] = moved
 
 
 @torch.no_grad()
@@ -189,4 +277,6 @@ def _expected(key: str, task: Optional[str], momentum_loaded: bool) -> bool:
         if not momentum_loaded:
             return False
         head = head[:-2]
-    return task is None or head in TASK_MODULES[task]
+    if task is None:
+        return head not in CLASSIFIER_HEADS.values()
+    return head in TASK_MODULES[task]

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from mplug import MPLUG, MPLUGConfig, load_official_checkpoint
 from mplug.checkpoint import resize_positional_embedding
+from mplug.classification import fused_cls
+from mplug.grounding import _coordinate_logits, _fused_memory, grounding_tokens
 
 
 def linear_keys(prefix, out_features, in_features):
@@ -150,7 +152,9 @@ def clip_key(key):
 def authors_layout(c: MPLUGConfig, layout: str, momentum: bool, mlm_head: str = "fusion_encoder"):
     """(key -> shape, key -> our key or None) of the authors' files, from their module names: layout "pretrained"
     (BertForMaskedLM text and fusion encoders under ``bert.``, the MLM head under ``mlm_head``.cls, whole CLIP,
-    queues) or the fine-tuned "vqa", "caption", "retrieval"; momentum adds every module's ``_m`` copy."""
+    queues) or the fine-tuned "vqa", "caption", "retrieval", "grounding" (with vision_proj/text_proj and the token-id
+    buffers), "ve", "nlvr" (classifier ``cls_head`` = Linear, ReLU, Linear, as mplug/checkpoint.py assumes);
+    momentum adds every module's ``_m`` copy (ours has no classifier-head copies: those are ignored)."""
     h = c.hidden_size
     bert = "bert." if layout == "pretrained" else ""
     parts = {
@@ -162,7 +166,12 @@ def authors_layout(c: MPLUGConfig, layout: str, momentum: bool, mlm_head: str = 
         "vision_proj": (linear_keys("vision_proj", c.embed_dim, h), lambda key: key),
         "text_proj": (linear_keys("text_proj", c.embed_dim, h), lambda key: key),
         "itm_head": (linear_keys("itm_head", 2, h), lambda key: key),
+        "buffers": ({"prefix_ids": (1,), "target_ids": (c.image_size + 1,), "bbox_prob_mask": (c.vocab_size,)}, lambda key: None),
     }
+    if layout in ("ve", "nlvr"):
+        width, classes, ours_head = (h, 3, "ve_head") if layout == "ve" else (2 * h, 2, "nlvr_head")
+        head_keys = {**linear_keys("cls_head.0", width, width), **linear_keys("cls_head.2", classes, width)}
+        parts["cls_head"] = (head_keys, lambda key: ours_head + key[len("cls_head"):])
     parts["text_encoder"][0].update(embedding_keys(f"text_encoder.{bert}embeddings", c))
     for n in range(c.text_layers):
         parts["text_encoder"][0].update(bert_layer_keys(f"text_encoder.{bert}encoder.layer.{n}", c, cross=False))
@@ -199,18 +208,21 @@ def authors_layout(c: MPLUGConfig, layout: str, momentum: bool, mlm_head: str = 
         "vqa": ("visual_encoder", "visn", "text_encoder", "fusion_encoder", "text_decoder"),
         "caption": ("visual_encoder", "visn", "text_decoder"),
         "retrieval": ("visual_encoder", "visn", "text_encoder", "fusion_encoder", "vision_proj", "text_proj", "itm_head"),
+        "grounding": ("visual_encoder", "visn", "text_encoder", "fusion_encoder", "text_decoder", "vision_proj", "text_proj", "buffers"),
+        "ve": ("visual_encoder", "visn", "text_encoder", "fusion_encoder", "cls_head"),
+        "nlvr": ("visual_encoder", "visn", "text_encoder", "fusion_encoder", "cls_head"),
     }[layout]
     shapes, ours = {}, {}
     for name in kept:
         keys, rename = parts[name]
         shapes.update(keys)
         ours.update({key: rename(key) for key in keys})
-        if momentum and name != "itm_head":
+        if momentum and name not in ("itm_head", "buffers"):
             momentum_key = lambda key: "{0}_m.{2}".format(*key.partition("."))
             for key in keys:
                 mapped = rename(key)
                 shapes[momentum_key(key)] = keys[key]
-                ours[momentum_key(key)] = None if mapped is None else momentum_key(mapped)
+                ours[momentum_key(key)] = None if mapped is None or name == "cls_head" else momentum_key(mapped)
     if layout in ("pretrained", "retrieval"):
         shapes["temp"], ours["temp"] = (), "temp"
         queues = {"image_queue": (c.embed_dim, 16), "text_queue": (c.embed_dim, 16), "queue_ptr": (1,)}
@@ -294,7 +306,7 @@ def test_authors_finetuned_files_load_strictly_for_their_task(layout, momentum):
 
 def test_unknown_task_is_named():
     with pytest.raises(ValueError, match="task must be None or one of"):
-        load_official_checkpoint(MPLUG(MPLUGConfig.tiny()), {}, task="grounding")
+        load_official_checkpoint(MPLUG(MPLUGConfig.tiny()), {}, task="segmentation")
 
 
 def assert_loaded(model, state, ours):
@@ -407,3 +419,187 @@ def test_coattn_model_reports_its_vision_layers_missing():
 def test_not_a_checkpoint_is_a_type_error():
     with pytest.raises(TypeError, match="path or a dict"):
         load_official_checkpoint(MPLUG(MPLUGConfig.tiny()), [1, 2, 3])
+
+
+def inputs(pairs=False, seed=4):
+    """Random images (pairs [B, 2, 3, H, W] for NLVR2) and texts [B, L] of the tiny config, the second row padded."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn((2, 2, 3, 32, 32) if pairs else (2, 3, 32, 32), generator=generator)
+    ids = torch.randint(104, 200, (2, 7), generator=generator)
+    ids[:, 0] = 101
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    return images, ids, mask
+
+
+def authors_head(state, hidden):
+    """The authors' cls_head (Linear, ReLU, Linear) with the file's values, applied to hidden [B, width]."""
+    first = F.linear(hidden, state["cls_head.0.weight"], state["cls_head.0.bias"])
+    return F.linear(F.relu(first), state["cls_head.2.weight"], state["cls_head.2.bias"])
+
+
+@pytest.mark.parametrize("layout", ["ve", "nlvr"])
+@pytest.mark.parametrize("momentum", [True, False], ids=["distilled", "plain"])
+def test_authors_classifier_files_load_strictly(layout, momentum):
+    config = MPLUGConfig.tiny()
+    model = MPLUG(config).add_momentum_copies() if momentum else MPLUG(config)
+    shapes, ours = authors_layout(config, layout, momentum)
+    state = random_state(shapes, seed=2)
+    result = load_official_checkpoint(model, state, strict=True, task=layout)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert sorted(result.ignored_keys) == sorted(key for key, mapped in ours.items() if mapped is None)
+    assert_loaded(model, state, ours)
+    with pytest.raises(RuntimeError, match="missing keys.*text_decoder"):
+        load_official_checkpoint(MPLUG(config), state, strict=True, task="vqa")
+
+
+@pytest.mark.parametrize("layout", ["ve", "nlvr"])
+def test_loaded_classifier_predicts_with_the_authors_head(layout):
+    config = MPLUGConfig.tiny()
+    model = MPLUG(config).eval()
+    state = random_state(authors_layout(config, layout, momentum=False)[0], seed=10)
+    load_official_checkpoint(model, state, strict=True, task=layout)
+    pairs = layout == "nlvr"
+    images, ids, mask = inputs(pairs)
+    with torch.no_grad():
+        if pairs:
+            fused = torch.cat([fused_cls(model, images[:, n], ids, mask) for n in range(2)], dim=-1)
+            predicted, head = model.nlvr_predict(images, ids, mask), model.nlvr_head
+        else:
+            fused = fused_cls(model, images, ids, mask)
+            predicted, head = model.ve_predict(images, ids, mask), model.ve_head
+        expected = authors_head(state, fused)
+        torch.testing.assert_close(head(fused), expected)
+    assert torch.equal(predicted, expected.argmax(-1))
+
+
+@pytest.mark.parametrize("layout", ["ve", "nlvr"])
+def test_classifier_file_reports_missing_and_unexpected_keys(layout):
+    config = MPLUGConfig.tiny()
+    shapes, _ = authors_layout(config, layout, momentum=False)
+    state = random_state(shapes, seed=5)
+    del state["cls_head.2.bias"]
+    state["cls_head.4.weight"] = torch.randn(2, 2)
+    head = {"ve": "ve_head", "nlvr": "nlvr_head"}[layout]
+    result = load_official_checkpoint(MPLUG(config), state, task=layout)
+    assert result.missing_keys == [f"{head}.2.bias"] and result.unexpected_keys == ["cls_head.4.weight"]
+    model = MPLUG(config)
+    with pytest.raises(RuntimeError, match=f"{head}.2.bias"):
+        load_official_checkpoint(model, state, strict=True, task=layout)
+    assert not hasattr(model, "ve_head") and not hasattr(model, "nlvr_head")  # heads added by the load are removed again
+    with pytest.raises(RuntimeError, match="unexpected keys.*cls_head.0.weight"):
+        load_official_checkpoint(MPLUG(config), state, strict=True)  # the pretrained layout has no classifier
+
+
+@pytest.mark.parametrize("layout, key, shape, ours", [
+    ("nlvr", "cls_head.0.weight", (64, 64), "nlvr_head.0.weight: checkpoint (64, 64), model (128, 128) (nlvr_head reads"),
+    ("ve", "cls_head.2.weight", (2, 64), "ve_head.2.weight: checkpoint (2, 64), model (3, 64)"),
+], ids=["albef_single_cls_nlvr_head", "two_class_ve_head"])
+def test_classifier_head_shape_mismatch_names_key_and_both_shapes(layout, key, shape, ours):
+    config = MPLUGConfig.tiny()
+    shapes, _ = authors_layout(config, layout, momentum=False)
+    state = random_state(shapes, seed=6)
+    state[key] = torch.randn(shape)
+    model = MPLUG(config)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match="shapes do not fit") as error:
+        load_official_checkpoint(model, state, task=layout)
+    assert f"{key} -> {ours}" in str(error.value)
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+
+
+def grounding_state(config, first_id=120, seed=3):
+    """A random file in the authors' grounding layout whose prefix / coordinate tokens are ids first_id,
+    first_id + 1, ... (the authors' are 344 = [unused339], 345.. = [unused340]..; the tiny vocabulary has 200)."""
+    shapes, ours = authors_layout(config, "grounding", momentum=False)
+    state = random_state(shapes, seed=seed)
+    levels = grounding_tokens(config).levels
+    state["prefix_ids"] = torch.tensor([first_id])
+    state["target_ids"] = torch.arange(first_id + 1, first_id + 1 + levels)
+    state["bbox_prob_mask"] = torch.full((config.vocab_size,), -10000.0)
+    state["bbox_prob_mask"][first_id + 1:first_id + 1 + levels] = 0
+    return state, ours
+
+
+def test_authors_grounding_file_loads_strictly_with_its_coordinate_rows_moved():
+    config = MPLUGConfig.tiny()
+    model = MPLUG(config)
+    state, ours = grounding_state(config)
+    original = {key: value.clone() for key, value in state.items()}
+    result = load_official_checkpoint(model, state, strict=True, task="grounding")
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert sorted(result.ignored_keys) == sorted(key for key, mapped in ours.items() if mapped is None)
+    assert {"prefix_ids", "target_ids", "bbox_prob_mask"} <= set(result.ignored_keys)
+    tokens = grounding_tokens(config)
+    our_rows = torch.cat([torch.tensor([tokens.prefix]), torch.arange(tokens.levels) + tokens.first_coordinate])
+    their_rows = torch.cat([state["prefix_ids"], state["target_ids"]])
+    assert bool((our_rows != their_rows).all()) and len(set(our_rows.tolist()) & set(their_rows.tolist())) > 0  # moved, overlapping
+    vocabulary = {"text_decoder.bert.embeddings.word_embeddings.weight", "text_decoder.cls.predictions.decoder.weight",
+                  "text_decoder.cls.predictions.bias"}
+    expected = {}
+    for key in vocabulary:
+        expected[key] = state[key].clone()
+        expected[key][our_rows] = state[key][their_rows]
+    assert_loaded(model, state, {key: mapped for key, mapped in ours.items() if key not in vocabulary})
+    for key in vocabulary:
+        torch.testing.assert_close(model.state_dict()[key], expected[key], atol=0, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert all(torch.equal(state[key], original[key]) for key in state)  # the file's tensors are not modified
+
+
+def authors_ground(model, images, ids, mask, prefix_id, target_ids):
+    """The authors' grounding decode on a model whose decoder keeps the file's rows: [CLS] prefix, then 4 greedy
+    steps over the file's coordinate tokens; (boxes [B, 4], the last step's coordinate logits)."""
+    memory, memory_masks = _fused_memory(model, images, ids, mask)
+    decoded = torch.tensor([model.config.bos_token_id, prefix_id]).expand(ids.shape[0], 2)
+    for _ in range(4):
+        all_ones = torch.ones(decoded.shape, dtype=torch.bool)
+        logits = model.text_decoder(decoded, all_ones, memory=memory, memory_masks=memory_masks)[:, -1][:, target_ids]
+        decoded = torch.cat([decoded, target_ids[logits.argmax(-1)][:, None]], dim=1)
+    return (decoded[:, 2:] - target_ids[0]).float() / model.config.image_size, logits
+
+
+def test_loaded_grounding_model_decodes_the_authors_coordinate_tokens():
+    """ground() on the loaded model (our token ids) gives the boxes the file's own tokens give on an unmoved copy."""
+    config = MPLUGConfig.tiny()
+    state, _ = grounding_state(config, first_id=150, seed=7)
+    ours, unmoved = MPLUG(config).eval(), MPLUG(config).eval()
+    load_official_checkpoint(ours, state, strict=True, task="grounding")
+    assert sorted(load_official_checkpoint(unmoved, state, task="vqa").unexpected_keys) == ["bbox_prob_mask", "prefix_ids", "target_ids"]
+    images, ids, mask = inputs(seed=8)
+    tokens = grounding_tokens(config)
+    with torch.no_grad():
+        expected_boxes, expected_logits = authors_ground(unmoved, images, ids, mask, 150, state["target_ids"])
+        memory, memory_masks = _fused_memory(ours, images, ids, mask)
+        levels = (expected_boxes[:, :3] * config.image_size).round().long()
+        prompt = torch.tensor([[config.bos_token_id, tokens.prefix]] * 2)
+        decoded = torch.cat([prompt, levels + tokens.first_coordinate], dim=1)  # the same box in our token ids
+        torch.testing.assert_close(_coordinate_logits(ours, decoded, memory, memory_masks)[:, -1], expected_logits)
+    assert torch.equal(ours.ground(images, ids, mask), expected_boxes)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda state: state.pop("prefix_ids"), "prefix_ids buffer .*no such key"),
+    (lambda state: state.update(target_ids=state["target_ids"][:-1]), r"target_ids: the file has 1 prefix and 32 coordinate tokens \(image_res 31 \+ 1 levels\); the model needs 1 and 33"),
+    (lambda state: state.update(target_ids=state["target_ids"].float()), "target_ids buffer"),
+    (lambda state: state.update(prefix_ids=torch.tensor([200])), r"outside the vocabulary \[0, 200\)"),
+    (lambda state: state.update({"text_decoder.bert.embeddings.word_embeddings.weight": torch.randn(234, 64)}),
+     r"text_decoder.bert.embeddings.word_embeddings.weight -> text_decoder.bert.embeddings.word_embeddings.weight: checkpoint \(234, 64\), model \(200, 64\)"),
+], ids=["no_prefix_buffer", "other_image_res", "float_ids", "id_outside_vocabulary", "vocabulary_with_added_rows"])
+def test_grounding_file_errors_name_the_buffer_or_key(change, message):
+    config = MPLUGConfig.tiny()
+    state, _ = grounding_state(config)
+    change(state)
+    model = MPLUG(config)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        load_official_checkpoint(model, state, task="grounding")
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+
+
+def test_pretrained_file_does_not_expect_classifier_heads():
+    config = MPLUGConfig.tiny()
+    model = MPLUG(config).add_classifier_heads()
+    shapes, _ = authors_layout(config, "pretrained", momentum=False)
+    result = load_official_checkpoint(model, random_state(shapes, seed=9), strict=True)
+    assert result.missing_keys == []
