@@ -1,0 +1,238 @@
+"""``python -m mplug.evaluate --task {vqa,caption,retrieval} --config NAME_OR_FILE [--set key=value ...]
+--checkpoint FILE --output DIR [--skip-bad-records]``, one process or under torchrun (gloo on the CPU).
+
+VQA writes ``<output>/vqa_result.json`` = [{"question_id", "answer"}] (answers by free beam search: the model's
+vqa_generate takes no answer list to rank) and, where the test records carry answers, the VQA accuracy; caption
+writes ``<output>/caption_result.json`` = [{"image_id", "caption"}] with CIDEr-D and BLEU-4; retrieval writes
+recall@1/5/10 both ways. Scores go to ``<output>/metrics.json``. Each rank generates for its share of the test set;
+rank 0 gathers the outputs back into the data set's order (the sampler's padding dropped), scores them and writes
+every file at the end, each through a temporary file and os.replace, so a run that fails writes nothing.
+Retrieval scores the whole test set on rank 0 (model.retrieval_scores takes all images and texts at once).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from mplug import metrics
+from mplug.runtime import (
+    all_gather_objects, autocast, barrier, build_model, close_distributed, init_distributed, is_main,
+    is_training_checkpoint, load_weights,
+)
+
+TASKS = ("vqa", "caption", "retrieval")
+RESULT_FILES = {"vqa": "vqa_result.json", "caption": "caption_result.json"}
+GENERATED_FIELD = {"vqa": "answer", "caption": "caption"}
+METRICS_FILE = "metrics.json"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line of ``python -m mplug.evaluate``."""
+    parser = argparse.ArgumentParser(prog="python -m mplug.evaluate", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--config", required=True, help="a shipped config name (vqa_base, ...) or a YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable), e.g. --set batch_size_test=16")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint of mplug.train or the authors' .pth")
+    parser.add_argument("--output", required=True, help="folder for the result JSON and metrics.json")
+    parser.add_argument("--skip-bad-records", action="store_true", help="drop and count bad test records")
+    return parser.parse_args(argv)
+
+
+def checkpoint_task(path) -> Optional[str]:
+    """The task a mplug.train checkpoint was trained for, read without loading its tensors (None for the authors'
+    files, which name no task, and for files torch.load cannot map)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # load_weights reports unreadable files with their cause
+        return None
+    return state.get("config", {}).get("task") if is_training_checkpoint(state) else None
+
+
+def check_task(task: str, cfg: dict, checkpoint) -> None:
+    """--task must be an evaluation task, agree with the config's task and with a training checkpoint's task."""
+    if task not in TASKS:
+        raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
+    if not os.path.isfile(checkpoint):
+        raise ValueError(f"--checkpoint {os.fspath(checkpoint)!r} is not a file")
+    for source, other in (("the config", cfg.get("task")), (f"checkpoint {os.fspath(checkpoint)!r}", checkpoint_task(checkpoint))):
+        if other is not None and other != task:
+            raise ValueError(f"--task {task!r} does not match {source}, which is for task {other!r}")
+
+
+def write_json_atomic(path: Path, value) -> None:
+    """Write ``value`` as JSON to ``path`` through a temporary file in the same folder and os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(value, stream, indent=1)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _plain(value):
+    """A tensor element or list of them as Python values (for JSON)."""
+    return value.tolist() if isinstance(value, torch.Tensor) else value
+
+
+def meta_rows(meta: Dict[str, Sequence], size: int) -> List[dict]:
+    """A batch's meta (name -> one value per sample) as one dict per sample."""
+    for name, values in meta.items():
+        if len(values) != size:
+            raise ValueError(f"batch meta {name!r} holds {len(values)} values for a batch of {size}")
+    return [{name: _plain(values[i]) for name, values in meta.items()} for i in range(size)]
+
+
+def decode(tokenizer, sequences: torch.Tensor, eos_token_id: int) -> List[str]:
+    """Best-beam ids [B, T] -> text, each cut at its first end token (special tokens dropped)."""
+    texts = []
+    for ids in sequences.tolist():
+        end = ids.index(eos_token_id) if eos_token_id in ids else len(ids)
+        texts.append(tokenizer.decode(ids[:end], skip_special_tokens=True).strip())
+    return texts
+
+
+def _to_device(inputs: dict, device: torch.device) -> dict:
+    return {name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for name, value in inputs.items()}
+
+
+def _progress(loader, description: str):
+    """tqdm over ``loader`` on rank 0 (stderr), the plain loader elsewhere."""
+    if not is_main():
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=description, dynamic_ncols=True)
+
+
+def generate(model, loader, task: str, cfg: dict, tokenizer, device: torch.device) -> List[dict]:
+    """This rank's generated text per sample in its sampler's order: the batch meta plus "answer" (vqa) or
+    "caption" (caption), by beam search with the config's num_beams / min_length / max_length."""
+    method = model.vqa_generate if task == "vqa" else model.caption_generate
+    settings = dict(num_beams=cfg["num_beams"], min_length=cfg["min_length"], max_length=cfg["max_length"])
+    rows = []
+    for batch in _progress(loader, f"evaluate {task}"):
+        with autocast(device):
+            output = method(**_to_device(batch["inputs"], device), **settings)
+        texts = decode(tokenizer, output.sequences[:, 0], model.config.eos_token_id)
+        rows += [{**meta, GENERATED_FIELD[task]: text}
+                 for meta, text in zip(meta_rows(batch["meta"], len(texts)), texts)]
+    return rows
+
+
+def gather_in_dataset_order(rows: List[dict], num_samples: int, world_size: int) -> List[dict]:
+    """Every rank's rows back in data set order: the test sampler (unshuffled, unpadded) gives rank r the samples
+    r, r + W, r + 2W, ..., so taking the ranks' rows in turn restores the order; each sample must come once."""
+    per_rank = all_gather_objects([rows])
+    longest = max(len(part) for part in per_rank)
+    ordered = [part[i] for i in range(longest) for part in per_rank if i < len(part)]
+    if len(ordered) != num_samples or len(per_rank) != world_size:
+        raise RuntimeError(f"gathered {len(ordered)} outputs from {len(per_rank)} ranks for {num_samples} test samples")
+    return ordered
+
+
+def _unique(rows: List[dict], key: str) -> None:
+    seen = set()
+    for row in rows:
+        if row[key] in seen:
+            raise ValueError(f"the test set holds {key} {row[key]!r} more than once")
+        seen.add(row[key])
+
+
+def vqa_outputs(rows: List[dict]):
+    """(vqa_result.json entries, metrics): accuracy in percent over the questions whose records carry answers."""
+    _unique(rows, "question_id")
+    results = [{"question_id": row["question_id"], "answer": row["answer"]} for row in rows]
+    scored = {row["question_id"]: row["answers"] for row in rows if row.get("answers")}
+    scores = {"questions": len(rows), "scored_questions": len(scored)}
+    if scored:
+        scores["vqa_accuracy"] = metrics.vqa_accuracy({row["question_id"]: row["answer"] for row in rows}, scored)
+    return results, scores
+
+
+def caption_outputs(rows: List[dict]):
+    """(caption_result.json entries, metrics): CIDEr-D and BLEU-4 against the records' reference sentences."""
+    _unique(rows, "image_id")
+    results = [{"image_id": row["image_id"], "caption": row["caption"]} for row in rows]
+    captions, references = [row["caption"] for row in rows], [row["references"] for row in rows]
+    return results, {"images": len(rows), "cider_d": metrics.cider_d(captions, references),
+                     "bleu_4": metrics.bleu(captions, references)}
+
+
+def retrieval_outputs(model, dataset, cfg: dict, device: torch.device) -> dict:
+    """Recall@1/5/10 both ways over the whole test set: every image (in order) against ``dataset.text_inputs()``
+    (call on rank 0 only)."""
+    from mplug.data import build_loader
+
+    loader, _ = build_loader(dataset, cfg, train=False, rank=0, world_size=1)
+    images, order = [], []
+    for batch in _progress(loader, "read retrieval images"):
+        images.append(batch["inputs"]["images"])
+        order += _plain(batch["meta"]["image_index"])
+    if order != list(range(len(dataset))):
+        raise RuntimeError(f"the retrieval test loader gave images {order[:8]}.. instead of 0..{len(dataset) - 1} in order")
+    with autocast(device):
+        scores = model.retrieval_scores(
+            torch.cat(images).to(device), **_to_device(dataset.text_inputs(), device), k=cfg["k_test"],
+            batch_size=cfg["batch_size_test"],
+        )
+    recall = metrics.retrieval_recall(scores.i2t.float().cpu(), scores.t2i.float().cpu(), dataset.txt2img)
+    return {"images": len(dataset), "texts": len(dataset.txt2img), **recall}
+
+
+def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = False) -> Optional[dict]:
+    """Run the evaluation of ``task`` (see the module docstring) in this process of the job; returns the metrics on
+    rank 0 (None elsewhere) after the files are written."""
+    from mplug.data import build_dataset, build_loader, load_tokenizer
+
+    check_task(task, cfg, checkpoint)
+    info = init_distributed()
+    tokenizer = load_tokenizer(cfg["vocab"])
+    dataset = build_dataset(task, "test", cfg, tokenizer, skip_bad_records=skip_bad_records)
+    model = build_model(cfg, info.device, task)
+    load_weights(model, checkpoint, task)
+    model.eval()
+    results, scores = None, None
+    if task == "retrieval":
+        scores = retrieval_outputs(model, dataset, cfg, info.device) if is_main() else None
+    else:
+        loader, sampler = build_loader(dataset, cfg, train=False, rank=info.rank, world_size=info.world_size)
+        if getattr(sampler, "shuffle", False):
+            raise ValueError("the test loader's sampler shuffles; evaluation needs the data set's order")
+        rows = gather_in_dataset_order(generate(model, loader, task, cfg, tokenizer, info.device), len(dataset), info.world_size)
+        if is_main():
+            results, scores = (vqa_outputs if task == "vqa" else caption_outputs)(rows)
+    if is_main():
+        scores = {"task": task, "checkpoint": os.fspath(checkpoint), "skipped_records": getattr(dataset, "skipped", 0), **scores}
+        if results is not None:
+            write_json_atomic(Path(output) / RESULT_FILES[task], results)
+        write_json_atomic(Path(output) / METRICS_FILE, scores)
+    barrier()
+    return scores
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
+    """Entry point of ``python -m mplug.evaluate``: parse, evaluate, print the metrics on rank 0."""
+    from mplug.run_config import load_config
+
+    args = parse_args(argv)
+    scores = evaluate(args.task, load_config(args.config, args.overrides), args.checkpoint, args.output, args.skip_bad_records)
+    close_distributed()
+    if scores is not None:
+        print(json.dumps(scores, indent=1), file=sys.stdout)
+    return scores
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""python -m mplug.evaluate on tests/tiny_dataset.py's data with a tiny random model saved as mplug.train saves it:
+one entry per input id (also from 2 gloo processes, equal to one process), metrics.json, clear errors, no file
+written half."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mplug import evaluate, metrics
+from mplug.run_config import load_config
+from mplug.runtime import CHECKPOINT_FORMAT, build_model
+from tiny_dataset import write_tiny_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's many small matmuls thrash with two threads on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_checkpoint(config_path: Path, task: str, seed: int = 0) -> Path:
+    """A randomly initialised tiny model of ``task`` in mplug.train's checkpoint format, next to the config."""
+    cfg = load_config(str(config_path))
+    torch.manual_seed(seed)
+    model = build_model(cfg, torch.device("cpu"), task)
+    path = config_path.parent / f"{task}_checkpoint.pth"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": cfg}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vqa_run(tmp_path_factory):
+    """A 5-question VQA set (odd, so 2 ranks pad one sample) and its checkpoint."""
+    root = tmp_path_factory.mktemp("vqa")
+    config = write_tiny_dataset(root, "vqa", n=5)
+    return config, tiny_checkpoint(config, "vqa")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_cli(task, config, checkpoint, output, *extra):
+    return evaluate.main(["--task", task, "--config", str(config), "--checkpoint", str(checkpoint),
+                          "--output", str(output), *extra])
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def test_vqa_one_entry_per_question_and_two_gloo_ranks_agree(vqa_run, tmp_path):
+    config, checkpoint = vqa_run
+    scores = run_cli("vqa", config, checkpoint, tmp_path / "one")
+    one = read_json(tmp_path / "one" / "vqa_result.json")
+    assert [entry["question_id"] for entry in one] == [1000, 1001, 1002, 1003, 1004]
+    assert all(set(entry) == {"question_id", "answer"} and isinstance(entry["answer"], str) for entry in one)
+    assert read_json(tmp_path / "one" / "metrics.json") == scores
+    records = read_json(config.parent / "vqa_test.json")
+    expected = metrics.vqa_accuracy({e["question_id"]: e["answer"] for e in one}, {r["question_id"]: r["answer"] for r in records})
+    assert scores["vqa_accuracy"] == pytest.approx(expected) and scores["scored_questions"] == 5
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
+               "mplug.evaluate", "--task", "vqa", "--config", str(config), "--checkpoint", str(checkpoint),
+               "--output", str(tmp_path / "two")]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_json(tmp_path / "two" / "vqa_result.json") == one
+    assert read_json(tmp_path / "two" / "metrics.json") == scores
+
+
+def test_caption_results_and_cider_bleu(tmp_path):
+    config = write_tiny_dataset(tmp_path / "data", "caption", n=4)
+    scores = run_cli("caption", config, tiny_checkpoint(config, "caption"), tmp_path / "out")
+    results = read_json(tmp_path / "out" / "caption_result.json")
+    records = read_json(config.parent / "caption_test.json")
+    assert [entry["image_id"] for entry in results] == [record["filename"] for record in records]
+    references = [[sentence["raw"] for sentence in record["sentences"]] for record in records]
+    captions = [entry["caption"] for entry in results]
+    assert scores["cider_d"] == pytest.approx(metrics.cider_d(captions, references))
+    assert scores["bleu_4"] == pytest.approx(metrics.bleu(captions, references))
+    assert read_json(tmp_path / "out" / "metrics.json") == scores
+
+
+def test_retrieval_recall_both_ways(tmp_path):
+    config = write_tiny_dataset(tmp_path / "data", "retrieval", n=4)
+    scores = run_cli("retrieval", config, tiny_checkpoint(config, "retrieval"), tmp_path / "out")
+    assert (scores["images"], scores["texts"]) == (4, 8)
+    for way in ("i2t", "t2i"):
+        assert 0 <= scores[f"{way}_r1"] <= scores[f"{way}_r5"] <= scores[f"{way}_r10"] <= 100
+    assert scores["t2i_r5"] == 100.0 and scores["i2t_r10"] == 100.0, "4 images / 8 texts: every text is in the top 10"
+    assert read_json(tmp_path / "out" / "metrics.json") == scores
+    assert not (tmp_path / "out" / "vqa_result.json").exists()
+
+
+def test_bad_checkpoint_and_task_mismatch_are_named(vqa_run, tmp_path):
+    config, checkpoint = vqa_run
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match="missing.pth.*is not a file"):
+        run_cli("vqa", config, tmp_path / "missing.pth", output)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth.*not a PyTorch checkpoint"):
+        run_cli("vqa", config, garbage, output)
+    with pytest.raises(ValueError, match="--task 'caption' does not match the config, which is for task 'vqa'"):
+        run_cli("caption", config, checkpoint, output)
+    with pytest.raises(ValueError, match="--task 'caption' does not match checkpoint .*vqa_checkpoint.pth.*task 'vqa'"):
+        run_cli("caption", config, checkpoint, output, "--set", "task=caption")
+    with pytest.raises(SystemExit):
+        run_cli("pretrain", config, checkpoint, output)
+    assert not output.exists()
+
+
+def test_bad_record_is_named_or_skipped_and_counted(vqa_run, tmp_path):
+    config, checkpoint = vqa_run
+    records = read_json(config.parent / "vqa_test.json")
+    del records[2]["question"]
+    broken = tmp_path / "broken_test.json"
+    broken.write_text(json.dumps(records))
+    test_file = f"--set=test_file={broken}"
+    with pytest.raises(ValueError, match="broken_test.json: record 2"):
+        run_cli("vqa", config, checkpoint, tmp_path / "strict", test_file)
+    assert not (tmp_path / "strict").exists()
+    scores = run_cli("vqa", config, checkpoint, tmp_path / "out", test_file, "--skip-bad-records")
+    assert [e["question_id"] for e in read_json(tmp_path / "out" / "vqa_result.json")] == [1000, 1001, 1003, 1004]
+    assert scores["skipped_records"] == 1 and scores["questions"] == 4
+
+
+def test_failure_after_generation_writes_nothing(vqa_run, tmp_path, monkeypatch):
+    config, checkpoint = vqa_run
+
+    def broken(*args):
+        raise RuntimeError("scoring failed")
+
+    monkeypatch.setattr(metrics, "vqa_accuracy", broken)
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        run_cli("vqa", config, checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_write_json_atomic_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "result.json"
+    evaluate.write_json_atomic(target, [{"question_id": 1, "answer": "2"}])
+    with pytest.raises(TypeError):
+        evaluate.write_json_atomic(target, [{"question_id": 2, "answer": object()}])
+    assert read_json(target) == [{"question_id": 1, "answer": "2"}]
+    assert [path.name for path in tmp_path.iterdir()] == ["result.json"]
