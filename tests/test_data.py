@@ -157,6 +157,15 @@ def test_bad_files_and_unset_paths_are_named(tiny, tmp_path):
         build_dataset("vqa", "train", _write_records(tmp_path, cfg, "train_file", [{}])[0], tokenizer, skip_bad_records=True)
     with pytest.raises(ValueError, match="pretrain has no test split"):
         build_dataset("pretrain", "test", cfg, tokenizer)
+    with pytest.raises(ValueError, match="vocab: the tokenizer has 141 tokens"):
+        build_dataset("vqa", "train", {**cfg, "model": "tiny", "image_size": 32}, load_tokenizer(_bert_layout_vocab(tmp_path, 141)))
+
+
+def _bert_layout_vocab(tmp_path, size):
+    """A vocab.txt of size tokens whose [MASK] is not at BERT's id 103."""
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(size - 5)]
+    (tmp_path / "other_vocab.txt").write_text("\n".join(tokens) + "\n")
+    return tmp_path / "other_vocab.txt"
 
 
 def test_shipped_config_placeholders_fail_only_when_the_data_is_read(tiny):

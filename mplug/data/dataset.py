@@ -18,7 +18,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mplug.data.records import BadRecords, answer_list, image_source, read_samples
+from mplug.data.text import check_vocabulary
 from mplug.data.transforms import FINETUNE_SCALE, PRETRAIN_SCALE, eval_transform, train_transform
+from mplug.run_config import build_model_config
 
 TASKS = ("vqa", "caption", "retrieval", "pretrain")
 SPLITS = ("train", "test")
@@ -167,9 +169,11 @@ class VQATestDataset(TaskDataset):
 def build_dataset(task: str, split: str, cfg: dict, tokenizer, skip_bad_records: bool = False) -> TaskDataset:
     """The data set of task ("vqa", "caption", "retrieval", "pretrain") and split ("train", "test"; pretraining has
     no test split) from cfg's files; bad records raise ValueError("<file>: record <i>: ..") or, with
-    skip_bad_records, are dropped and counted (``dataset.skipped``, ``dataset.skipped_reasons``)."""
+    skip_bad_records, are dropped and counted (``dataset.skipped``, ``dataset.skipped_reasons``). The tokenizer must
+    fit cfg's model (mplug.data.text.check_vocabulary)."""
     if task not in TASKS or split not in SPLITS or (task, split) == ("pretrain", "test"):
         raise ValueError(f"task must be one of {TASKS} and split one of {SPLITS} (pretrain has no test split), got {task!r}, {split!r}")
+    check_vocabulary(tokenizer, build_model_config(cfg))
     kind = {("retrieval", "train"): RetrievalTrainDataset, ("retrieval", "test"): RetrievalTestDataset,
             ("vqa", "test"): VQATestDataset}.get((task, split), TaskDataset)
     return kind(task, split, cfg, tokenizer, skip_bad_records)
