@@ -22,11 +22,10 @@ import torch
 
 from mplug_kernels._checks import MAX_HEAD_DIM
 from mplug_kernels.backends import get_backend
+from mplug_kernels.nn.co_attention import MASKED_BELOW, keep_from_additive
 from mplug_kernels.ops import co_attention
 
 DEFAULT_NAME = "mplug_kernels"
-# Additive masks: 0 attends, anything at or below this is a masked key (transformers uses the dtype's minimum).
-MASKED_BELOW = -1e4
 # Arguments of transformers' attention functions that change the math beyond a key padding mask.
 UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k")
 _BUILTIN_NAMES = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -75,10 +74,10 @@ def key_padding_mask(mask: Optional[torch.Tensor], batch: int) -> Tuple[Optional
     if row is None:
         return None, "a causal or per-query/per-head mask (ours take one key padding mask per batch row)"
     if row.dtype != torch.bool:
-        masked = row <= MASKED_BELOW
-        if not bool(((row == 0) | masked).all()):
+        try:
+            row = keep_from_additive(row)
+        except ValueError:
             return None, f"an additive mask with values other than 0 and <= {MASKED_BELOW:g} (a bias, not padding)"
-        row = ~masked
     return row.expand(batch, row.shape[-1]), None
 
 
