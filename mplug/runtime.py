@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import List, NamedTuple, Optional
+import tempfile
+from pathlib import Path
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,10 +44,11 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def close_distributed() -> None:
-    """Leave the process group (all ranks meet first); nothing without one."""
+def close_distributed(wait: bool = True) -> None:
+    """Leave the process group (all ranks meet first unless ``wait`` is False, e.g. after an error); nothing without one."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -74,6 +77,32 @@ def autocast(device: torch.device):
     if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def to_device(inputs: dict, device) -> dict:
+    """A batch's ``inputs`` with every tensor moved to ``device`` (other values as they are)."""
+    return {name: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for name, value in inputs.items()}
+
+
+def atomic_write(path, write: Callable, binary: bool = True) -> None:
+    """Call ``write(file)`` on a temporary file in path's folder, fsync it, then os.replace it onto ``path``: path
+    holds either its old content or the whole new one, never a part (the temporary file is removed on errors)."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb" if binary else "w") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def check_task(task) -> None:

@@ -48,3 +48,192 @@ def test_load_weights_names_a_checkpoint_of_another_model(tmp_path):
     torch.save({"format": CHECKPOINT_FORMAT, "model": other.state_dict(), "config": {"task": "caption", "model": "tiny"}}, path)
     with pytest.raises(ValueError, match=r"other\.pth.*does not fit this model.*missing keys.*text_decoder"):
         load_weights(MPLUG(MPLUGConfig.tiny()), path, "caption")
+
+
+# ---------------------------------------------------------------- mplug.train on tests/tiny_dataset.py's data
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mplug.train as train_module
+from mplug.train_state import LAST, Progress, atomic_save, read_checkpoint, save_checkpoint
+from tiny_dataset import write_tiny_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model gains nothing from a second thread, and OpenMP's barriers crawl on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(config, output, task="vqa", *overrides, resume=False):
+    """Run mplug.train in this process -> the last checkpoint (loaded)."""
+    argv = ["--task", task, "--config", str(config), "--output", str(output)]
+    argv += [item for override in overrides for item in ("--set", override)]
+    argv += ["--resume", str(output)] if resume else []
+    return torch.load(train_module.main(argv), weights_only=True)
+
+
+def log_lines(output):
+    return [json.loads(line) for line in (Path(output) / "log.jsonl").read_text().splitlines()]
+
+
+def subprocess_env():
+    """The same thread count as this process, so the CPU reductions (and so the weights) are bit-identical."""
+    threads = str(torch.get_num_threads())
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONPATH": path}
+
+
+def assert_states_equal(state, expected, what="state"):
+    """Nested dicts/sequences of tensors and values equal bit for bit (a tuple equals the list torch.load may give)."""
+    if isinstance(state, dict):
+        assert state.keys() == expected.keys(), what
+        for key, value in state.items():
+            assert_states_equal(value, expected[key], f"{what}.{key}")
+    elif isinstance(state, (list, tuple)):
+        assert isinstance(expected, (list, tuple)) and len(state) == len(expected), what
+        for index, (value, other) in enumerate(zip(state, expected)):
+            assert_states_equal(value, other, f"{what}[{index}]")
+    elif torch.is_tensor(state):
+        assert torch.equal(state, expected), what
+    else:
+        assert state == expected, what
+
+
+def assert_tensors_close(tensors, expected, atol, what):
+    """Two {name: tensor} dicts with the same names, equal within ``atol``."""
+    assert tensors.keys() == expected.keys(), what
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(tensor, expected[name], atol=atol, rtol=1e-4, msg=lambda m: f"{what} {name}: {m}")
+
+
+def test_one_process_training_lowers_the_loss_and_logs(tmp_path):
+    """VQA on 2 questions = one batch, seen 6 times (one step an epoch, each with its own augmentation): the loss falls
+    to well below half; log.jsonl has a line per step, the cosine schedule ends at min_lr."""
+    config = write_tiny_dataset(tmp_path / "data", "vqa", n=1)
+    state = train(config, tmp_path / "run", "vqa", "epochs=6")
+    lines = log_lines(tmp_path / "run")
+    assert [line["step"] for line in lines] == list(range(1, 7))
+    assert all(line["samples_per_s"] > 0 and line["peak_rss_bytes"] > 10**7 for line in lines)
+    assert lines[-1]["lr"] == [pytest.approx(1e-5)] and lines[0]["lr"][0] > lines[1]["lr"][0] > lines[-1]["lr"][0]
+    assert lines[-1]["loss"] < 0.5 * lines[0]["loss"], [line["loss"] for line in lines]
+    assert state["progress"] == {"epoch": 6, "step": 6, "step_in_epoch": 0}
+    assert state["config"]["epochs"] == 6 and state["config"]["task"] == "vqa"
+
+
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_two_gloo_processes_equal_one_process_on_the_combined_batch(tmp_path, sharding):
+    """torchrun, 2 CPU processes x batch 2 (DDP, or FSDP2 with --fsdp) vs one process x batch 4, 2 steps (epochs) of
+    VQA: the same losses, weights and AdamW moments (float tolerance: the gradient sum runs in another order). The
+    moments carry the gradients' scale, which AdamW's update itself would hide."""
+    config = write_tiny_dataset(tmp_path / "data", "vqa", n=2)
+    common = ["--task", "vqa", "--config", str(config), "--set", "epochs=2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mplug.train",
+               *common, *sharding, "--set", "batch_size_train=2", "--output", str(tmp_path / "ddp")]
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    distributed = torch.load(tmp_path / "ddp" / LAST, weights_only=True)
+    single = train(config, tmp_path / "one", "vqa", "epochs=2", "batch_size_train=4")
+    assert distributed["progress"] == single["progress"] == {"epoch": 2, "step": 2, "step_in_epoch": 0}
+    for line, expected in zip(log_lines(tmp_path / "ddp"), log_lines(tmp_path / "one")):
+        assert line["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert len(distributed["rng"]) == 2
+    for moment in ("exp_avg", "exp_avg_sq"):
+        moments, expected = ({name: state[moment] for name, state in run["optimizer"]["state"].items()} for run in (distributed, single))
+        largest = max(value.abs().max().item() for value in expected.values())
+        assert_tensors_close(moments, expected, 1e-5 * largest, moment)
+    # AdamW moves an element by about lr whatever its gradient's size, so where the gradient is rounding noise (the
+    # key biases' exact gradient is 0) the weights may differ by up to 2 lr a step; the moments above hold the rest.
+    assert_tensors_close(distributed["model"], single["model"], 2 * 2 * 1e-3, "weight")
+
+
+KILL_AFTER_SAVE = """
+import os, signal, sys
+import mplug.train as train
+save = train.save_checkpoint
+def save_then_die(output, model, optimizer, scheduler, progress, cfg, steps=()):
+    save(output, model, optimizer, scheduler, progress, cfg, steps)
+    if progress.step == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+train.save_checkpoint = save_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_killed_and_resumed_run_equals_the_uninterrupted_one_bit_exactly(tmp_path):
+    """Retrieval (random ITM negatives, momentum copies and feature queues), 2 steps an epoch, 2 epochs: a process
+    SIGKILLed right after its step-1 checkpoint (inside epoch 0), resumed with --resume, ends with the uninterrupted
+    run's weights, optimiser state and queues bit for bit."""
+    config = write_tiny_dataset(tmp_path / "data", "retrieval", n=8)  # 4 images x 2 captions
+    overrides = ["epochs=2", "save_every=1", "batch_size_train=4"]  # a batch holds >= 2 images: ITM has negatives
+    expected = train(config, tmp_path / "straight", "retrieval", *overrides)
+    output = tmp_path / "killed"
+    command = [sys.executable, "-c", KILL_AFTER_SAVE, "--task", "retrieval", "--config", str(config), "--output", str(output)]
+    command += [item for override in overrides for item in ("--set", override)]
+    killed = subprocess.run(command, env={**subprocess_env(), "KILL_AT_STEP": "1"}, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert read_checkpoint(output)["progress"] == {"epoch": 0, "step": 1, "step_in_epoch": 1}
+    resumed = train(config, output, "retrieval", *overrides, resume=True)
+    assert resumed["progress"] == expected["progress"] == {"epoch": 2, "step": 4, "step_in_epoch": 0}
+    assert_states_equal(resumed["model"], expected["model"])
+    assert_states_equal(resumed["optimizer"], expected["optimizer"])
+    assert [line["loss"] for line in log_lines(output)] == [line["loss"] for line in log_lines(tmp_path / "straight")]
+
+
+def test_a_crash_while_saving_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    model = MPLUG(MPLUGConfig.tiny())
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(tmp_path, model, optimizer, scheduler, Progress(0, 5, 5), {"task": "caption"})
+    real_save = torch.save
+
+    def full_disk(obj, stream):
+        real_save(obj, stream)
+        stream.truncate(stream.tell() // 2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, model, optimizer, scheduler, Progress(0, 6, 6), {"task": "caption"}, steps=(6,))
+    monkeypatch.undo()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [LAST]
+    assert read_checkpoint(tmp_path)["progress"] == {"epoch": 0, "step": 5, "step_in_epoch": 5}
+
+
+def test_atomic_save_replaces_the_whole_file(tmp_path):
+    atomic_save({"a": torch.arange(3)}, tmp_path / "x.pth")
+    atomic_save({"b": torch.ones(2)}, tmp_path / "x.pth")
+    assert list(torch.load(tmp_path / "x.pth", weights_only=True)) == ["b"]
+    assert [path.name for path in tmp_path.iterdir()] == ["x.pth"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--set", "learning_rate=1"], r"unknown config key 'learning_rate'"),
+    (["--set", "train_file=nowhere.json"], r"nowhere\.json"),
+    (["--task", "caption"], r"--task caption but config .* is for task 'vqa'"),
+    (["--resume", "{tmp}/empty"], r"--resume .*empty.*no checkpoint_last\.pth"),
+])
+def test_bad_config_and_missing_data_are_named(tmp_path, overrides, message):
+    config = write_tiny_dataset(tmp_path / "data", "vqa", n=2)
+    (tmp_path / "empty").mkdir()
+    argv = ["--task", "vqa", "--config", str(config), "--output", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match=message):
+        train_module.main(argv + [item.format(tmp=tmp_path) for item in overrides])
+    assert not (tmp_path / "run" / LAST).exists()
+
+
+def test_resume_refuses_a_changed_learning_rate(tmp_path):
+    config = write_tiny_dataset(tmp_path / "data", "caption", n=2)
+    train(config, tmp_path / "run", "caption", "max_steps=1")
+    with pytest.raises(ValueError, match=r"optimizer: checkpoint .*'lr': 0\.001.*now .*'lr': 0\.002"):
+        train(config, tmp_path / "run", "caption", "max_steps=1", "optimizer.lr=2e-3", resume=True)

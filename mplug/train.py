@@ -1,0 +1,350 @@
+"""``torchrun --nproc-per-node N -m mplug.train --task vqa --config vqa_base --output DIR ...`` (or ``python -m
+mplug.train`` as one process): fine-tune or pretrain mPLUG on the authors' annotation files with DDP (FSDP2 with
+--fsdp), AdamW per parameter group, warm-up + cosine schedule, gradient clipping, bf16 autocast on CUDA, atomic
+checkpoints every save_every steps and at epoch ends, bit-exact --resume on the CPU, and <output>/log.jsonl."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from mplug.checkpoint import TASK_MODULES
+from mplug.fusion import FusionEncoder
+from mplug.momentum import ramped_alpha
+from mplug.run_config import TASKS, load_config
+from mplug.runtime import (
+    DistInfo, autocast, build_model, close_distributed, init_distributed, is_main, load_weights, to_device,
+)
+from mplug.train_state import LAST, Progress, check_same_run, read_checkpoint, restore, restore_rng, save_checkpoint
+
+LOSS_METHODS = {"vqa": "vqa_loss", "caption": "caption_loss", "retrieval": "retrieval_loss", "pretrain": "pretrain_losses"}
+ENCODERS = ("visual_encoder", "text_encoder", "fusion_encoder", "text_decoder")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line of mplug.train."""
+    parser = argparse.ArgumentParser(prog="python -m mplug.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--config", required=True, help="a shipped config (vqa_base, ...) or a YAML file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config key (dotted for nested keys: optimizer.lr=1e-4); repeatable")
+    parser.add_argument("--checkpoint", help="start from these weights (the authors' .pth or an mplug.train checkpoint)")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint_last.pth is in DIR")
+    parser.add_argument("--output", required=True, help="folder for checkpoints and log.jsonl")
+    parser.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 fully_shard instead of DDP")
+    parser.add_argument("--skip-bad-records", action="store_true", help="drop (and count) records that cannot be read")
+    return parser.parse_args(argv)
+
+
+class TaskLoss(nn.Module):
+    """The task's loss method as the forward, so DDP/FSDP see every step: inputs -> scalar or dict of losses."""
+
+    def __init__(self, model: nn.Module, task: str):
+        super().__init__()
+        self.model = model
+        self.method = LOSS_METHODS[task]
+
+    def forward(self, **inputs):
+        return getattr(self.model, self.method)(**inputs)
+
+
+def fully_shard_function():
+    """FSDP2's fully_shard (torch.distributed.fsdp from torch 2.6, torch.distributed._composable.fsdp before)."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def average_gradient(parameter: nn.Parameter) -> None:
+    """Average a parameter's gradient over the processes (FSDP2 cannot shard 0-d parameters such as ``temp``)."""
+    dist.all_reduce(parameter.grad)
+    parameter.grad /= dist.get_world_size()
+
+
+def parallel(step: TaskLoss, device: torch.device, fsdp: bool) -> nn.Module:
+    """DDP (the default) or FSDP2 around ``step``; ``step`` itself in one process. FSDP2 shards every layer of the
+    vision, text and decoder stacks, each fusion encoder whole (it projects the vision K/V of several layers in one
+    GEMM outside their forwards), then the rest; 0-d parameters stay replicated with their gradients averaged."""
+    if not dist.is_initialized():
+        return step
+    if fsdp:
+        fully_shard = fully_shard_function()
+        fusions = [module for module in step.modules() if isinstance(module, FusionEncoder)]
+        inside_fusion = {id(sub) for fusion in fusions for sub in fusion.modules()}
+        for module in list(step.modules()):
+            if isinstance(module, nn.ModuleList) and id(module) not in inside_fusion:
+                for layer in module:
+                    fully_shard(layer)
+        for fusion in fusions:
+            fully_shard(fusion)
+        scalars = {parameter for parameter in step.parameters() if parameter.ndim == 0}
+        for parameter in scalars:
+            if parameter.requires_grad:
+                parameter.register_post_accumulate_grad_hook(average_gradient)
+        return fully_shard(step, ignored_params=scalars)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(step, device_ids=device_ids, broadcast_buffers=False, static_graph=True)
+
+
+def freeze_unused(model: nn.Module, task: str) -> None:
+    """Parameters the task's loss never reaches (mplug.checkpoint.TASK_MODULES: e.g. the decoder in retrieval, the
+    text encoder and fusion in captioning) stop requiring gradients, so the optimiser and DDP leave them alone;
+    pretraining trains everything. A parameter tied into a trained module stays trained."""
+    if task == "pretrain":
+        return
+    kept = set()
+    for name in TASK_MODULES[task]:
+        part = getattr(model, name)
+        kept.update(id(parameter) for parameter in (part.parameters() if isinstance(part, nn.Module) else [part]))
+    for parameter in model.parameters():
+        if id(parameter) not in kept:
+            parameter.requires_grad_(False)
+
+
+def parameter_groups(model: nn.Module, optimizer_cfg: dict) -> list:
+    """AdamW groups: visual encoder at lr_visual, heads (outside the encoders and decoder) at lr_head (lr when
+    null), the rest at lr; biases, LayerNorm weights and other 1-d/0-d parameters without weight decay."""
+    groups: Dict[tuple, list] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        part = name.split(".")[0]
+        if part == "visual_encoder":
+            lr = optimizer_cfg["lr_visual"]
+        elif part not in ENCODERS and optimizer_cfg["lr_head"] is not None:
+            lr = optimizer_cfg["lr_head"]
+        else:
+            lr = optimizer_cfg["lr"]
+        decay = optimizer_cfg["weight_decay"] if parameter.ndim > 1 else 0.0
+        groups.setdefault((lr, decay), []).append(parameter)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float):
+    """LambdaLR factor of one group: linear warm-up to base_lr, then cosine from base_lr down to min_lr at total_steps."""
+    floor = min(min_lr, base_lr) / base_lr if base_lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_schedule(optimizer, schedule_cfg: dict, total_steps: int):
+    """Warm-up (warmup_steps, or warmup_ratio of total_steps) then cosine to min_lr, per parameter group."""
+    ratio = schedule_cfg["warmup_ratio"]
+    warmup = round(ratio * total_steps) if ratio is not None else schedule_cfg["warmup_steps"]
+    factors = [warmup_cosine(total_steps, warmup, group["lr"], schedule_cfg["min_lr"]) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+
+def total_steps(cfg: dict, steps_per_epoch: int) -> int:
+    """Optimiser steps of the whole run: epochs x steps per epoch, capped by max_steps."""
+    steps = cfg["epochs"] * steps_per_epoch
+    return steps if cfg["max_steps"] is None else min(steps, cfg["max_steps"])
+
+
+def train_step(step_module, inputs: dict, optimizer, scheduler, parameters, max_grad_norm: float, device) -> Dict[str, torch.Tensor]:
+    """One optimiser step on one batch -> the detached losses ("loss" = their sum, and each part for dict losses)."""
+    with autocast(device):
+        out = step_module(**inputs)
+    parts = out if isinstance(out, dict) else {}
+    loss = sum(parts.values()) if parts else out
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return {"loss": loss.detach(), **{name: value.detach() for name, value in parts.items()}}
+
+
+def mean_over_ranks(losses: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Every loss averaged over the processes (as floats)."""
+    names = sorted(losses)
+    values = torch.stack([losses[name].float() for name in names])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return dict(zip(names, values.tolist()))
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The peak memory field of a log line: CUDA's max allocated bytes on a GPU, the process's max RSS on the CPU."""
+    if device.type == "cuda":
+        return {"peak_cuda_allocated_bytes": torch.cuda.max_memory_allocated(device)}
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+class Logger:
+    """log.jsonl lines (rank 0) and the tqdm bar of rank 0; samples/s over the steps since the last line."""
+
+    def __init__(self, output: Path, progress: Progress, total: int, samples_per_step: int, device):
+        self.path = output / "log.jsonl"
+        self.samples_per_step = samples_per_step
+        self.device = device
+        self.bar = tqdm(total=total, initial=progress.step, disable=not is_main(), dynamic_ncols=True)
+        self.since = (time.perf_counter(), progress.step)
+
+    def log(self, progress: Progress, losses: Dict[str, float], lrs: list) -> None:
+        now, steps = time.perf_counter(), progress.step - self.since[1]
+        line = {"step": progress.step, "epoch": progress.epoch, **losses, "lr": lrs,
+                "samples_per_s": steps * self.samples_per_step / max(now - self.since[0], 1e-9), **peak_memory(self.device)}
+        self.since = (now, progress.step)
+        if is_main():
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(line) + "\n")
+            self.bar.set_postfix(loss=f"{losses['loss']:.4f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def extra_inputs(task: str, model, progress: Progress, steps_per_epoch: int) -> dict:
+    """Momentum-distilled tasks ramp alpha over epoch 0 (the authors' schedule); others need nothing."""
+    if task not in ("retrieval", "pretrain"):
+        return {}
+    return {"alpha": ramped_alpha(progress.step_in_epoch, steps_per_epoch, progress.epoch, model.config.alpha)}
+
+
+@dataclass
+class Job:
+    """Everything one training process runs with."""
+
+    task: str
+    cfg: dict
+    output: Path
+    info: DistInfo
+    model: nn.Module
+    step_module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    dataset: object
+    loader: object
+    sampler: object
+    steps_per_epoch: int
+    total_steps: int
+
+
+def setup(args: argparse.Namespace, cfg: dict, info: DistInfo) -> Job:
+    """Data, model (from --checkpoint), parallel wrapper, optimiser and schedule of a run."""
+    from mplug.data import build_dataset, build_loader, load_tokenizer
+
+    torch.manual_seed(cfg["seed"])
+    dataset = build_dataset(args.task, "train", cfg, load_tokenizer(cfg["vocab"]), skip_bad_records=args.skip_bad_records)
+    if is_main() and args.skip_bad_records and dataset.skipped:
+        print(f"skipped {dataset.skipped} bad records, e.g. {dataset.skipped_reasons[:3]}", file=sys.stderr)
+    loader, sampler = build_loader(dataset, cfg, train=True, rank=info.rank, world_size=info.world_size)
+    if len(loader) == 0:
+        raise ValueError(f"the training data has {len(dataset)} records, fewer than batch_size_train "
+                         f"{cfg['batch_size_train']} x {info.world_size} processes: no full batch to train on")
+    model = build_model(cfg, info.device, args.task).train()
+    freeze_unused(model, args.task)
+    if args.checkpoint and not args.resume:
+        result = load_weights(model, args.checkpoint, None)
+        if is_main():
+            print(f"loaded {args.checkpoint}: {len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
+                  f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:5]}", file=sys.stderr)
+    model.set_gradient_checkpointing(cfg["grad_checkpointing"])
+    step_module = parallel(TaskLoss(model, args.task), info.device, args.fsdp)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg["optimizer"]), betas=tuple(cfg["optimizer"]["betas"]))
+    total = total_steps(cfg, len(loader))
+    scheduler = build_schedule(optimizer, cfg["schedule"], total)
+    return Job(args.task, cfg, Path(args.output), info, model, step_module, optimizer, scheduler,
+               dataset, loader, sampler, len(loader), total)
+
+
+def save(job: Job, progress: Progress, steps=()) -> None:
+    """checkpoint_last.pth (and checkpoint_step{N}.pth for N in steps) of the job as it stands."""
+    save_checkpoint(job.output, job.model, job.optimizer, job.scheduler, progress, job.cfg, steps)
+
+
+def start_epoch(job: Job, progress: Progress, resumed: Optional[dict]):
+    """The batches of progress.epoch from progress.step_in_epoch on; a resumed run's RNG states are restored after
+    the loader drew its worker seed (the data do not depend on that seed, the training steps do on the RNG)."""
+    job.dataset.set_epoch(progress.epoch)
+    job.sampler.set_epoch(progress.epoch)
+    job.sampler.skip(progress.step_in_epoch * job.cfg["batch_size_train"])
+    batches = iter(job.loader)
+    if resumed is not None and not restore_rng(resumed) and is_main():
+        print(f"--resume: the checkpoint holds the RNG states of {len(resumed['rng'])} processes, this run has "
+              f"{job.info.world_size}: random choices start afresh (seed {job.cfg['seed']} + rank)", file=sys.stderr)
+    return batches
+
+
+def run_epochs(job: Job, progress: Progress, resumed: Optional[dict]) -> None:
+    """Epochs from ``progress`` to the end (or max_steps), logging and saving as the config says."""
+    cfg = job.cfg
+    parameters = [p for p in job.model.parameters() if p.requires_grad]
+    logger = Logger(job.output, progress, job.total_steps, cfg["batch_size_train"] * job.info.world_size, job.info.device)
+    try:
+        while progress.epoch < cfg["epochs"] and progress.step < job.total_steps:
+            for batch in start_epoch(job, progress, resumed):
+                extra = extra_inputs(job.task, job.model, progress, job.steps_per_epoch)
+                inputs = {**to_device(batch["inputs"], job.info.device), **extra}
+                losses = train_step(job.step_module, inputs, job.optimizer, job.scheduler, parameters, cfg["max_grad_norm"], job.info.device)
+                progress.step += 1
+                progress.step_in_epoch += 1
+                logger.bar.update(1)
+                if progress.step % cfg["log_every"] == 0 or progress.step == job.total_steps:
+                    logger.log(progress, mean_over_ranks(losses), job.scheduler.get_last_lr())
+                if progress.step_in_epoch == job.steps_per_epoch:
+                    progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+                numbered = (progress.step,) if cfg["save_every"] and progress.step % cfg["save_every"] == 0 else ()
+                if numbered or progress.step_in_epoch == 0 or progress.step == job.total_steps:
+                    save(job, progress, numbered)
+                if progress.step >= job.total_steps:
+                    break
+            resumed = None
+    finally:
+        logger.close()
+
+
+def train(args: argparse.Namespace, cfg: dict) -> Path:
+    """The training run of parsed ``args`` with run config ``cfg`` -> the path of its last checkpoint."""
+    info = init_distributed()
+    resumed = read_checkpoint(args.resume) if args.resume else None
+    if resumed is not None:
+        check_same_run(resumed["config"], cfg, args.resume)
+    job = setup(args, cfg, info)
+    if is_main():
+        job.output.mkdir(parents=True, exist_ok=True)
+    progress = restore(resumed, job.model, job.optimizer, job.scheduler) if resumed is not None else Progress()
+    torch.manual_seed(cfg["seed"] + info.rank)
+    run_epochs(job, progress, resumed)
+    return job.output / LAST
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    """Parse the command line, load the config, train; the process group is left at the end."""
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if cfg["task"] != args.task:
+        raise ValueError(f"--task {args.task} but config {args.config!r} is for task {cfg['task']!r}")
+    try:
+        last = train(args, cfg)
+    except BaseException:
+        close_distributed(wait=False)
+        raise
+    close_distributed()
+    return last
+
+
+if __name__ == "__main__":
+    main()
