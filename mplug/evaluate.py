@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -23,8 +22,8 @@ import torch
 
 from mplug import metrics
 from mplug.runtime import (
-    all_gather_objects, autocast, barrier, build_model, close_distributed, init_distributed, is_main,
-    is_training_checkpoint, load_weights,
+    all_gather_objects, atomic_write, autocast, barrier, build_model, close_distributed, init_distributed, is_main,
+    is_training_checkpoint, load_weights, to_device,
 )
 
 TASKS = ("vqa", "caption", "retrieval")
@@ -68,16 +67,9 @@ def check_task(task: str, cfg: dict, checkpoint) -> None:
 
 
 def write_json_atomic(path: Path, value) -> None:
-    """Write ``value`` as JSON to ``path`` through a temporary file in the same folder and os.replace."""
+    """Write ``value`` as JSON to ``path`` (its folder created) through mplug.runtime.atomic_write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(value, stream, indent=1)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    atomic_write(path, lambda stream: json.dump(value, stream, indent=1), binary=False)
 
 
 def _plain(value):
@@ -102,11 +94,6 @@ def decode(tokenizer, sequences: torch.Tensor, eos_token_id: int) -> List[str]:
     return texts
 
 
-def _to_device(inputs: dict, device: torch.device) -> dict:
-    return {name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-            for name, value in inputs.items()}
-
-
 def _progress(loader, description: str):
     """tqdm over ``loader`` on rank 0 (stderr), the plain loader elsewhere."""
     if not is_main():
@@ -124,7 +111,7 @@ def generate(model, loader, task: str, cfg: dict, tokenizer, device: torch.devic
     rows = []
     for batch in _progress(loader, f"evaluate {task}"):
         with autocast(device):
-            output = method(**_to_device(batch["inputs"], device), **settings)
+            output = method(**to_device(batch["inputs"], device), **settings)
         texts = decode(tokenizer, output.sequences[:, 0], model.config.eos_token_id)
         rows += [{**meta, GENERATED_FIELD[task]: text}
                  for meta, text in zip(meta_rows(batch["meta"], len(texts)), texts)]
@@ -184,7 +171,7 @@ def retrieval_outputs(model, dataset, cfg: dict, device: torch.device) -> dict:
         raise RuntimeError(f"the retrieval test loader gave images {order[:8]}.. instead of 0..{len(dataset) - 1} in order")
     with autocast(device):
         scores = model.retrieval_scores(
-            torch.cat(images).to(device), **_to_device(dataset.text_inputs(), device), k=cfg["k_test"],
+            torch.cat(images).to(device), **to_device(dataset.text_inputs(), device), k=cfg["k_test"],
             batch_size=cfg["batch_size_test"],
         )
     recall = metrics.retrieval_recall(scores.i2t.float().cpu(), scores.t2i.float().cpu(), dataset.txt2img)
