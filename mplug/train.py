@@ -24,7 +24,7 @@ from mplug.fusion import FusionEncoder
 from mplug.momentum import ramped_alpha
 from mplug.run_config import TASKS, load_config
 from mplug.runtime import (
-    DistInfo, autocast, build_model, close_distributed, init_distributed, is_main, load_weights, to_device,
+    DistInfo, atomic_write, autocast, build_model, close_distributed, init_distributed, is_main, load_weights, to_device,
 )
 from mplug.train_state import LAST, Progress, check_same_run, read_checkpoint, restore, restore_rng, save_checkpoint
 
@@ -192,11 +192,22 @@ def peak_memory(device: torch.device) -> dict:
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def keep_log_lines_until(path: Path, step: int) -> None:
+    """Drop the lines of log.jsonl after ``step`` (a killed run logged steps its last checkpoint does not hold; the
+    resumed run logs them again; a new run starts an empty log)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True) if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write(path, lambda stream: stream.writelines(kept), binary=False)
+
+
 class Logger:
     """log.jsonl lines (rank 0) and the tqdm bar of rank 0; samples/s over the steps since the last line."""
 
     def __init__(self, output: Path, progress: Progress, total: int, samples_per_step: int, device):
         self.path = output / "log.jsonl"
+        if is_main():
+            keep_log_lines_until(self.path, progress.step)
         self.samples_per_step = samples_per_step
         self.device = device
         self.bar = tqdm(total=total, initial=progress.step, disable=not is_main(), dynamic_ncols=True)

@@ -58,6 +58,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mplug.evaluate as evaluate_module
 import mplug.train as train_module
 from mplug.train_state import LAST, Progress, atomic_save, read_checkpoint, save_checkpoint
 from tiny_dataset import write_tiny_dataset
@@ -170,10 +171,11 @@ train.main(sys.argv[1:])
 """
 
 
-def test_killed_and_resumed_run_equals_the_uninterrupted_one_bit_exactly(tmp_path):
-    """Retrieval (random ITM negatives, momentum copies and feature queues), 2 steps an epoch, 2 epochs: a process
-    SIGKILLed right after its step-1 checkpoint (inside epoch 0), resumed with --resume, ends with the uninterrupted
-    run's weights, optimiser state and queues bit for bit."""
+def test_train_kill_resume_evaluate_equals_the_uninterrupted_run_bit_exactly(tmp_path):
+    """The tiny end-to-end run. Retrieval (random ITM negatives, momentum copies and feature queues), 2 steps an
+    epoch, 2 epochs: a process SIGKILLed right after its step-1 checkpoint (inside epoch 0), resumed with --resume,
+    ends with the uninterrupted run's weights, optimiser state and queues bit for bit; python -m mplug.evaluate then
+    scores the resumed checkpoint (recall@1/5/10 both ways over the 8 test images and their 16 captions)."""
     config = write_tiny_dataset(tmp_path / "data", "retrieval", n=8)  # 4 images x 2 captions
     overrides = ["epochs=2", "save_every=1", "batch_size_train=4"]  # a batch holds >= 2 images: ITM has negatives
     expected = train(config, tmp_path / "straight", "retrieval", *overrides)
@@ -183,11 +185,18 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one_bit_exactly(tmp_pat
     killed = subprocess.run(command, env={**subprocess_env(), "KILL_AT_STEP": "1"}, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert read_checkpoint(output)["progress"] == {"epoch": 0, "step": 1, "step_in_epoch": 1}
+    with open(output / "log.jsonl", "a") as log:  # as if the killed run had logged step 2 before it died
+        log.write(json.dumps({"step": 2, "epoch": 0, "loss": -1.0}) + "\n")
     resumed = train(config, output, "retrieval", *overrides, resume=True)
     assert resumed["progress"] == expected["progress"] == {"epoch": 2, "step": 4, "step_in_epoch": 0}
     assert_states_equal(resumed["model"], expected["model"])
     assert_states_equal(resumed["optimizer"], expected["optimizer"])
     assert [line["loss"] for line in log_lines(output)] == [line["loss"] for line in log_lines(tmp_path / "straight")]
+    scores = evaluate_module.main(["--task", "retrieval", "--config", str(config), "--checkpoint", str(output / LAST),
+                                   "--output", str(tmp_path / "eval")])
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written == scores and (scores["images"], scores["texts"]) == (8, 16)
+    assert all(0 <= scores[f"{way}_r{k}"] <= 100 for way in ("i2t", "t2i") for k in (1, 5, 10))
 
 
 def test_a_crash_while_saving_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
