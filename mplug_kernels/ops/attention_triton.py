@@ -29,9 +29,24 @@ MAX_SOURCES = 4
 
 
 @triton.jit
-def _load_rows(base, offs_rows, stride_rows, offs_d, rows_ok, head_dim):
-    """A [rows, BLOCK_D] tile of one (batch, head) slice; zero outside the valid rows and the head dim."""
-    return tl.load(base + offs_rows[:, None] * stride_rows + offs_d[None, :],
+def _program_tile(num_heads, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(bh, b, h, rows [BLOCK_ROWS], offs_d [BLOCK_D]) of this program: grid axis 1 is batch*head, axis 0 the
+    tile of BLOCK_ROWS query or key rows; 64-bit indices."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    return bh, bh // num_heads, bh % num_heads, rows, tl.arange(0, BLOCK_D)
+
+
+@triton.jit
+def _tile_ptrs(base, b, h, stride_b, stride_h, offs_rows, stride_rows, offs_d):
+    """Pointers [rows, BLOCK_D] to rows offs_rows of the (b, h) slice of a [B, S, H, D] tensor."""
+    return base + b * stride_b + h * stride_h + offs_rows[:, None] * stride_rows + offs_d[None, :]
+
+
+@triton.jit
+def _load_rows(base, b, h, stride_b, stride_h, offs_rows, stride_rows, offs_d, rows_ok, head_dim):
+    """A [rows, BLOCK_D] tile of the (b, h) slice; zero outside the valid rows and the head dim."""
+    return tl.load(_tile_ptrs(base, b, h, stride_b, stride_h, offs_rows, stride_rows, offs_d),
                    mask=rows_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
 
 
@@ -42,8 +57,8 @@ def _load_key_tile(
 ):
     """k, v tiles [BLOCK_N, BLOCK_D] and which of their keys may be attended (in range and not padding);
     masked rows are selected to zero, so a NaN or inf there cannot reach a product (0 * NaN is NaN)."""
-    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, in_range, head_dim)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, in_range, head_dim)
+    k = _load_rows(K, b, h, stride_kb, stride_kh, offs_n, stride_kn, offs_d, in_range, head_dim)
+    v = _load_rows(V, b, h, stride_vb, stride_vh, offs_n, stride_vn, offs_d, in_range, head_dim)
     key_ok = in_range
     if HAS_MASK:
         keep = tl.load(MASK + b * stride_mb + offs_n, mask=in_range, other=0)
@@ -60,8 +75,8 @@ def _load_query_tile(
 ):
     """q, dO tiles [BLOCK_M, BLOCK_D], their lse and delta rows, and which rows exist (backward)."""
     row_ok = offs_m < q_len
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, row_ok, head_dim)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, row_ok, head_dim)
+    q = _load_rows(Q, b, h, stride_qb, stride_qh, offs_m, stride_qm, offs_d, row_ok, head_dim)
+    do = _load_rows(DO, b, h, stride_dob, stride_doh, offs_m, stride_dom, offs_d, row_ok, head_dim)
     lse = tl.load(LSE + bh * q_len + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * q_len + offs_m, mask=row_ok, other=0.0)
     return q, do, lse, delta, row_ok
@@ -114,15 +129,10 @@ def _forward_kernel(
     HAS_M3: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh, b, h, offs_m, offs_d = _program_tile(num_heads, BLOCK_M, BLOCK_D)
     pid_split = tl.program_id(2)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < q_len
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, row_ok, head_dim)
+    q = _load_rows(Q, b, h, stride_qb, stride_qh, offs_m, stride_qm, offs_d, row_ok, head_dim)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -154,7 +164,7 @@ def _forward_kernel(
         tl.store(PART_OUT + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
         tl.store(PART_LSE + row, lse, mask=row_ok)
     else:
-        o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+        o_ptrs = _tile_ptrs(OUT, b, h, stride_ob, stride_oh, offs_m, stride_om, offs_d)
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok)
         tl.store(LSE + pid_bh * q_len + offs_m, lse, mask=row_ok)
 
@@ -197,15 +207,10 @@ def _delta_kernel(
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta [B*H, Lq] = rowsum(dO * O) in float32, minus the lse gradient when there is one."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
+    pid_bh, b, h, offs_m, offs_d = _program_tile(num_heads, BLOCK_M, BLOCK_D)
     row_ok = offs_m < q_len
-    o = _load_rows(OUT + b * stride_ob + h * stride_oh, offs_m, stride_om, offs_d, row_ok, head_dim)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, row_ok, head_dim)
+    o = _load_rows(OUT, b, h, stride_ob, stride_oh, offs_m, stride_om, offs_d, row_ok, head_dim)
+    do = _load_rows(DO, b, h, stride_dob, stride_doh, offs_m, stride_dom, offs_d, row_ok, head_dim)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + b * stride_lb + h * stride_lh + offs_m * stride_lm, mask=row_ok, other=0.0)
@@ -238,12 +243,7 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of one key tile of one source, looping over every query tile; dQ by atomics if asked."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
+    pid_bh, b, h, offs_n, offs_d = _program_tile(num_heads, BLOCK_N, BLOCK_D)
     d_ok = offs_d[None, :] < head_dim
     in_range = offs_n < k_len
     k, v, key_ok = _load_key_tile(K, V, MASK, b, h, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
@@ -262,10 +262,10 @@ def _dkdv_kernel(
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * softmax_scale
-            a_ptrs = DQ_ACC + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_am + offs_d[None, :]
+            a_ptrs = _tile_ptrs(DQ_ACC, b, h, stride_ab, stride_ah, offs_m, stride_am, offs_d)
             tl.atomic_add(a_ptrs, dq, mask=row_ok[:, None] & d_ok)
-    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+    dk_ptrs = _tile_ptrs(DK, b, h, stride_dkb, stride_dkh, offs_n, stride_dkn, offs_d)
+    dv_ptrs = _tile_ptrs(DV, b, h, stride_dvb, stride_dvh, offs_n, stride_dvn, offs_d)
     store_mask = in_range[:, None] & d_ok
     tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=store_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_mask)
@@ -282,12 +282,7 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Deterministic dQ of one query tile: adds this source's contribution to the float32 accumulator."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
+    pid_bh, b, h, offs_m, offs_d = _program_tile(num_heads, BLOCK_M, BLOCK_D)
     q, do, lse, delta, row_ok = _load_query_tile(
         Q, DO, LSE, DELTA, b, h, pid_bh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
         offs_m, q_len, offs_d, head_dim,
@@ -301,7 +296,7 @@ def _dq_kernel(
                                       stride_vh, stride_mb, offs_n, offs_n < k_len, offs_d, head_dim, HAS_MASK)
         p, ds = _probs_and_dscores(q, do, k, v, lse, delta, key_ok, row_ok, qk_scale, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    a_ptrs = DQ_ACC + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_am + offs_d[None, :]
+    a_ptrs = _tile_ptrs(DQ_ACC, b, h, stride_ab, stride_ah, offs_m, stride_am, offs_d)
     previous = tl.load(a_ptrs, mask=io_mask, other=0.0)
     tl.store(a_ptrs, previous + dq * softmax_scale, mask=io_mask)
 
