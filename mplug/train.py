@@ -5,6 +5,7 @@ checkpoints every save_every steps and at epoch ends, bit-exact --resume on the 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import resource
@@ -24,7 +25,8 @@ from mplug.fusion import FusionEncoder
 from mplug.momentum import ramped_alpha
 from mplug.run_config import TASKS, load_config
 from mplug.runtime import (
-    DistInfo, atomic_write, autocast, build_model, close_distributed, init_distributed, is_main, load_weights, to_device,
+    MOMENTUM_TASKS, DistInfo, atomic_write, autocast, build_model, close_distributed, init_distributed, is_main,
+    load_weights, to_device,
 )
 from mplug.train_state import LAST, Progress, check_same_run, read_checkpoint, restore, restore_rng, save_checkpoint
 
@@ -60,24 +62,22 @@ class TaskLoss(nn.Module):
 
 
 def fully_shard_function():
-    """FSDP2's fully_shard (torch.distributed.fsdp from torch 2.6, torch.distributed._composable.fsdp before)."""
+    """FSDP2's fully_shard from torch.distributed.fsdp, with the ignored_params that keeps the 0-d temp out of it (the
+    torch 2.4/2.5 copy in torch.distributed._composable.fsdp has no ignored_params and cannot take MPLUG)."""
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
         from torch.distributed._composable.fsdp import fully_shard
+    if "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise ValueError(f"--fsdp needs a torch whose fully_shard takes ignored_params (FSDP2 cannot shard the 0-d "
+                         f"parameter temp); torch {torch.__version__} has none: use DDP (no --fsdp) or a newer torch")
     return fully_shard
-
-
-def average_gradient(parameter: nn.Parameter) -> None:
-    """Average a parameter's gradient over the processes (FSDP2 cannot shard 0-d parameters such as ``temp``)."""
-    dist.all_reduce(parameter.grad)
-    parameter.grad /= dist.get_world_size()
 
 
 def parallel(step: TaskLoss, device: torch.device, fsdp: bool) -> nn.Module:
     """DDP (the default) or FSDP2 around ``step``; ``step`` itself in one process. FSDP2 shards every layer of the
     vision, text and decoder stacks, each fusion encoder whole (it projects the vision K/V of several layers in one
-    GEMM outside their forwards), then the rest; 0-d parameters stay replicated with their gradients averaged."""
+    GEMM outside their forwards), then the rest."""
     if not dist.is_initialized():
         return step
     if fsdp:
@@ -90,11 +90,8 @@ def parallel(step: TaskLoss, device: torch.device, fsdp: bool) -> nn.Module:
                     fully_shard(layer)
         for fusion in fusions:
             fully_shard(fusion)
-        scalars = {parameter for parameter in step.parameters() if parameter.ndim == 0}
-        for parameter in scalars:
-            if parameter.requires_grad:
-                parameter.register_post_accumulate_grad_hook(average_gradient)
-        return fully_shard(step, ignored_params=scalars)
+        # FSDP2 cannot shard 0-d parameters: temp stays out (frozen in the tasks --fsdp takes, see main)
+        return fully_shard(step, ignored_params={parameter for parameter in step.parameters() if parameter.ndim == 0})
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(step, device_ids=device_ids, broadcast_buffers=False, static_graph=True)
 
@@ -348,6 +345,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     cfg = load_config(args.config, args.overrides)
     if cfg["task"] != args.task:
         raise ValueError(f"--task {args.task} but config {args.config!r} is for task {cfg['task']!r}")
+    if args.fsdp and args.task in MOMENTUM_TASKS:
+        raise ValueError(
+            f"--fsdp does not support --task {args.task}: its momentum copies take their EMA step in place inside the "
+            "forward, where FSDP2 holds the top-level parameters unsharded, so the step would be lost; use DDP (no --fsdp)"
+        )
     try:
         last = train(args, cfg)
     except BaseException:

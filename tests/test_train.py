@@ -1,13 +1,26 @@
-"""mplug.runtime and mplug.train on the CPU: weights loading, one process, 2-process gloo DDP, kill and resume,
-atomic checkpoints, clear errors."""
+"""mplug.runtime and mplug.train on the CPU: weights loading, one process, 2-process gloo DDP and FSDP2, kill and
+resume (then evaluate), atomic checkpoints, parameter groups, the schedule, clear errors. The training tests run on
+tests/tiny_dataset.py's data with the tiny model at image size 32."""
+import json
+import math
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import mplug.evaluate as evaluate_module
+import mplug.train as train_module
 from mplug import MPLUG, MPLUGConfig
 from mplug.runtime import CHECKPOINT_FORMAT, all_gather_objects, autocast, init_distributed, is_main, load_weights
+from mplug.train_state import LAST, Progress, atomic_save, read_checkpoint, save_checkpoint
 from test_checkpoint import authors_layout, random_state
+from tiny_dataset import write_tiny_dataset
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_one_process_runtime_without_torchrun(monkeypatch):
@@ -48,22 +61,6 @@ def test_load_weights_names_a_checkpoint_of_another_model(tmp_path):
     torch.save({"format": CHECKPOINT_FORMAT, "model": other.state_dict(), "config": {"task": "caption", "model": "tiny"}}, path)
     with pytest.raises(ValueError, match=r"other\.pth.*does not fit this model.*missing keys.*text_decoder"):
         load_weights(MPLUG(MPLUGConfig.tiny()), path, "caption")
-
-
-# ---------------------------------------------------------------- mplug.train on tests/tiny_dataset.py's data
-
-import json
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
-import mplug.evaluate as evaluate_module
-import mplug.train as train_module
-from mplug.train_state import LAST, Progress, atomic_save, read_checkpoint, save_checkpoint
-from tiny_dataset import write_tiny_dataset
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -231,6 +228,7 @@ def test_atomic_save_replaces_the_whole_file(tmp_path):
     (["--set", "train_file=nowhere.json"], r"nowhere\.json"),
     (["--task", "caption"], r"--task caption but config .* is for task 'vqa'"),
     (["--resume", "{tmp}/empty"], r"--resume .*empty.*no checkpoint_last\.pth"),
+    (["--task", "retrieval", "--config", "retrieval_base", "--fsdp"], r"--fsdp does not support --task retrieval.*use DDP"),
 ])
 def test_bad_config_and_missing_data_are_named(tmp_path, overrides, message):
     config = write_tiny_dataset(tmp_path / "data", "vqa", n=2)
@@ -246,3 +244,29 @@ def test_resume_refuses_a_changed_learning_rate(tmp_path):
     train(config, tmp_path / "run", "caption", "max_steps=1")
     with pytest.raises(ValueError, match=r"optimizer: checkpoint .*'lr': 0\.001.*now .*'lr': 0\.002"):
         train(config, tmp_path / "run", "caption", "max_steps=1", "optimizer.lr=2e-3", resume=True)
+
+
+def test_parameter_groups_follow_the_config_and_frozen_parts_stay_out():
+    model = MPLUG(MPLUGConfig.tiny())
+    train_module.freeze_unused(model, "caption")
+    groups = train_module.parameter_groups(model, {"lr": 1e-4, "lr_visual": 1e-5, "lr_head": None, "weight_decay": 0.02})
+    names = {id(p): name for name, p in model.named_parameters()}
+    placed = {names[id(p)]: (group["lr"], group["weight_decay"]) for group in groups for p in group["params"]}
+    trained = {name for name, p in model.named_parameters() if name.split(".")[0] in ("visual_encoder", "text_decoder")}
+    assert set(placed) == trained
+    for name, (lr, decay) in placed.items():
+        assert lr == (1e-5 if name.startswith("visual_encoder.") else 1e-4), name
+        assert decay == (0.0 if model.get_parameter(name).ndim <= 1 else 0.02), name
+
+
+def test_warmup_then_cosine_to_min_lr():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], lr=1.0)
+    schedule = train_module.build_schedule(optimizer, {"warmup_steps": 2, "warmup_ratio": None, "min_lr": 0.1}, 6)
+    lrs = []
+    for _ in range(7):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]
+    assert lrs == pytest.approx([0.5, 1.0] + cosine)
+    assert cosine[0] == 1.0 and cosine[-1] == pytest.approx(0.1)
