@@ -270,3 +270,22 @@ def test_warmup_then_cosine_to_min_lr():
     cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]
     assert lrs == pytest.approx([0.5, 1.0] + cosine)
     assert cosine[0] == 1.0 and cosine[-1] == pytest.approx(0.1)
+
+
+def test_checkpoint_weights_and_bad_records_skipped_and_counted(tmp_path, capsys):
+    """--checkpoint loads the weights (lr 0: one step leaves them as loaded); a malformed record stops the run naming
+    its file and index, or with --skip-bad-records is dropped and counted."""
+    config = write_tiny_dataset(tmp_path / "data", "vqa", n=1)
+    records = json.loads((tmp_path / "data" / "vqa_train.json").read_text())
+    (tmp_path / "data" / "vqa_train.json").write_text(json.dumps(records + [{"image": "img_0.png", "answer": "red"}]))
+    torch.manual_seed(5)
+    source = MPLUG(MPLUGConfig.tiny()).state_dict()
+    torch.save({"format": CHECKPOINT_FORMAT, "model": source, "config": {"task": "vqa", "model": "tiny"}}, tmp_path / "own.pth")
+    argv = ["--task", "vqa", "--config", str(config), "--output", str(tmp_path / "run"), "--checkpoint", str(tmp_path / "own.pth"),
+            "--set", "optimizer.lr=0", "--set", "optimizer.lr_visual=0", "--set", "schedule.min_lr=0"]
+    with pytest.raises(ValueError, match=r"vqa_train\.json: record 2"):
+        train_module.main(argv)
+    state = torch.load(train_module.main(argv + ["--skip-bad-records"]), weights_only=True)
+    assert "skipped 1 bad records" in capsys.readouterr().err
+    assert state["progress"]["step"] == 1
+    assert_states_equal(state["model"], source)
