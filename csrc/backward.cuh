@@ -336,6 +336,20 @@ __device__ __forceinline__ void issue_dq_key_tile(const AttentionArgs& args, con
   for (int n = threadIdx.x; n < kBackwardKeys; n += kThreads) visible[n] = key_visible(args.sources[tile.source], tile, b, n);
 }
 
+// Step t of a two-stage cp.async pipeline over `count` tiles: waits until tile t (in stage t % 2)
+// has landed and is visible to every warp, every warp being done with step t - 1 (its stage and
+// what else it read, such as the dK/dV kernel's staged dS^T), then starts loading tile t + 1 into
+// the other stage by issue(t + 1, stage). Returns tile t's stage.
+template <typename Issue>
+__device__ __forceinline__ int pipeline_step(int64_t t, int64_t count, const Issue& issue) {
+  const int stage = static_cast<int>(t % 2);
+  __pipeline_wait_prior(0);
+  __syncthreads();
+  if (t + 1 < count) issue(t + 1, 1 - stage);
+  __pipeline_commit();
+  return stage;
+}
+
 }  // namespace backward
 
 // One warp per query row: delta[b, h, m] = sum_d dO * O - dlse[b, h, m].
@@ -381,13 +395,11 @@ __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs a
   zero_accumulators(dk);
   zero_accumulators(dv);
   const int64_t query_tiles = (args.q_len + kBackwardQueries - 1) / kBackwardQueries;
+  const auto issue_queries = [&](int64_t next, int stage) {
+    issue_query_tile<T, D>(args, smem, stage, b, h, next * kBackwardQueries);
+  };
   for (int64_t t = 0; t < query_tiles; ++t) {
-    const int stage = static_cast<int>(t % 2);
-    __pipeline_wait_prior(0);
-    // stage t is visible to every warp, and every warp is done with stage t - 1 and its dS^T
-    __syncthreads();
-    if (t + 1 < query_tiles) issue_query_tile<T, D>(args, smem, 1 - stage, b, h, (t + 1) * kBackwardQueries);
-    __pipeline_commit();
+    const int stage = pipeline_step(t, query_tiles, issue_queries);
     uint32_t ds_frags[kQueryTiles / 2][4];
     dkdv_stage<T, D>(args, smem, stage, key0, visible, dk, dv, ds_frags);
     if (args.dq_accum != nullptr) {
@@ -445,13 +457,11 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
   float dq[D / kMmaN][4];
   zero_accumulators(dq);
   const float scale_log2 = args.scale * kLog2e;
+  const auto issue_keys = [&](int64_t next, int stage) {
+    issue_dq_key_tile<T, D>(args, walk, next, smem, stage, b, h);
+  };
   for (int64_t t = 0; t < walk.total; ++t) {
-    const int stage = static_cast<int>(t % 2);
-    __pipeline_wait_prior(0);
-    // tile t is visible to every warp, and every warp is done with tile t - 1
-    __syncthreads();
-    if (t + 1 < walk.total) issue_dq_key_tile<T, D>(args, walk, t + 1, smem, 1 - stage, b, h);
-    __pipeline_commit();
+    const int stage = pipeline_step(t, walk.total, issue_keys);
     const unsigned char* keys = smem + Smem::keys + stage * Smem::kKeyTile;
     const uint8_t* visible = smem + Smem::visible + stage * kBackwardKeys;
     float scores[kKeyTiles][4];
