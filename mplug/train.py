@@ -220,13 +220,17 @@ class Logger:
                 handle.write(json.dumps(line) + "\n")
             self.bar.set_postfix(loss=f"{losses['loss']:.4f}")
 
+    def advance(self) -> None:
+        """One step done (the bar)."""
+        self.bar.update(1)
+
     def close(self) -> None:
         self.bar.close()
 
 
 def extra_inputs(task: str, model, progress: Progress, steps_per_epoch: int) -> dict:
     """Momentum-distilled tasks ramp alpha over epoch 0 (the authors' schedule); others need nothing."""
-    if task not in ("retrieval", "pretrain"):
+    if task not in MOMENTUM_TASKS:
         return {}
     return {"alpha": ramped_alpha(progress.step_in_epoch, steps_per_epoch, progress.epoch, model.config.alpha)}
 
@@ -309,7 +313,7 @@ def run_epochs(job: Job, progress: Progress, resumed: Optional[dict]) -> None:
                 losses = train_step(job.step_module, inputs, job.optimizer, job.scheduler, parameters, cfg["max_grad_norm"], job.info.device)
                 progress.step += 1
                 progress.step_in_epoch += 1
-                logger.bar.update(1)
+                logger.advance()
                 if progress.step % cfg["log_every"] == 0 or progress.step == job.total_steps:
                     logger.log(progress, mean_over_ranks(losses), job.scheduler.get_last_lr())
                 if progress.step_in_epoch == job.steps_per_epoch:
