@@ -4,14 +4,18 @@ Times mPLUG's fusion network in its three variants (skip, connected, coattn), Lt
 step, on every available attention backend, then the full-model rows (training step, VQA generation, fused
 vs eager). Every cell is timed by bench.common.measure (warm-up, interleaved repeats, paired ratios, spread).
 - default on a GPU: the full grid (Lv 257, 577, 901, 1025) at batch 64 in bfloat16;
-- default on the CPU: the cells that carry the claim (Lv 577 and 1025, reference vs sdpa, batch 1, float32)
-  and the VQA-generation model row (batch 1, image 224), a few minutes on 2 cores;
+- default on the CPU: the cells that carry the claim on the fastest CPU backend (sdpa, batch 1, float32): the
+  forward at Lv 577 and 1025 and the training step at Lv 577, the three variants each, then the VQA-generation
+  model row (batch 1, image 224): under 5 minutes on 2 quiet cores. The reference backend (the float math path,
+  about twice sdpa's time), the training step at Lv 1025 and the full-model training step (tens of seconds a call)
+  would take it past that: they are in --full;
 - ``--full``: the whole grid on any device; ``--quick``: a ~20 s smoke run on the tiny model.
 Prints the expected duration first, then the tables; writes JSON + PNG under --json-dir (default bench/out/).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +28,8 @@ from bench.common import RESULTS_DIR, Run, TimingPolicy, benchmark_parser, defau
 
 QUICK_VISION_LENS = (17, 33)
 CPU_DEFAULT_VISION_LENS = (577, 1025)
+CPU_DEFAULT_GROUPS = (("forward", 577), ("forward", 1025), ("train", 577))
+CPU_DEFAULT_BACKENDS = ("sdpa",)
 CPU_DEFAULT_MODEL_TASKS = ("vqa_generate",)
 CPU_DEFAULT_IMAGE_SIZE = 224
 CPU_DEFAULT_MODEL_BATCH = 1
@@ -47,7 +53,11 @@ def parse_args(argv: Optional[Sequence[str]], device: torch.device) -> argparse.
     args.mode = "quick" if args.quick else ("full" if args.full or device.type == "cuda" else "default")
     args.config = args.config or ("tiny" if args.quick else "base")
     default_lens = {"quick": QUICK_VISION_LENS, "full": fusion.VISION_LENS, "default": CPU_DEFAULT_VISION_LENS}[args.mode]
+    default_grid = args.mode == "default" and args.vision_lens is None and tuple(args.passes) == fusion.PASSES
+    if args.mode == "default":
+        args.backends = args.backends or list(CPU_DEFAULT_BACKENDS)
     args.vision_lens = args.vision_lens or default_lens
+    args.groups = CPU_DEFAULT_GROUPS if default_grid else tuple(itertools.product(args.passes, args.vision_lens))
     args.model_tasks = CPU_DEFAULT_MODEL_TASKS if args.mode == "default" else model_bench.TASKS
     args.model_image_size = CPU_DEFAULT_IMAGE_SIZE if args.mode == "default" else None
     if args.mode == "default":
@@ -78,7 +88,7 @@ def run_fusion(args, device, policy) -> Path:
         return write_results("fusion", run, rows, args.json_dir, ratios, mode=args.mode, **extra)
 
     path = write(*fusion.run(device, policy, args.config, args.batch, args.vision_lens, args.text_len,
-                             args.backends, args.variants, args.passes, after_group=write))
+                             args.backends, args.variants, args.passes, after_group=write, groups=args.groups))
     payload = report.load(path)
     report.plot_fusion(payload, path.with_suffix(".png"))
     print(report.fusion_table(payload) + "\n", flush=True)
@@ -109,8 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = default_device()
     args = parse_args(argv, device)
     policy = TimingPolicy.for_device(device, args.budget)
-    cells = len(args.vision_lens) * len(args.passes) * len(args.variants)
-    print(f"device {device} | mode {args.mode} | config {args.config} | Lv {list(args.vision_lens)} | {cells} fusion cells "
+    cells = len(args.groups) * len(args.variants)
+    print(f"device {device} | mode {args.mode} | config {args.config} | (pass, Lv) {list(args.groups)} | {cells} fusion cells "
           f"per backend, each one profiled warm-up + {policy.min_repeats}..{policy.max_repeats} repeats | "
           f"expected duration: {expected_duration(device, args.mode)} | results in {args.json_dir}", flush=True)
     written = [run_fusion(args, device, policy)]

@@ -211,8 +211,11 @@ def run(
     variants: Sequence[str] = VARIANTS,
     passes: Sequence[str] = PASSES,
     after_group: Optional[Callable[[List[dict], List[dict], dict], None]] = None,
+    groups: Optional[Sequence[Tuple[str, int]]] = None,
 ) -> Tuple[List[dict], List[dict], dict]:
     """(rows, ratio rows, extra JSON fields): every variant x backend x Lv x pass. CPU default batch 1, GPU 64.
+
+    groups: the (pass, Lv) pairs to time (default: every pass x every Lv).
 
     The variants and backends of one (pass, Lv) are timed interleaved (one network per variant, switched
     between backends), so their ratios are paired per round. after_group(rows, ratios, extra) is called after
@@ -239,7 +242,7 @@ def run(
     }
     networks = {variant: build_fusion(config, variant, names[0], device, dtype) for variant in variants}
     rows, ratios = [], []
-    for pass_name, vision_len in progress(list(itertools.product(passes, vision_lens)), "fusion"):
+    for pass_name, vision_len in progress(list(groups or itertools.product(passes, vision_lens)), "fusion"):
         inputs = fusion_inputs(config, batch, vision_len, text_len, device, dtype)
         functions = {(variant, backend): step_function(networks[variant], inputs, pass_name, backend)
                      for variant in variants for backend in names}

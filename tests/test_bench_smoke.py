@@ -52,6 +52,17 @@ def check_schema(payload: dict, min_repeats: int) -> None:
     assert "auto" not in json.dumps(payload.get("resolved_backends", []))
 
 
+@pytest.mark.parametrize("argv, groups, backends", [
+    ([], main_job.CPU_DEFAULT_GROUPS, list(main_job.CPU_DEFAULT_BACKENDS)),
+    (["--vision-lens", "577"], (("forward", 577), ("train", 577)), list(main_job.CPU_DEFAULT_BACKENDS)),
+    (["--passes", "forward", "--backends", "reference"], (("forward", 577), ("forward", 1025)), ["reference"]),
+    (["--full"], tuple(itertools.product(fusion.PASSES, fusion.VISION_LENS)), None),
+])
+def test_cpu_default_grid_and_its_overrides(argv, groups, backends):
+    args = main_job.parse_args(argv, torch.device("cpu"))
+    assert (tuple(args.groups), args.backends) == (tuple(groups), backends)
+
+
 def test_main_job_times_every_variant_backend_and_pass(main_job_results):
     payload = report.load(main_job_results / "fusion.json")
     check_schema(payload, 3)
