@@ -1,10 +1,14 @@
-"""``python -m mplug.evaluate --task {vqa,caption,retrieval} --config NAME_OR_FILE [--set key=value ...]
+"""``python -m mplug.evaluate --task {vqa,caption,retrieval,ve,nlvr,grounding} --config NAME_OR_FILE [--set key=value ...]
 --checkpoint FILE --output DIR [--skip-bad-records]``, one process or under torchrun (gloo on the CPU).
 
 VQA writes ``<output>/vqa_result.json`` = [{"question_id", "answer"}] (answers by free beam search: the model's
 vqa_generate takes no answer list to rank) and, where the test records carry answers, the VQA accuracy; caption
 writes ``<output>/caption_result.json`` = [{"image_id", "caption"}] with CIDEr-D and BLEU-4; retrieval writes
-recall@1/5/10 both ways. Scores go to ``<output>/metrics.json``. Each rank generates for its share of the test set;
+recall@1/5/10 both ways; ve / nlvr write ``<output>/{ve,nlvr}_result.json`` = [{"file", "record", "prediction",
+"label"}] (ve labels by name, nlvr 0 = false / 1 = true) and the accuracy (fraction correct); grounding writes
+``<output>/grounding_result.json`` = [{"file", "record", "box", "target"}] (normalised cx, cy, w, h) and the accuracy
+at IoU >= 0.5 (mplug.grounding.grounding_accuracy). Scores go to ``<output>/metrics.json``. Each rank generates for
+its share of the test set;
 rank 0 gathers the outputs back into the data set's order (the sampler's padding dropped), scores them and writes
 every file at the end, each through a temporary file and os.replace, so a run that fails writes nothing.
 Retrieval scores the whole test set on rank 0 (model.retrieval_scores takes all images and texts at once).
@@ -15,20 +19,25 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from mplug import metrics
+from mplug.classification import VE_LABELS
+from mplug.grounding import grounding_accuracy
 from mplug.runtime import (
     all_gather_objects, atomic_write, autocast, barrier, build_model, close_distributed, init_distributed, is_main,
     is_training_checkpoint, load_weights, to_device,
 )
 
-TASKS = ("vqa", "caption", "retrieval")
-RESULT_FILES = {"vqa": "vqa_result.json", "caption": "caption_result.json"}
+TASKS = ("vqa", "caption", "retrieval", "ve", "nlvr", "grounding")
+RESULT_FILES = {"vqa": "vqa_result.json", "caption": "caption_result.json", "ve": "ve_result.json",
+                "nlvr": "nlvr_result.json", "grounding": "grounding_result.json"}
 GENERATED_FIELD = {"vqa": "answer", "caption": "caption"}
+PREDICT_METHODS = {"ve": "ve_predict", "nlvr": "nlvr_predict", "grounding": "ground"}
 METRICS_FILE = "metrics.json"
 
 
@@ -118,6 +127,18 @@ def generate(model, loader, task: str, cfg: dict, tokenizer, device: torch.devic
     return rows
 
 
+def predict(model, loader, task: str, device: torch.device) -> List[dict]:
+    """This rank's prediction per sample of a ve / nlvr / grounding test loader in its sampler's order: the batch meta
+    plus "prediction" (a class index, or a normalised cx, cy, w, h box for grounding)."""
+    method = getattr(model, PREDICT_METHODS[task])
+    rows = []
+    for batch in _progress(loader, f"evaluate {task}"):
+        with autocast(device):
+            predictions = method(**to_device(batch["inputs"], device)).float().cpu().tolist()
+        rows += [{**meta, "prediction": prediction} for meta, prediction in zip(meta_rows(batch["meta"], len(predictions)), predictions)]
+    return rows
+
+
 def gather_in_dataset_order(rows: List[dict], num_samples: int, world_size: int) -> List[dict]:
     """Every rank's rows back in data set order: the test sampler (unshuffled, unpadded) gives rank r the samples
     r, r + W, r + 2W, ..., so taking the ranks' rows in turn restores the order; each sample must come once."""
@@ -155,6 +176,27 @@ def caption_outputs(rows: List[dict]):
     captions, references = [row["caption"] for row in rows], [row["references"] for row in rows]
     return results, {"images": len(rows), "cider_d": metrics.cider_d(captions, references),
                      "bleu_4": metrics.bleu(captions, references)}
+
+
+def classification_outputs(task: str, rows: List[dict]):
+    """(ve / nlvr result entries, metrics): the accuracy (fraction of records whose prediction is their label)."""
+    name = (lambda index: VE_LABELS[int(index)]) if task == "ve" else int
+    results = [{"file": row["file"], "record": row["record"], "prediction": name(row["prediction"]), "label": name(row["label"])}
+               for row in rows]
+    correct = sum(result["prediction"] == result["label"] for result in results)
+    return results, {"records": len(rows), "accuracy": correct / len(rows)}
+
+
+def grounding_outputs(rows: List[dict]):
+    """(grounding result entries, metrics): the accuracy at IoU >= 0.5 of the predicted against the target boxes."""
+    results = [{"file": row["file"], "record": row["record"], "box": row["prediction"], "target": row["box"]} for row in rows]
+    boxes = torch.tensor([row["prediction"] for row in rows], dtype=torch.float64)
+    targets = torch.tensor([row["box"] for row in rows], dtype=torch.float64)
+    return results, {"records": len(rows), "accuracy_iou_0.5": grounding_accuracy(boxes, targets)}
+
+
+OUTPUTS = {"vqa": vqa_outputs, "caption": caption_outputs, "grounding": grounding_outputs,
+           "ve": partial(classification_outputs, "ve"), "nlvr": partial(classification_outputs, "nlvr")}
 
 
 def retrieval_outputs(model, dataset, cfg: dict, device: torch.device) -> dict:
@@ -197,9 +239,11 @@ def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = 
         loader, sampler = build_loader(dataset, cfg, train=False, rank=info.rank, world_size=info.world_size)
         if getattr(sampler, "shuffle", False):
             raise ValueError("the test loader's sampler shuffles; evaluation needs the data set's order")
-        rows = gather_in_dataset_order(generate(model, loader, task, cfg, tokenizer, info.device), len(dataset), info.world_size)
+        own = (predict(model, loader, task, info.device) if task in PREDICT_METHODS
+               else generate(model, loader, task, cfg, tokenizer, info.device))
+        rows = gather_in_dataset_order(own, len(dataset), info.world_size)
         if is_main():
-            results, scores = (vqa_outputs if task == "vqa" else caption_outputs)(rows)
+            results, scores = OUTPUTS[task](rows)
     if is_main():
         scores = {"task": task, "checkpoint": os.fspath(checkpoint), "skipped_records": getattr(dataset, "skipped", 0), **scores}
         if results is not None:

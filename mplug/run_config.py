@@ -11,7 +11,7 @@ import yaml
 from mplug.config import MPLUGConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-TASKS = ("vqa", "caption", "retrieval", "pretrain")
+TASKS = ("vqa", "caption", "retrieval", "pretrain", "ve", "nlvr", "grounding")
 MODELS = ("tiny", "base", "large")
 SHIPPED = tuple(f"{task}_{size}" for task in TASKS for size in ("base", "large"))
 PATH_KEYS = ("train_file", "test_file", "answer_list", "image_root", "vqa_root", "vg_root", "gqa_root", "vocab")

@@ -11,12 +11,12 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from mplug.checkpoint import LoadResult, load_official_checkpoint
+from mplug.checkpoint import CLASSIFIER_HEADS, LoadResult, load_official_checkpoint
 from mplug.model import MPLUG
+from mplug.run_config import TASKS
 from mplug.validation import load_checkpoint_file
 
 CHECKPOINT_FORMAT = "mplug.train/1"
-TASKS = ("vqa", "caption", "retrieval", "pretrain")
 MOMENTUM_TASKS = ("retrieval", "pretrain")
 
 
@@ -113,13 +113,15 @@ def check_task(task) -> None:
 
 def build_model(cfg: dict, device, task: str) -> MPLUG:
     """The MPLUG of run config ``cfg`` (model tiny/base/large at cfg image_size) for ``task``, on ``device``;
-    retrieval and pretraining get the momentum copies their losses distil from."""
+    retrieval and pretraining get the momentum copies their losses distil from, ve and nlvr the classifier heads."""
     from mplug.run_config import build_model_config
 
     check_task(task)
     model = MPLUG(build_model_config(cfg))
     if task in MOMENTUM_TASKS:
         model.add_momentum_copies()
+    if task in CLASSIFIER_HEADS:
+        model.add_classifier_heads()
     return model.to(device)
 
 
@@ -130,7 +132,7 @@ def is_training_checkpoint(state) -> bool:
 
 def load_weights(model: MPLUG, path, task: Optional[str]) -> LoadResult:
     """Load ``path`` into ``model``: a checkpoint of mplug.train (every key must fit) or the authors' file
-    (load_official_checkpoint; task "vqa"/"caption"/"retrieval" names a fine-tuned file's layout, None or
+    (load_official_checkpoint; task "vqa"/"caption"/"retrieval"/"grounding"/"ve"/"nlvr" names a fine-tuned file's layout, None or
     "pretrain" the pretrained model's)."""
     if task is not None:
         check_task(task)

@@ -30,7 +30,8 @@ from mplug.runtime import (
 )
 from mplug.train_state import LAST, Progress, check_same_run, read_checkpoint, restore, restore_rng, save_checkpoint
 
-LOSS_METHODS = {"vqa": "vqa_loss", "caption": "caption_loss", "retrieval": "retrieval_loss", "pretrain": "pretrain_losses"}
+LOSS_METHODS = {"vqa": "vqa_loss", "caption": "caption_loss", "retrieval": "retrieval_loss", "pretrain": "pretrain_losses",
+                "ve": "ve_loss", "nlvr": "nlvr_loss", "grounding": "grounding_loss"}
 ENCODERS = ("visual_encoder", "text_encoder", "fusion_encoder", "text_decoder")
 
 

@@ -16,8 +16,9 @@ from mplug.run_config import build_model_config, load_config
 from tiny_dataset import write_tiny_dataset
 
 TRAIN_METHODS = {"vqa": MPLUG.vqa_loss, "caption": MPLUG.caption_loss, "retrieval": MPLUG.retrieval_loss,
-                 "pretrain": MPLUG.pretrain_losses}
-TEST_METHODS = {"vqa": MPLUG.vqa_generate, "caption": MPLUG.caption_generate, "retrieval": MPLUG.retrieval_scores}
+                 "pretrain": MPLUG.pretrain_losses, "ve": MPLUG.ve_loss, "nlvr": MPLUG.nlvr_loss, "grounding": MPLUG.grounding_loss}
+TEST_METHODS = {"vqa": MPLUG.vqa_generate, "caption": MPLUG.caption_generate, "retrieval": MPLUG.retrieval_scores,
+                "ve": MPLUG.ve_predict, "nlvr": MPLUG.nlvr_predict, "grounding": MPLUG.ground}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,33 @@ BAD_RECORDS = {  # task -> (split, good record, [(bad record, message)])
         ({"image": "images/img_0.png", "caption": ["A dog.", 3]}, "key 'caption' must hold only non-empty strings"),
         ({"image": "images/img_0.png", "caption": {"a": 1}}, "key 'caption' must be a non-empty list of strings"),
     ]),
+    "ve": ("train", {"image": "img_0.png", "sentence": "A dog.", "label": "neutral"}, [
+        ({"image": "img_0.png", "sentence": "A dog.", "label": "maybe"}, "key 'label' must be one of"),
+        ({"image": "img_0.png", "sentence": "A dog.", "label": 1}, "key 'label' must be one of"),
+        ({"image": "img_9.png", "sentence": "A dog.", "label": "neutral"}, "img_9.png does not exist"),
+    ]),
+    "nlvr": ("test", {"images": ["img_0.png", "img_1.png"], "sentence": "Both red.", "label": "True"}, [
+        ({"images": ["img_0.png"], "sentence": "Both red.", "label": True}, "key 'images' must hold two image paths"),
+        ({"images": ["img_0.png", "img_1.png"], "sentence": "Both red.", "label": "yes"}, "key 'label' must be 'True', 'False' or a bool"),
+        ({"images": ["img_0.png", "img_1.png"], "label": False}, "missing key 'sentence'"),
+    ]),
+    "grounding": ("train", {"image": "img_0.png", "text": "The red circle.", "bbox": [1, 2, 10.5, 8]}, [
+        ({"image": "img_0.png", "text": "The red circle.", "bbox": [1, 2, 10]}, "key 'bbox' must be four numbers"),
+        ({"image": "img_0.png", "text": "The red circle.", "bbox": [60, 2, 10, 8]}, "has no area inside the 48x40 image"),
+        ({"image": "img_0.png", "text": "The red circle.", "bbox": [1, 2, 0, 8]}, "has no area inside"),
+        ({"image": "img_0.png", "bbox": [1, 2, 3, 4]}, "missing key 'text'"),
+    ]),
 }
+
+
+def test_grounding_boxes_are_normalised_centre_size_and_clipped_to_the_image(tiny, tmp_path):
+    cfg, tokenizer = tiny["grounding"]
+    records = [{"image": "img_0.png", "sentence": "the box", "bbox": [-4, 10, 20, 40]},  # 48 x 40 image: x, y clipped
+               {"image": "img_0.png", "text": "the box", "bbox": [6, 4, 12, 8]}]
+    cfg_boxes, _ = _write_records(tmp_path, cfg, "test_file", records)
+    dataset = build_dataset("grounding", "test", cfg_boxes, tokenizer)
+    assert [sample["box"] for sample in dataset.samples] == [[8 / 48, 25 / 40, 16 / 48, 30 / 40], [12 / 48, 8 / 40, 12 / 48, 8 / 40]]
+    assert first_batch(dataset, cfg, False)["meta"]["box"] == [sample["box"] for sample in dataset.samples]
 
 
 @pytest.mark.parametrize("task", BAD_RECORDS)
@@ -287,7 +314,8 @@ def test_train_batch_runs_the_tiny_models_loss(tiny, task):
     required, accepted = _required(TRAIN_METHODS[task])
     assert required <= set(inputs) <= accepted
     assert all(isinstance(v, torch.Tensor) for k, v in inputs.items() if k != "prompt_length")
-    assert batch["meta"]["index"] and inputs["images"].shape == (cfg["batch_size_train"], 3, 32, 32)
+    pair = (2,) if task == "nlvr" else ()
+    assert batch["meta"]["index"] and inputs["images"].shape == (cfg["batch_size_train"], *pair, 3, 32, 32)
     torch.manual_seed(0)
     model = MPLUG(build_model_config(cfg).replace(attn_backend="reference"))
     extra = {"distill": False} if task in ("retrieval", "pretrain") else {}  # no momentum copies: faster, same inputs
@@ -313,6 +341,10 @@ def test_test_batch_feeds_the_tiny_models_inference(tiny, task):
         assert scores.itc.shape == (2, len(dataset.texts))
         assert batch["meta"] == {"image_index": [0, 1], "text_ids": [[0, 1], [2, 3]]}
         assert [dataset.txt2img[t] for t in range(4)] == [0, 0, 1, 1]
+        return
+    if task in ("ve", "nlvr", "grounding"):
+        out = getattr(model, TEST_METHODS[task].__name__)(**inputs)
+        assert out.shape[0] == 2 and batch["meta"]["record"] == [0, 1] and len(batch["meta"]["file"]) == 2
         return
     out = getattr(model, TEST_METHODS[task].__name__)(**inputs, num_beams=2, min_length=1, max_length=3)
     assert out.sequences.shape[0] == 2

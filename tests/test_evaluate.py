@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mplug import evaluate, metrics
+from mplug import MPLUG, evaluate, metrics
 from mplug.run_config import load_config
 from mplug.runtime import CHECKPOINT_FORMAT, build_model
 from tiny_dataset import write_tiny_dataset
@@ -104,6 +104,39 @@ def test_retrieval_recall_both_ways(tmp_path):
     assert scores["t2i_r5"] == 100.0 and scores["i2t_r10"] == 100.0, "4 images / 8 texts: every text is in the top 10"
     assert read_json(tmp_path / "out" / "metrics.json") == scores
     assert not (tmp_path / "out" / "vqa_result.json").exists()
+
+
+def _iou_xywh(a, b):
+    """IoU of two (cx, cy, w, h) boxes, by hand."""
+    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
+    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+@pytest.mark.parametrize("task", ["ve", "nlvr", "grounding"])
+def test_classification_and_grounding_one_entry_per_record_and_hand_scored(tmp_path, monkeypatch, task):
+    """One entry per record in file order; the metric equals a hand computation on the written predictions (grounding:
+    ground() replaced by the targets of records 0 and 2 and a box beside record 1's, so the accuracy is 2/3)."""
+    config = write_tiny_dataset(tmp_path / "data", task, n=3)
+    records = read_json(config.parent / f"{task}_test.json")
+    if task == "grounding":
+        targets = [[(r["bbox"][0] + r["bbox"][2] / 2) / 48, (r["bbox"][1] + r["bbox"][3] / 2) / 40, r["bbox"][2] / 48,
+                    r["bbox"][3] / 40] for r in records]  # the tiny boxes lie inside the 48 x 40 images
+        answers = iter([targets[0], [targets[1][0], targets[1][1] + targets[1][3] * 0.6, *targets[1][2:]], targets[2]])
+        monkeypatch.setattr(MPLUG, "ground", lambda self, images, **_: torch.tensor([next(answers) for _ in images]))
+    scores = run_cli(task, config, tiny_checkpoint(config, task), tmp_path / "out")
+    results = read_json(tmp_path / "out" / f"{task}_result.json")
+    assert [(entry["file"], entry["record"]) for entry in results] == [(str(config.parent / f"{task}_test.json"), i) for i in range(3)]
+    assert read_json(tmp_path / "out" / "metrics.json") == scores and scores["records"] == 3
+    if task == "grounding":
+        assert [x for entry in results for x in entry["target"]] == pytest.approx([x for box in targets for x in box])
+        hits = [_iou_xywh(entry["box"], entry["target"]) >= 0.5 for entry in results]
+        assert hits == [True, False, True] and scores["accuracy_iou_0.5"] == pytest.approx(2 / 3)
+        return
+    labels = [str(r["label"]) == "True" for r in records] if task == "nlvr" else [r["label"] for r in records]
+    assert [entry["label"] for entry in results] == [int(label) if task == "nlvr" else label for label in labels]
+    assert scores["accuracy"] == pytest.approx(sum(e["prediction"] == e["label"] for e in results) / 3)
 
 
 def test_bad_checkpoint_and_task_mismatch_are_named(vqa_run, tmp_path):

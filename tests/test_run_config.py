@@ -65,7 +65,7 @@ def test_relative_paths_resolve_against_the_yaml_folder_and_overrides_against_cw
     ("epochs", "must be 'key=value'"),
     ("epochs=0", "'epochs' must be an int >= 1"),
     ("optimizer.lr=fast", "'optimizer.lr' must be a number"),
-    ("task=nlvr", "'task' must be one of"),
+    ("task=detection", "'task' must be one of"),
     ("model=huge", "'model' must be one of"),
     ("image_size=100", "multiple of patch_size"),
     ("schedule.warmup_ratio=0.1", "not both"),

@@ -15,7 +15,10 @@ import torch
 import mplug.evaluate as evaluate_module
 import mplug.train as train_module
 from mplug import MPLUG, MPLUGConfig
-from mplug.runtime import CHECKPOINT_FORMAT, all_gather_objects, autocast, init_distributed, is_main, load_weights
+from mplug.run_config import load_config
+from mplug.runtime import (
+    CHECKPOINT_FORMAT, all_gather_objects, autocast, build_model, init_distributed, is_main, load_weights,
+)
 from mplug.train_state import LAST, Progress, atomic_save, read_checkpoint, save_checkpoint
 from test_checkpoint import authors_layout, random_state
 from tiny_dataset import write_tiny_dataset
@@ -257,6 +260,26 @@ def test_parameter_groups_follow_the_config_and_frozen_parts_stay_out():
     for name, (lr, decay) in placed.items():
         assert lr == (1e-5 if name.startswith("visual_encoder.") else 1e-4), name
         assert decay == (0.0 if model.get_parameter(name).ndim <= 1 else 0.02), name
+
+
+@pytest.mark.parametrize("task, head", [("ve", "ve_head"), ("nlvr", "nlvr_head"), ("grounding", None)])
+def test_classification_and_grounding_train_a_step_and_save(tmp_path, task, head):
+    """One optimiser step of ve / nlvr / grounding on the tiny data writes a checkpoint; the classifier head of the
+    task is in the lr_head group and moved, the other task's head stays frozen and unchanged."""
+    config = write_tiny_dataset(tmp_path / "data", task, n=2)
+    torch.manual_seed(0)
+    initial = build_model(load_config(str(config)), torch.device("cpu"), task).state_dict()
+    state = train(config, tmp_path / "run", task, "max_steps=1", "optimizer.lr_head=0.01")
+    assert state["progress"]["step"] == 1 and state["config"]["task"] == task
+    assert math.isfinite(log_lines(tmp_path / "run")[0]["loss"])
+    changed = {name for name, tensor in state["model"].items() if not torch.equal(tensor, initial[name])}
+    assert any(name.startswith("fusion_encoder.") for name in changed)
+    if head is not None:
+        other = "nlvr_head" if head == "ve_head" else "ve_head"
+        assert f"{head}.0.weight" in changed and not any(name.startswith(other) for name in changed)
+        assert 0.01 in [group["initial_lr"] for group in state["optimizer"]["param_groups"]]
+    else:
+        assert "ve_head.0.weight" not in state["model"] and any(name.startswith("text_decoder.") for name in changed)
 
 
 def test_warmup_then_cosine_to_min_lr():

@@ -14,8 +14,9 @@ SHAPES = ("circle", "square")
 COUNTS = ("one", "two", "three")
 # The other words of the questions and captions below.
 WORDS = ("a", "an", "picture", "of", "on", "background", "image", "with", "what", "color", "is", "the", "shape",
-         "how", "many", "shapes", "are", "there", "in", "this", "yes", "no", "and", "small", "big", "crimson", "circles", "squares")
-TASKS = ("vqa", "caption", "retrieval", "pretrain")
+         "how", "many", "shapes", "are", "there", "in", "this", "yes", "no", "and", "small", "big", "crimson", "circles", "squares",
+         "left", "right", "both", "images", "show")
+TASKS = ("vqa", "caption", "retrieval", "pretrain", "ve", "nlvr", "grounding")
 
 
 def write_vocab(path: Path) -> Path:
@@ -96,6 +97,50 @@ def _pretrain(root: Path, n: int, rng: random.Random) -> dict:
     return {"train_file": ["pretrain.json"], "image_root": "."}
 
 
+def _ve(root: Path, n: int, rng: random.Random) -> dict:
+    images = _images(root, "flickr", n, rng)
+    sentences = {"entailment": "the image shows {color} {shape}s", "neutral": "the image shows big {color} {shape}s",
+                 "contradiction": "the image shows crimson {other}s"}
+    records = []
+    for i, (name, facts) in enumerate(images):
+        label = sorted(sentences)[i % 3]
+        other = SHAPES[1 - SHAPES.index(facts["shape"])]
+        records.append({"image": name, "sentence": sentences[label].format(other=other, **facts), "label": label})
+    _dump(root / "ve_train.json", records)
+    _dump(root / "ve_test.json", records[::-1])
+    return {"train_file": "ve_train.json", "test_file": "ve_test.json", "image_root": "flickr"}
+
+
+def _nlvr(root: Path, n: int, rng: random.Random) -> dict:
+    images = _images(root, "nlvr", 2 * n, rng)
+    records = []
+    for i in range(n):
+        (left, left_facts), (right, right_facts) = images[2 * i], images[2 * i + 1]
+        label = left_facts["color"] == right_facts["color"]
+        records.append({"images": [left, right], "sentence": f"both images show {left_facts['color']} shapes",
+                        "label": str(label) if i % 2 else label})
+    _dump(root / "nlvr_train.json", records)
+    _dump(root / "nlvr_test.json", records[::-1])
+    return {"train_file": "nlvr_train.json", "test_file": "nlvr_test.json", "image_root": "nlvr"}
+
+
+def _grounding(root: Path, n: int, rng: random.Random) -> dict:
+    """Images of one shape each; the record's bbox [x, y, w, h] in pixels is the shape's box."""
+    records = []
+    for i in range(n):
+        color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+        x, y, w, h = rng.randrange(0, 24), rng.randrange(0, 20), rng.randrange(8, 24), rng.randrange(8, 20)
+        image = Image.new("RGB", (48, 40), tuple(rng.randrange(0, 80) for _ in range(3)))
+        (ImageDraw.Draw(image).ellipse if shape == "circle" else ImageDraw.Draw(image).rectangle)((x, y, x + w, y + h), fill=COLORS[color])
+        (root / "refcoco").mkdir(parents=True, exist_ok=True)
+        image.save(root / "refcoco" / f"img_{i}.png")
+        key = "text" if i % 2 else "sentence"
+        records.append({"image": f"img_{i}.png", key: f"the {color} {shape}", "bbox": [x, y, w, h]})
+    _dump(root / "grounding_train.json", records)
+    _dump(root / "grounding_test.json", records[::-1])
+    return {"train_file": "grounding_train.json", "test_file": "grounding_test.json", "image_root": "refcoco"}
+
+
 def _dump(path: Path, records) -> None:
     path.write_text(json.dumps(records, indent=1))
 
@@ -108,7 +153,9 @@ def write_tiny_dataset(root: Path, task: str, n: int = 8, seed: int = 0) -> Path
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"{task}:{seed}")
-    paths = {"vqa": _vqa, "caption": _caption, "retrieval": _retrieval, "pretrain": _pretrain}[task](root, n, rng)
+    writers = {"vqa": _vqa, "caption": _caption, "retrieval": _retrieval, "pretrain": _pretrain, "ve": _ve, "nlvr": _nlvr,
+               "grounding": _grounding}
+    paths = writers[task](root, n, rng)
     write_vocab(root / "vocab.txt")
     config = {
         "task": task, "model": "tiny", "image_size": 32, "seed": seed, "epochs": 1, "batch_size_train": 2,

@@ -2,11 +2,15 @@
 that builds the keyword arguments of the model method of the task (``batch["inputs"]``) plus the ids (``batch["meta"]``).
 
 inputs: train vqa -> MPLUG.vqa_loss, caption -> caption_loss (prompt_length an int), retrieval -> retrieval_loss,
-pretrain -> pretrain_losses; test vqa -> vqa_generate (images, question_ids, question_mask), caption ->
-caption_generate (images, and prompt_ids when the config has a prompt), retrieval -> the images of retrieval_scores
-(the texts of every image at once: ``dataset.text_inputs()``).
+pretrain -> pretrain_losses, ve -> ve_loss, nlvr -> nlvr_loss (images [B, 2, 3, H, W]), grounding -> grounding_loss;
+test vqa -> vqa_generate (images, question_ids, question_mask), caption -> caption_generate (images, and prompt_ids
+when the config has a prompt), retrieval -> the images of retrieval_scores (the texts of every image at once:
+``dataset.text_inputs()``), ve / nlvr / grounding -> ve_predict / nlvr_predict / ground (images, text_ids, text_mask).
 meta: train {"index"}; test vqa {"question_id", "answers" (raw, None where a record has none)}, caption {"image_id",
-"references" (raw sentences)}, retrieval {"image_index", "text_ids" (indices into dataset.texts of each image)}.
+"references" (raw sentences)}, retrieval {"image_index", "text_ids" (indices into dataset.texts of each image)},
+ve / nlvr {"file", "record", "label"}, grounding {"file", "record", "box" (the target, normalised cx, cy, w, h)}.
+Grounding images are only resized, in training too (a crop or flip would move the box; ours, not the authors' box-aware
+augmentation).
 """
 from __future__ import annotations
 
@@ -20,9 +24,8 @@ from torch.utils.data import Dataset
 from mplug.data.records import BadRecords, answer_list, image_source, read_samples
 from mplug.data.text import check_vocabulary
 from mplug.data.transforms import FINETUNE_SCALE, PRETRAIN_SCALE, eval_transform, train_transform
-from mplug.run_config import build_model_config
+from mplug.run_config import TASKS, build_model_config
 
-TASKS = ("vqa", "caption", "retrieval", "pretrain")
 SPLITS = ("train", "test")
 
 
@@ -54,23 +57,30 @@ class TaskDataset(Dataset):
         """The random stream of sample index in this epoch."""
         return random.Random(f"{self.seed}:{self.epoch}:{index}")
 
-    def load_image(self, index: int, rng: random.Random) -> torch.Tensor:
-        """Sample index's image -> [3, S, S] (training: augmented by rng; test: resized)."""
+    def load_image(self, index: int, rng: random.Random, path=None) -> torch.Tensor:
+        """Sample index's image (or its image at ``path``) -> [3, S, S] (training: augmented by rng; test and
+        grounding: resized)."""
         sample = self.samples[index]
+        path = sample["image"] if path is None else path
         try:
-            with Image.open(sample["image"]) as file:
+            with Image.open(path) as file:
                 image = file.convert("RGB")
         except (OSError, ValueError) as error:
-            raise ValueError(f"{image_source(sample)}: cannot read image {sample['image']} ({error})") from None
-        if self.split == "test":
+            raise ValueError(f"{image_source(sample)}: cannot read image {path} ({error})") from None
+        if self.split == "test" or self.task == "grounding":
             return eval_transform(image, self.image_size)
         scale = PRETRAIN_SCALE if self.task == "pretrain" else FINETUNE_SCALE
         return train_transform(image, self.image_size, rng, scale)
 
     def __getitem__(self, index: int) -> Dict:
         rng = self.rng(index)
-        item = {key: value for key, value in self.samples[index].items() if key not in ("image", "source")}
-        item.update(image=self.load_image(index, rng), index=index)
+        sample = self.samples[index]
+        item = {key: value for key, value in sample.items() if key not in ("image", "images", "source")}
+        if "images" in sample:
+            image = torch.stack([self.load_image(index, rng, path) for path in sample["images"]])
+        else:
+            image = self.load_image(index, rng)
+        item.update(image=image, index=index, file=str(sample["source"][0]), record=sample["source"][1])
         if "captions" in item and self.split == "train":
             item["caption"] = rng.choice(item["captions"])
         return item
@@ -126,6 +136,33 @@ class TaskDataset(Dataset):
         return {"inputs": dict(images=images, text_ids=text_ids, text_mask=text_mask), "meta": _indices(items)}
 
 
+    def _collate_classification(self, items, images):
+        """ve / nlvr: train -> the loss's inputs with labels; test -> the predict method's inputs, labels in meta."""
+        text_ids, text_mask = self.tokens([item["sentence"] for item in items])
+        inputs = dict(images=images, text_ids=text_ids, text_mask=text_mask)
+        labels = [item["label"] for item in items]
+        if self.split == "train":
+            return {"inputs": {**inputs, "labels": torch.tensor(labels, dtype=torch.long)}, "meta": _indices(items)}
+        return {"inputs": inputs, "meta": {**_sources(items), "label": labels}}
+
+    _collate_ve_train = _collate_ve_test = _collate_nlvr_train = _collate_nlvr_test = _collate_classification
+
+    def _collate_grounding_train(self, items, images):
+        text_ids, text_mask = self.tokens([item["text"] for item in items])
+        boxes = torch.tensor([item["box"] for item in items], dtype=torch.float32)
+        return {"inputs": dict(images=images, text_ids=text_ids, text_mask=text_mask, boxes=boxes), "meta": _indices(items)}
+
+    def _collate_grounding_test(self, items, images):
+        text_ids, text_mask = self.tokens([item["text"] for item in items])
+        meta = {**_sources(items), "box": [item["box"] for item in items]}
+        return {"inputs": dict(images=images, text_ids=text_ids, text_mask=text_mask), "meta": meta}
+
+
+def _sources(items) -> Dict:
+    """The annotation file and record index of each item (the ids of the ve / nlvr / grounding results)."""
+    return {"file": [item["file"] for item in items], "record": [item["record"] for item in items]}
+
+
 def _indices(items) -> Dict:
     return {"index": [item["index"] for item in items]}
 
@@ -167,7 +204,7 @@ class VQATestDataset(TaskDataset):
 
 
 def build_dataset(task: str, split: str, cfg: dict, tokenizer, skip_bad_records: bool = False) -> TaskDataset:
-    """The data set of task ("vqa", "caption", "retrieval", "pretrain") and split ("train", "test"; pretraining has
+    """The data set of task ("vqa", "caption", "retrieval", "pretrain", "ve", "nlvr", "grounding") and split ("train", "test"; pretraining has
     no test split) from cfg's files; bad records raise ValueError("<file>: record <i>: ..") or, with
     skip_bad_records, are dropped and counted (``dataset.skipped``, ``dataset.skipped_reasons``). The tokenizer must
     fit cfg's model (mplug.data.text.check_vocabulary)."""

@@ -3,7 +3,9 @@
 Formats: VQA train {"image", "question", "answer": [..] or "..", "dataset": "vqa"|"vg"|"gqa"}, VQA test {"image",
 "question", "question_id"} (+ "answer" when known) and the answer-list JSON; caption (Karpathy COCO) {"filename",
 "filepath", "sentences": [{"raw"}, ..]}; retrieval train {"image", "caption", "image_id"}, test {"image", "caption":
-[..]}; pretraining {"image", "caption": ".." or [..]}. A bad record (a missing key, a wrong type, an empty answer
+[..]}; pretraining {"image", "caption": ".." or [..]}; SNLI-VE {"image", "sentence", "label": "entailment" |
+"neutral" | "contradiction"}; NLVR2 {"images": [left, right], "sentence", "label": "True" | "False" or a bool};
+grounding (RefCOCO style) {"image", "text" (or "sentence"), "bbox": [x, y, w, h] in pixels}. A bad record (a missing key, a wrong type, an empty answer
 list, a missing image file) raises ValueError("<file>: record <i>: <what>"), or with skip_bad_records is dropped and
 its message kept in BadRecords.reasons.
 """
@@ -14,6 +16,9 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, List
 
+from PIL import Image
+
+from mplug.classification import VE_LABELS
 from mplug.data.text import clean_answer, clean_text
 from mplug.finetune import vqa_answer_weights
 
@@ -199,8 +204,74 @@ def pretrain_parser(cfg: dict, split: str) -> Callable[[dict], List[dict]]:
     return parse
 
 
+NLVR_LABELS = {"False": 0, "True": 1, False: 0, True: 1}
+
+
+def ve_parser(cfg: dict, split: str) -> Callable[[dict], List[dict]]:
+    """SNLI-VE record -> {image, sentence (cleaned), label (index into mplug.classification.VE_LABELS)}."""
+    root = config_path(cfg, "image_root", "ve", split)
+
+    def parse(record: dict) -> List[dict]:
+        label = field(record, "label", str, f"one of {list(VE_LABELS)}")
+        if label not in VE_LABELS:
+            raise BadRecord(f"key 'label' must be one of {list(VE_LABELS)}, got {label!r}")
+        return [{"image": image_file(root, text_field(record, "image")),
+                 "sentence": cleaned(text_field(record, "sentence"), cfg["max_words"], "sentence"), "label": VE_LABELS.index(label)}]
+
+    return parse
+
+
+def nlvr_parser(cfg: dict, split: str) -> Callable[[dict], List[dict]]:
+    """NLVR2 record -> {images (the pair's two paths), sentence (cleaned), label (1 = true)}."""
+    root = config_path(cfg, "image_root", "nlvr", split)
+
+    def parse(record: dict) -> List[dict]:
+        pair = texts_field(record, "images", False)
+        if len(pair) != 2:
+            raise BadRecord(f"key 'images' must hold two image paths (left, right), got {len(pair)}")
+        label = record.get("label")
+        if "label" not in record or not isinstance(label, (str, bool)) or label not in NLVR_LABELS:
+            raise BadRecord(f"key 'label' must be 'True', 'False' or a bool, got {label!r}")
+        return [{"images": [image_file(root, path) for path in pair],
+                 "sentence": cleaned(text_field(record, "sentence"), cfg["max_words"], "sentence"), "label": NLVR_LABELS[label]}]
+
+    return parse
+
+
+def normalised_box(bbox, width: int, height: int) -> List[float]:
+    """Pixel [x, y, w, h] in a width x height image -> (cx, cy, w, h) normalised to [0, 1], clipped to the image
+    (BadRecord when it is not four numbers, or nothing of it lies inside the image)."""
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        raise BadRecord(f"key 'bbox' must be four numbers [x, y, w, h] in pixels, got {bbox!r:.60}")
+    x0, y0 = max(float(bbox[0]), 0.0), max(float(bbox[1]), 0.0)
+    x1, y1 = min(float(bbox[0] + bbox[2]), width), min(float(bbox[1] + bbox[3]), height)
+    if not (x1 > x0 and y1 > y0):
+        raise BadRecord(f"key 'bbox' {bbox} has no area inside the {width}x{height} image")
+    return [(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height]
+
+
+def grounding_parser(cfg: dict, split: str) -> Callable[[dict], List[dict]]:
+    """Grounding record -> {image, text (cleaned), box (normalised cx, cy, w, h as mplug.grounding takes)}; the image
+    header is read up front for its size."""
+    root = config_path(cfg, "image_root", "grounding", split)
+
+    def parse(record: dict) -> List[dict]:
+        path = image_file(root, text_field(record, "image"))
+        text = text_field(record, "text" if "text" in record or "sentence" not in record else "sentence")
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, ValueError) as error:
+            raise BadRecord(f"cannot read image {path} ({error})") from None
+        box = normalised_box(field(record, "bbox", list, "four numbers [x, y, w, h] in pixels"), width, height)
+        return [{"image": path, "text": cleaned(text, cfg["max_words"], "text"), "box": box}]
+
+    return parse
+
+
 PARSERS: Dict[str, Callable] = {"vqa": vqa_parser, "caption": caption_parser, "retrieval": retrieval_parser,
-                                "pretrain": pretrain_parser}
+                                "pretrain": pretrain_parser, "ve": ve_parser, "nlvr": nlvr_parser,
+                                "grounding": grounding_parser}
 
 
 def answer_list(cfg: dict) -> List[str]:
