@@ -100,7 +100,7 @@ def _check_backward(backend, q, k, v, mask):
     baseline = grads([out_base, _finite(lse_base)], [q, k, v], [dout, dlse])
     for name, g, g_ref, g_base in zip(("dq", "dk", "dv"), ours, expected, baseline):
         assert g.dtype == q.dtype
-        assert_within_budget(name, g, g_ref, g_base, factor=3)
+        assert_within_budget(name, g, g_ref, g_base, factor=2)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -118,8 +118,10 @@ def test_backward_head_dims(backend, head_dim):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_deterministic_backward_is_bitwise_repeatable(backend):
-    q, k, v, mask = _inputs(25, 257, 64, widest_dtype(backend), "padding", seed=5, requires_grad=True)
+@pytest.mark.parametrize("dtype", ["widest", torch.bfloat16])
+def test_deterministic_backward_is_bitwise_repeatable(backend, dtype):
+    dtype = widest_dtype(backend) if dtype == "widest" else dtype
+    q, k, v, mask = _inputs(25, 257, 64, dtype, "padding", seed=5, requires_grad=True)
     skip_unless_supported(backend, q, [k], [v], [mask])
     dout = torch.randn_like(q)
     runs = []
