@@ -58,8 +58,10 @@ def test_merge_equals_attention_over_union(backend, dtype, lens):
     ours = grads([out, _finite(lse)], [q, *ks, *vs], [dout, dlse])
     expected = grads([out_ref, _finite(lse_ref)], [q64, *ks64, *vs64], [dout, dlse])
     baseline = grads([base, _finite(base_lse)], [q, *ks, *vs], [dout, dlse])
+    # 3x, not 2x: these gradients flow through two roundings (each partial output stored in the input dtype, then
+    # merged) where the one-shot baseline has one; bf16 with a 1-key partial measured 2.08x
     for g, g_ref, g_base in zip(ours, expected, baseline):
-        assert_within_budget("grad", g, g_ref, g_base, factor=2, slack=1e-5)
+        assert_within_budget("grad", g, g_ref, g_base, factor=3, slack=1e-5)
 
 
 def test_fully_masked_everywhere_gives_zeros_and_minus_inf_without_nan_grads():
