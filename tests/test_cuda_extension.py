@@ -203,16 +203,21 @@ def emulator_setting(request, monkeypatch):
     return request.param
 
 
+def multi_source_inputs(batch, q_len, lengths, heads, head_dim, dtype, mask_kind, generator, requires_grad=False):
+    """q [B, Lq, H, D] and per source k, v [B, Lk_i, H, D] and a key mask of mask_kind, drawn in that order."""
+    draw = lambda n: random_tensor(batch, n, heads, head_dim, dtype=dtype, generator=generator,  # noqa: E731
+                                   requires_grad=requires_grad)
+    q = draw(q_len)
+    ks, vs = [draw(n) for n in lengths], [draw(n) for n in lengths]
+    return q, ks, vs, [make_mask(mask_kind, batch, n, generator) for n in lengths]
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 64])
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_forward_with_forced_splits_over_three_sources(forced_splits, emulator_setting, num_splits, mask_kind, dtype):
     generator = torch.Generator().manual_seed(num_splits)
-    q = random_tensor(3, 25, 4, 64, dtype=dtype, generator=generator)
-    lengths = [257, 25, 70]
-    ks = [random_tensor(3, n, 4, 64, dtype=dtype, generator=generator) for n in lengths]
-    vs = [random_tensor(3, n, 4, 64, dtype=dtype, generator=generator) for n in lengths]
-    masks = [make_mask(mask_kind, 3, n, generator) for n in lengths]
+    q, ks, vs, masks = multi_source_inputs(3, 25, [257, 25, 70], 4, 64, dtype, mask_kind, generator)
     skip_unless_supported("cuda", q, ks, vs, masks)
     forced_splits(num_splits)
     out, lse = cuda_backend.forward(q, ks, vs, masks, 0.125)
@@ -227,11 +232,7 @@ def test_forward_with_forced_splits_over_three_sources(forced_splits, emulator_s
 def test_backward_both_dq_paths_over_two_sources(emulator_setting, deterministic, with_dlse):
     generator = torch.Generator().manual_seed(7)
     dtype = torch.bfloat16
-    q = random_tensor(2, 40, 3, 96, dtype=dtype, generator=generator, requires_grad=True)
-    lengths = [300, 30]
-    ks = [random_tensor(2, n, 3, 96, dtype=dtype, generator=generator, requires_grad=True) for n in lengths]
-    vs = [random_tensor(2, n, 3, 96, dtype=dtype, generator=generator, requires_grad=True) for n in lengths]
-    masks = [make_mask("padding", 2, n, generator) for n in lengths]
+    q, ks, vs, masks = multi_source_inputs(2, 40, [300, 30], 3, 96, dtype, "padding", generator, requires_grad=True)
     skip_unless_supported("cuda", q, ks, vs, masks)
     scale = 96 ** -0.5
     dout = random_tensor(2, 40, 3, 96, dtype=dtype, generator=generator)
@@ -305,11 +306,8 @@ def test_backward_never_reads_masked_keys_or_keyless_queries(dtype, deterministi
     """NaN in masked keys and values, and in the queries and dO of rows without a visible key, reach no gradient
     (issue 16 item 11: selected, not multiplied); every gradient matches float64 within budget, masked keys get 0."""
     generator = torch.Generator().manual_seed(11)
-    q = random_tensor(2, 37, 2, 64, dtype=dtype, generator=generator, requires_grad=True)
-    lengths = [70, 9]
-    ks = [random_tensor(2, n, 2, 64, dtype=dtype, generator=generator, requires_grad=True) for n in lengths]
-    vs = [random_tensor(2, n, 2, 64, dtype=dtype, generator=generator, requires_grad=True) for n in lengths]
-    masks = [make_mask("one_row_fully_masked", 2, n, generator) for n in lengths]
+    q, ks, vs, masks = multi_source_inputs(2, 37, [70, 9], 2, 64, dtype, "one_row_fully_masked", generator,
+                                           requires_grad=True)
     skip_unless_supported("cuda", q, ks, vs, masks)
     dout = random_tensor(2, 37, 2, 64, dtype=dtype, generator=generator)
     q64, ks64, vs64, out64, lse64 = reference64(q, ks, vs, masks, 0.125)
