@@ -117,7 +117,7 @@ setup(
     version="0.1.0",
     description="Fused attention kernels and a model for the mPLUG vision-language architecture",
     packages=find_packages(include=["mplug_kernels*", "mplug*", "bench*"]),
-    package_data={"mplug": ["configs/*.yaml"]},
+    package_data={"mplug.run": ["configs/*.yaml"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={

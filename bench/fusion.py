@@ -14,7 +14,7 @@ import torch
 from bench.common import Timing, TimingPolicy, bench_dtype, measure, paired_ratio, progress
 from bench.report import PAPER_MS_PER_100
 from mplug import MPLUGConfig
-from mplug.fusion import FusionEncoder
+from mplug.model.fusion import FusionEncoder
 from mplug_kernels.backends import BACKENDS, AttentionCall
 
 VARIANTS = ("skip", "connected", "coattn")
@@ -26,7 +26,7 @@ BACKEND_LABELS = {
     "cuda": "cuda (ours)",
 }
 VISION_LENS = (257, 577, 901, 1025)
-VIDEO_FRAMES = (8, 16)  # the video row: T frames at image 224, their tokens one vision memory (mplug.video)
+VIDEO_FRAMES = (8, 16)  # the video row: T frames at image 224, their tokens one vision memory (mplug.tasks.video)
 VIDEO_IMAGE_SIZE = 224
 TEXT_LEN = 25
 PASSES = ("forward", "train")

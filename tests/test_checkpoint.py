@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from mplug import MPLUG, MPLUGConfig, load_official_checkpoint
-from mplug.checkpoint import resize_positional_embedding
-from mplug.classification import fused_cls
-from mplug.grounding import _coordinate_logits, _fused_memory, grounding_tokens
+from mplug.model.checkpoint import resize_positional_embedding
+from mplug.tasks.classification import fused_cls
+from mplug.tasks.grounding import _coordinate_logits, _fused_memory, grounding_tokens
 
 
 def linear_keys(prefix, out_features, in_features):
@@ -153,7 +153,7 @@ def authors_layout(c: MPLUGConfig, layout: str, momentum: bool, mlm_head: str = 
     """(key -> shape, key -> our key or None) of the authors' files, from their module names: layout "pretrained"
     (BertForMaskedLM text and fusion encoders under ``bert.``, the MLM head under ``mlm_head``.cls, whole CLIP,
     queues) or the fine-tuned "vqa", "caption", "retrieval", "grounding" (with vision_proj/text_proj and the token-id
-    buffers), "ve", "nlvr" (classifier ``cls_head`` = Linear, ReLU, Linear, as mplug/checkpoint.py assumes);
+    buffers), "ve", "nlvr" (classifier ``cls_head`` = Linear, ReLU, Linear, as mplug/model/checkpoint.py assumes);
     momentum adds every module's ``_m`` copy (ours has no classifier-head copies: those are ignored)."""
     h = c.hidden_size
     bert = "bert." if layout == "pretrained" else ""

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mplug import MPLUG, MPLUGConfig
-from mplug.tasks import encode_images
+from mplug.tasks.pretraining import encode_images
 
 CLS, SEP = 101, 102
 

@@ -1,4 +1,4 @@
-"""mplug.data: the authors' formats read and checked, text cleaning, answer weights, seeded augmentation, the
+"""mplug.run.data: the authors' formats read and checked, text cleaning, answer weights, seeded augmentation, the
 resumable sampler, and batches whose inputs are exactly the model methods' keyword arguments."""
 import inspect
 import json
@@ -7,12 +7,12 @@ import re
 import pytest
 import torch
 
-from mplug.data import build_dataset, build_loader, check_vocabulary, clean_text, load_tokenizer
-from mplug.data.loader import ResumableDistributedSampler
-from mplug.data.text import clean_answer
-from mplug.data.transforms import AUGMENT_OPS, augment_op, crop_box
-from mplug.model import MPLUG
-from mplug.run_config import build_model_config, load_config
+from mplug.run.data import build_dataset, build_loader, check_vocabulary, clean_text, load_tokenizer
+from mplug.run.data.loader import ResumableDistributedSampler
+from mplug.run.data.text import clean_answer
+from mplug.run.data.transforms import AUGMENT_OPS, augment_op, crop_box
+from mplug.model.mplug import MPLUG
+from mplug.run.run_config import build_model_config, load_config
 from tiny_dataset import write_tiny_dataset
 
 TRAIN_METHODS = {"vqa": MPLUG.vqa_loss, "caption": MPLUG.caption_loss, "retrieval": MPLUG.retrieval_loss,

@@ -1,4 +1,4 @@
-"""python -m mplug.evaluate on tests/tiny_dataset.py's data with a tiny random model saved as mplug.train saves it:
+"""python -m mplug.run.evaluate on tests/tiny_dataset.py's data with a tiny random model saved as mplug.run.train saves it:
 one entry per input id (also from 2 gloo processes, equal to one process), metrics.json, clear errors, no file
 written half."""
 import json
@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mplug import MPLUG, evaluate, metrics
-from mplug.run_config import load_config
-from mplug.runtime import CHECKPOINT_FORMAT, build_model
+from mplug import MPLUG
+from mplug.run import evaluate, metrics
+from mplug.run.run_config import load_config
+from mplug.run.runtime import CHECKPOINT_FORMAT, build_model
 from tiny_dataset import write_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def one_thread():
 
 
 def tiny_checkpoint(config_path: Path, task: str, seed: int = 0) -> Path:
-    """A randomly initialised tiny model of ``task`` in mplug.train's checkpoint format, next to the config."""
+    """A randomly initialised tiny model of ``task`` in mplug.run.train's checkpoint format, next to the config."""
     cfg = load_config(str(config_path))
     torch.manual_seed(seed)
     model = build_model(cfg, torch.device("cpu"), task)
@@ -74,7 +75,7 @@ def test_vqa_one_entry_per_question_and_two_gloo_ranks_agree(vqa_run, tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
-               "mplug.evaluate", "--task", "vqa", "--config", str(config), "--checkpoint", str(checkpoint),
+               "mplug.run.evaluate", "--task", "vqa", "--config", str(config), "--checkpoint", str(checkpoint),
                "--output", str(tmp_path / "two")]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]

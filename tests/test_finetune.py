@@ -1,4 +1,4 @@
-"""Fine-tuning objectives (mplug.finetune) and CIDEr-D (mplug.cider) against hand-computed values and float64
+"""Fine-tuning objectives (mplug.tasks.finetune) and CIDEr-D (mplug.tasks.cider) against hand-computed values and float64
 per-example transcriptions."""
 import inspect
 import math
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mplug import MPLUG, MPLUGConfig
-from mplug.cider import CiderD
-from mplug.finetune import sample_captions, vqa_answer_weights
-from mplug.tasks import retrieval_scores
+from mplug.tasks.cider import CiderD
+from mplug.tasks.finetune import sample_captions, vqa_answer_weights
+from mplug.tasks.inference import retrieval_scores
 from test_model_tasks import CLS, PAD, SEP, batch
 
 LOG2 = math.log(2)

@@ -1,4 +1,4 @@
-"""Beam search (mplug.generation) on toy step functions: the authors' search against hand-computed beams, the
+"""Beam search (mplug.model.generation) on toy step functions: the authors' search against hand-computed beams, the
 best-first search against brute force and a plain reference search, cache bookkeeping in both."""
 import itertools
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mplug.generation import beam_search, length_penalty
+from mplug.model.generation import beam_search, length_penalty
 
 EOS = 2
 

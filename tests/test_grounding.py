@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mplug import MPLUG, MPLUGConfig
-from mplug.grounding import (
+from mplug.tasks.grounding import (
     box_iou_giou,
     dequantize_boxes,
     grounding_accuracy,
@@ -93,7 +93,7 @@ def test_ground_is_four_greedy_restricted_steps(model):
     predicted = model.ground(images, ids, mask)
     assert predicted.shape == (2, 4) and ((predicted >= 0) & (predicted <= 1)).all()
     # recompute by hand: each step the best coordinate token of the full decoder logits
-    from mplug.tasks import encode_images
+    from mplug.tasks.pretraining import encode_images
     image_embeds, image_mask = encode_images(model, images)
     v, t = model.fusion_encoder(image_embeds, image_mask, model.text_encoder(ids, mask), mask)
     tokens = grounding_tokens(model.config)

@@ -1,10 +1,10 @@
-"""Evaluation metrics (mplug.metrics) against values computed by hand on small examples."""
+"""Evaluation metrics (mplug.run.metrics) against values computed by hand on small examples."""
 import math
 
 import pytest
 import torch
 
-from mplug.metrics import bleu, caption_tokens, cider_d, normalize_vqa_answer, retrieval_recall, vqa_accuracy, vqa_score
+from mplug.run.metrics import bleu, caption_tokens, cider_d, normalize_vqa_answer, retrieval_recall, vqa_accuracy, vqa_score
 
 
 @pytest.mark.parametrize(

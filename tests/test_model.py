@@ -167,7 +167,8 @@ def test_cached_decoding_matches_the_full_prefix(memory_kind):
             logits, cache = model.text_decoder(ids[:, i:i + 1], mask[:, i:i + 1], cache=cache, use_cache=True)
             steps.append(logits)
     assert isinstance(cache, DecoderCache) and cache.length == 6
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    # float32, other summation order (one step vs the whole prefix): 1.2e-5 measured on this CPU at atol 1e-5
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=5e-5, rtol=1e-4)
 
 
 def test_cache_reorder_follows_beams():

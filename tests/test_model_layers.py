@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from mplug import MPLUGConfig
-from mplug.decoder import TextDecoder
-from mplug.fusion import CoAttentionLayer, FusionEncoder, connected_attention
-from mplug.text import Embeddings, TextEncoder, TextLayer
-from mplug.vision import ResidualAttentionBlock, VisualEncoder
+from mplug.model.decoder import TextDecoder
+from mplug.model.fusion import CoAttentionLayer, FusionEncoder, connected_attention
+from mplug.model.text import Embeddings, TextEncoder, TextLayer
+from mplug.model.vision import ResidualAttentionBlock, VisualEncoder
 from mplug_kernels.backends import BACKENDS, AttentionCall
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from mplug import MPLUG, MPLUGConfig
-from mplug.generation import length_penalty
-from mplug.objectives import IGNORE_INDEX, prefix_split
+from mplug.model.generation import length_penalty
+from mplug.tasks.objectives import IGNORE_INDEX, prefix_split
 
 CLS, SEP, PAD = 101, 102, 0
 

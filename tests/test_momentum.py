@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from mplug import MPLUG, MPLUGConfig
-from mplug.momentum import MOMENTUM_MODULES, ramped_alpha
-from mplug.objectives import IGNORE_INDEX, prefix_split
+from mplug.tasks.momentum import MOMENTUM_MODULES, ramped_alpha
+from mplug.tasks.objectives import IGNORE_INDEX, prefix_split
 from test_model_tasks import CLS, PAD, SEP, batch, fixed_choices
 
 ALPHA = 0.3

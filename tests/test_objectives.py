@@ -1,11 +1,11 @@
-"""Pretraining objectives (mplug.objectives) against direct transcriptions of the math."""
+"""Pretraining objectives (mplug.tasks.objectives) against direct transcriptions of the math."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mplug.objectives import (
+from mplug.tasks.objectives import (
     IGNORE_INDEX,
     enqueue,
     global_token_mean,

@@ -1,11 +1,11 @@
-"""mplug.run_config: shipped configs (every value with its source), YAML files, key=value overrides, checks."""
+"""mplug.run.run_config: shipped configs (every value with its source), YAML files, key=value overrides, checks."""
 import re
 
 import pytest
 import yaml
 
-from mplug.config import MPLUGConfig
-from mplug.run_config import CONFIG_DIR, PATH_KEYS, SHIPPED, allowed_keys, build_model_config, load_config
+from mplug.model.config import MPLUGConfig
+from mplug.run.run_config import CONFIG_DIR, PATH_KEYS, SHIPPED, allowed_keys, build_model_config, load_config
 from tiny_dataset import write_tiny_dataset
 
 AUTHORS_VALUES = {  # (lr, lr_visual, epochs, batch_size_train, image_size) read off the authors' YAMLs

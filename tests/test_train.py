@@ -1,4 +1,4 @@
-"""mplug.runtime and mplug.train on the CPU: weights loading, one process, 2-process gloo DDP and FSDP2, kill and
+"""mplug.run.runtime and mplug.run.train on the CPU: weights loading, one process, 2-process gloo DDP and FSDP2, kill and
 resume (then evaluate), atomic checkpoints, parameter groups, the schedule, clear errors. The training tests run on
 tests/tiny_dataset.py's data with the tiny model at image size 32."""
 import json
@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import mplug.evaluate as evaluate_module
-import mplug.train as train_module
+import mplug.run.evaluate as evaluate_module
+import mplug.run.train as train_module
 from mplug import MPLUG, MPLUGConfig
-from mplug.run_config import load_config
-from mplug.runtime import (
+from mplug.run.run_config import load_config
+from mplug.run.runtime import (
     CHECKPOINT_FORMAT, all_gather_objects, autocast, build_model, init_distributed, is_main, load_weights,
 )
-from mplug.train_state import LAST, Progress, atomic_save, read_checkpoint, save_checkpoint
+from mplug.run.train_state import LAST, Progress, atomic_save, read_checkpoint, save_checkpoint
 from test_checkpoint import authors_layout, random_state
 from tiny_dataset import write_tiny_dataset
 
@@ -76,7 +76,7 @@ def one_thread():
 
 
 def train(config, output, task="vqa", *overrides, resume=False):
-    """Run mplug.train in this process -> the last checkpoint (loaded)."""
+    """Run mplug.run.train in this process -> the last checkpoint (loaded)."""
     argv = ["--task", task, "--config", str(config), "--output", str(output)]
     argv += [item for override in overrides for item in ("--set", override)]
     argv += ["--resume", str(output)] if resume else []
@@ -138,7 +138,7 @@ def test_two_gloo_processes_equal_one_process_on_the_combined_batch(tmp_path, sh
     moments carry the gradients' scale, which AdamW's update itself would hide."""
     config = write_tiny_dataset(tmp_path / "data", "vqa", n=2)
     common = ["--task", "vqa", "--config", str(config), "--set", "epochs=2"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mplug.train",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mplug.run.train",
                *common, *sharding, "--set", "batch_size_train=2", "--output", str(tmp_path / "ddp")]
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
@@ -160,7 +160,7 @@ def test_two_gloo_processes_equal_one_process_on_the_combined_batch(tmp_path, sh
 
 KILL_AFTER_SAVE = """
 import os, signal, sys
-import mplug.train as train
+import mplug.run.train as train
 save = train.save_checkpoint
 def save_then_die(output, model, optimizer, scheduler, progress, cfg, steps=()):
     save(output, model, optimizer, scheduler, progress, cfg, steps)
@@ -174,7 +174,7 @@ train.main(sys.argv[1:])
 def test_train_kill_resume_evaluate_equals_the_uninterrupted_run_bit_exactly(tmp_path):
     """The tiny end-to-end run. Retrieval (random ITM negatives, momentum copies and feature queues), 2 steps an
     epoch, 2 epochs: a process SIGKILLed right after its step-1 checkpoint (inside epoch 0), resumed with --resume,
-    ends with the uninterrupted run's weights, optimiser state and queues bit for bit; python -m mplug.evaluate then
+    ends with the uninterrupted run's weights, optimiser state and queues bit for bit; python -m mplug.run.evaluate then
     scores the resumed checkpoint (recall@1/5/10 both ways over the 8 test images and their 16 captions)."""
     config = write_tiny_dataset(tmp_path / "data", "retrieval", n=8)  # 4 images x 2 captions
     overrides = ["epochs=2", "save_every=1", "batch_size_train=4"]  # a batch holds >= 2 images: ITM has negatives

@@ -6,7 +6,7 @@ import torch
 import mplug_kernels
 from attention_testing import low_precision_baseline, assert_within_budget, reference64, skip_unless_supported
 from mplug import MPLUG, MPLUGConfig
-from mplug.video import encode_video, video_caption_generate, video_qa_generate, video_retrieval_scores
+from mplug.tasks.video import encode_video, video_caption_generate, video_qa_generate, video_retrieval_scores
 
 CLS, SEP = 101, 102
 

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from mplug.validation import check_positive_int
+from mplug.model.validation import check_positive_int
 from mplug_kernels.profiling import nvtx_annotate
 
 StepFn = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]

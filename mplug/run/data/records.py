@@ -18,9 +18,9 @@ from typing import Callable, Dict, List
 
 from PIL import Image
 
-from mplug.classification import VE_LABELS
-from mplug.data.text import clean_answer, clean_text
-from mplug.finetune import vqa_answer_weights
+from mplug.tasks.classification import VE_LABELS
+from mplug.run.data.text import clean_answer, clean_text
+from mplug.tasks.finetune import vqa_answer_weights
 
 VQA_ROOTS = {"vqa": "vqa_root", "vg": "vg_root", "gqa": "gqa_root"}
 
@@ -208,7 +208,7 @@ NLVR_LABELS = {"False": 0, "True": 1, False: 0, True: 1}
 
 
 def ve_parser(cfg: dict, split: str) -> Callable[[dict], List[dict]]:
-    """SNLI-VE record -> {image, sentence (cleaned), label (index into mplug.classification.VE_LABELS)}."""
+    """SNLI-VE record -> {image, sentence (cleaned), label (index into mplug.tasks.classification.VE_LABELS)}."""
     root = config_path(cfg, "image_root", "ve", split)
 
     def parse(record: dict) -> List[dict]:
@@ -251,7 +251,7 @@ def normalised_box(bbox, width: int, height: int) -> List[float]:
 
 
 def grounding_parser(cfg: dict, split: str) -> Callable[[dict], List[dict]]:
-    """Grounding record -> {image, text (cleaned), box (normalised cx, cy, w, h as mplug.grounding takes)}; the image
+    """Grounding record -> {image, text (cleaned), box (normalised cx, cy, w, h as mplug.tasks.grounding takes)}; the image
     header is read up front for its size."""
     root = config_path(cfg, "image_root", "grounding", split)
 

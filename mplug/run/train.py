@@ -1,5 +1,5 @@
-"""``torchrun --nproc-per-node N -m mplug.train --task vqa --config vqa_base --output DIR ...`` (or ``python -m
-mplug.train`` as one process): fine-tune or pretrain mPLUG on the authors' annotation files with DDP (FSDP2 with
+"""``torchrun --nproc-per-node N -m mplug.run.train --task vqa --config vqa_base --output DIR ...`` (or ``python -m
+mplug.run.train`` as one process): fine-tune or pretrain mPLUG on the authors' annotation files with DDP (FSDP2 with
 --fsdp), AdamW per parameter group, warm-up + cosine schedule, gradient clipping, bf16 autocast on CUDA, atomic
 checkpoints every save_every steps and at epoch ends, bit-exact --resume on the CPU, and <output>/log.jsonl."""
 from __future__ import annotations
@@ -20,15 +20,15 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from mplug.checkpoint import TASK_MODULES
-from mplug.fusion import FusionEncoder
-from mplug.momentum import ramped_alpha
-from mplug.run_config import TASKS, load_config
-from mplug.runtime import (
+from mplug.model.checkpoint import TASK_MODULES
+from mplug.model.fusion import FusionEncoder
+from mplug.tasks.momentum import ramped_alpha
+from mplug.run.run_config import TASKS, load_config, run_arguments
+from mplug.run.runtime import (
     MOMENTUM_TASKS, DistInfo, atomic_write, autocast, build_model, close_distributed, init_distributed, is_main,
     load_weights, to_device,
 )
-from mplug.train_state import LAST, Progress, check_same_run, read_checkpoint, restore, restore_rng, save_checkpoint
+from mplug.run.train_state import LAST, Progress, check_same_run, read_checkpoint, restore, restore_rng, save_checkpoint
 
 LOSS_METHODS = {"vqa": "vqa_loss", "caption": "caption_loss", "retrieval": "retrieval_loss", "pretrain": "pretrain_losses",
                 "ve": "ve_loss", "nlvr": "nlvr_loss", "grounding": "grounding_loss"}
@@ -36,17 +36,12 @@ ENCODERS = ("visual_encoder", "text_encoder", "fusion_encoder", "text_decoder")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The command line of mplug.train."""
-    parser = argparse.ArgumentParser(prog="python -m mplug.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--config", required=True, help="a shipped config (vqa_base, ...) or a YAML file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a config key (dotted for nested keys: optimizer.lr=1e-4); repeatable")
-    parser.add_argument("--checkpoint", help="start from these weights (the authors' .pth or an mplug.train checkpoint)")
+    """The command line of mplug.run.train."""
+    parser = argparse.ArgumentParser(prog="python -m mplug.run.train", description=__doc__.split("\n\n")[0],
+                                     parents=[run_arguments(TASKS, "folder for checkpoints and log.jsonl")])
+    parser.add_argument("--checkpoint", help="start from these weights (the authors' .pth or an mplug.run.train checkpoint)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint_last.pth is in DIR")
-    parser.add_argument("--output", required=True, help="folder for checkpoints and log.jsonl")
     parser.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 fully_shard instead of DDP")
-    parser.add_argument("--skip-bad-records", action="store_true", help="drop (and count) records that cannot be read")
     return parser.parse_args(argv)
 
 
@@ -98,7 +93,7 @@ def parallel(step: TaskLoss, device: torch.device, fsdp: bool) -> nn.Module:
 
 
 def freeze_unused(model: nn.Module, task: str) -> None:
-    """Parameters the task's loss never reaches (mplug.checkpoint.TASK_MODULES: e.g. the decoder in retrieval, the
+    """Parameters the task's loss never reaches (mplug.model.checkpoint.TASK_MODULES: e.g. the decoder in retrieval, the
     text encoder and fusion in captioning) stop requiring gradients, so the optimiser and DDP leave them alone;
     pretraining trains everything. A parameter tied into a trained module stays trained."""
     if task == "pretrain":
@@ -257,7 +252,7 @@ class Job:
 
 def setup(args: argparse.Namespace, cfg: dict, info: DistInfo) -> Job:
     """Data, model (from --checkpoint), parallel wrapper, optimiser and schedule of a run."""
-    from mplug.data import build_dataset, build_loader, load_tokenizer
+    from mplug.run.data import build_dataset, build_loader, load_tokenizer
 
     torch.manual_seed(cfg["seed"])
     dataset = build_dataset(args.task, "train", cfg, load_tokenizer(cfg["vocab"]), skip_bad_records=args.skip_bad_records)

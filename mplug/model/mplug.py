@@ -6,11 +6,11 @@ from torch import nn
 
 from mplug_kernels.backends import BACKENDS
 
-from mplug.config import MPLUGConfig
-from mplug.decoder import TextDecoder
-from mplug.fusion import FusionEncoder
-from mplug.text import PredictionHead, TextEncoder
-from mplug.vision import VisualEncoder
+from mplug.model.config import MPLUGConfig
+from mplug.model.decoder import TextDecoder
+from mplug.model.fusion import FusionEncoder
+from mplug.model.text import PredictionHead, TextEncoder
+from mplug.model.vision import VisualEncoder
 
 
 class MPLUG(nn.Module):
@@ -47,8 +47,8 @@ class MPLUG(nn.Module):
 
     def add_momentum_copies(self) -> "MPLUG":
         """Add the momentum (EMA) copies of the encoders, projections, fusion, MLM head and decoder, equal to the
-        online weights now (mplug.momentum); pretrain_losses(distill=True) adds them when missing. Returns self."""
-        from mplug.momentum import add_momentum_copies
+        online weights now (mplug.tasks.momentum); pretrain_losses(distill=True) adds them when missing. Returns self."""
+        from mplug.tasks.momentum import add_momentum_copies
 
         return add_momentum_copies(self)
 
@@ -69,116 +69,116 @@ class MPLUG(nn.Module):
         return self
 
     def pretrain_losses(self, images, text_ids, text_mask, **kw):
-        """ITC, ITM, MLM and PrefixLM losses (mplug.tasks.pretrain_losses)."""
-        from mplug import tasks
+        """ITC, ITM, MLM and PrefixLM losses (mplug.tasks.pretraining.pretrain_losses)."""
+        from mplug.tasks import pretraining
 
-        return tasks.pretrain_losses(self, images, text_ids, text_mask, **kw)
+        return pretraining.pretrain_losses(self, images, text_ids, text_mask, **kw)
 
     def vqa_generate(self, images, question_ids, question_mask, **kw):
-        """Beam-searched answers to questions about images (mplug.tasks.vqa_generate)."""
-        from mplug import tasks
+        """Beam-searched answers to questions about images (mplug.tasks.inference.vqa_generate)."""
+        from mplug.tasks import inference
 
-        return tasks.vqa_generate(self, images, question_ids, question_mask, **kw)
+        return inference.vqa_generate(self, images, question_ids, question_mask, **kw)
 
     def caption_generate(self, images, **kw):
-        """Beam-searched captions (mplug.tasks.caption_generate)."""
-        from mplug import tasks
+        """Beam-searched captions (mplug.tasks.inference.caption_generate)."""
+        from mplug.tasks import inference
 
-        return tasks.caption_generate(self, images, **kw)
+        return inference.caption_generate(self, images, **kw)
 
     def vqa_loss(self, images, question_ids, question_mask, answer_ids, answer_mask, weights, answers_per_question):
-        """VQA fine-tuning loss over weighted answer lists (mplug.finetune.vqa_loss)."""
-        from mplug import finetune
+        """VQA fine-tuning loss over weighted answer lists (mplug.tasks.finetune.vqa_loss)."""
+        from mplug.tasks import finetune
 
         return finetune.vqa_loss(self, images, question_ids, question_mask, answer_ids, answer_mask, weights, answers_per_question)
 
     def caption_loss(self, images, caption_ids, caption_mask, prompt_length: int = 0):
-        """Caption cross-entropy, the prompt not predicted (mplug.finetune.caption_loss)."""
-        from mplug import finetune
+        """Caption cross-entropy, the prompt not predicted (mplug.tasks.finetune.caption_loss)."""
+        from mplug.tasks import finetune
 
         return finetune.caption_loss(self, images, caption_ids, caption_mask, prompt_length)
 
     def caption_scst_loss(self, images, references, cider, **kw):
-        """Self-critical caption training rewarded by CIDEr-D (mplug.finetune.caption_scst_loss)."""
-        from mplug import finetune
+        """Self-critical caption training rewarded by CIDEr-D (mplug.tasks.finetune.caption_scst_loss)."""
+        from mplug.tasks import finetune
 
         return finetune.caption_scst_loss(self, images, references, cider, **kw)
 
     def retrieval_loss(self, images, text_ids, text_mask, image_ids, **kw):
-        """Retrieval fine-tuning ITC + ITM, same image id = positive (mplug.finetune.retrieval_loss)."""
-        from mplug import finetune
+        """Retrieval fine-tuning ITC + ITM, same image id = positive (mplug.tasks.finetune.retrieval_loss)."""
+        from mplug.tasks import finetune
 
         return finetune.retrieval_loss(self, images, text_ids, text_mask, image_ids, **kw)
 
     def retrieval_scores(self, images, text_ids, text_mask, **kw):
-        """ITC top-k candidates re-ranked by ITM (mplug.tasks.retrieval_scores)."""
-        from mplug import tasks
+        """ITC top-k candidates re-ranked by ITM (mplug.tasks.inference.retrieval_scores)."""
+        from mplug.tasks import inference
 
-        return tasks.retrieval_scores(self, images, text_ids, text_mask, **kw)
+        return inference.retrieval_scores(self, images, text_ids, text_mask, **kw)
 
     def encode_video(self, frames, frame_mask=None):
-        """frames [B, T, 3, S, S] -> VideoMemory (embeds [B, T * Lv, hidden], mask [B, T * Lv]) (mplug.video)."""
-        from mplug import video
+        """frames [B, T, 3, S, S] -> VideoMemory (embeds [B, T * Lv, hidden], mask [B, T * Lv]) (mplug.tasks.video)."""
+        from mplug.tasks import video
 
         return video.encode_video(self, frames, frame_mask)
 
     def video_qa_generate(self, frames, question_ids, question_mask=None, frame_mask=None, **kw):
-        """Beam-searched answers to questions about videos (mplug.video.video_qa_generate)."""
-        from mplug import video
+        """Beam-searched answers to questions about videos (mplug.tasks.video.video_qa_generate)."""
+        from mplug.tasks import video
 
         return video.video_qa_generate(self, frames, question_ids, question_mask, frame_mask, **kw)
 
     def video_caption_generate(self, frames, frame_mask=None, **kw):
-        """Beam-searched captions of videos (mplug.video.video_caption_generate)."""
-        from mplug import video
+        """Beam-searched captions of videos (mplug.tasks.video.video_caption_generate)."""
+        from mplug.tasks import video
 
         return video.video_caption_generate(self, frames, frame_mask, **kw)
 
     def video_retrieval_scores(self, frames, text_ids, text_mask=None, frame_mask=None, **kw):
-        """Text-video ITC scores re-ranked by ITM (mplug.video.video_retrieval_scores)."""
-        from mplug import video
+        """Text-video ITC scores re-ranked by ITM (mplug.tasks.video.video_retrieval_scores)."""
+        from mplug.tasks import video
 
         return video.video_retrieval_scores(self, frames, text_ids, text_mask, frame_mask, **kw)
 
     def add_classifier_heads(self) -> "MPLUG":
-        """Add the SNLI-VE and NLVR2 heads ``ve_head`` / ``nlvr_head`` when missing (mplug.classification); returns self."""
-        from mplug import classification
+        """Add the SNLI-VE and NLVR2 heads ``ve_head`` / ``nlvr_head`` when missing (mplug.tasks.classification); returns self."""
+        from mplug.tasks import classification
 
         return classification.add_classifier_heads(self)
 
     def ve_loss(self, images, text_ids, text_mask, labels):
-        """SNLI-VE 3-way cross-entropy over the fused [CLS] (mplug.classification.ve_loss)."""
-        from mplug import classification
+        """SNLI-VE 3-way cross-entropy over the fused [CLS] (mplug.tasks.classification.ve_loss)."""
+        from mplug.tasks import classification
 
         return classification.ve_loss(self, images, text_ids, text_mask, labels)
 
     def ve_predict(self, images, text_ids, text_mask=None):
-        """SNLI-VE classes [B] (mplug.classification.ve_predict)."""
-        from mplug import classification
+        """SNLI-VE classes [B] (mplug.tasks.classification.ve_predict)."""
+        from mplug.tasks import classification
 
         return classification.ve_predict(self, images, text_ids, text_mask)
 
     def nlvr_loss(self, images, text_ids, text_mask, labels):
-        """NLVR2 cross-entropy over image pairs [B, 2, 3, H, W] (mplug.classification.nlvr_loss)."""
-        from mplug import classification
+        """NLVR2 cross-entropy over image pairs [B, 2, 3, H, W] (mplug.tasks.classification.nlvr_loss)."""
+        from mplug.tasks import classification
 
         return classification.nlvr_loss(self, images, text_ids, text_mask, labels)
 
     def nlvr_predict(self, images, text_ids, text_mask=None):
-        """NLVR2 labels [B] of image pairs (mplug.classification.nlvr_predict)."""
-        from mplug import classification
+        """NLVR2 labels [B] of image pairs (mplug.tasks.classification.nlvr_predict)."""
+        from mplug.tasks import classification
 
         return classification.nlvr_predict(self, images, text_ids, text_mask)
 
     def ground(self, images, text_ids, text_mask=None):
-        """Boxes [B, 4] (normalised cx, cy, w, h) of referring expressions (mplug.grounding.ground)."""
-        from mplug import grounding
+        """Boxes [B, 4] (normalised cx, cy, w, h) of referring expressions (mplug.tasks.grounding.ground)."""
+        from mplug.tasks import grounding
 
         return grounding.ground(self, images, text_ids, text_mask)
 
     def grounding_loss(self, images, text_ids, text_mask, boxes):
-        """Coordinate-token loss weighted by L1 and 1 - GIoU (mplug.grounding.grounding_loss)."""
-        from mplug import grounding
+        """Coordinate-token loss weighted by L1 and 1 - GIoU (mplug.tasks.grounding.grounding_loss)."""
+        from mplug.tasks import grounding
 
         return grounding.grounding_loss(self, images, text_ids, text_mask, boxes)
 

@@ -1,4 +1,4 @@
-"""Checkpoints of mplug.train: model, optimiser, scheduler, progress (epoch, step, position in the epoch), every
+"""Checkpoints of mplug.run.train: model, optimiser, scheduler, progress (epoch, step, position in the epoch), every
 rank's RNG states and the run config, written atomically by rank 0 and read back for ``--resume``."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from mplug.runtime import CHECKPOINT_FORMAT, all_gather_objects, atomic_write, barrier, is_main, is_training_checkpoint
-from mplug.validation import load_checkpoint_file
+from mplug.run.runtime import CHECKPOINT_FORMAT, all_gather_objects, atomic_write, barrier, is_main, is_training_checkpoint
+from mplug.model.validation import load_checkpoint_file
 
 LAST = "checkpoint_last.pth"
 # Keys a resumed run may change: they stop, log or save the run but do not change its steps.
@@ -78,13 +78,13 @@ def save_checkpoint(output: Path, model, optimizer, scheduler, progress: Progres
 
 
 def read_checkpoint(folder) -> dict:
-    """<folder>/checkpoint_last.pth, checked to be an mplug.train checkpoint."""
+    """<folder>/checkpoint_last.pth, checked to be an mplug.run.train checkpoint."""
     path = Path(folder) / LAST
     if not path.is_file():
-        raise ValueError(f"--resume {os.fspath(folder)!r}: no {LAST} there (mplug.train writes it into its --output)")
+        raise ValueError(f"--resume {os.fspath(folder)!r}: no {LAST} there (mplug.run.train writes it into its --output)")
     state = load_checkpoint_file(path, weights_only=True)
     if not is_training_checkpoint(state):
-        raise ValueError(f"{path} is not a checkpoint written by mplug.train (no format {CHECKPOINT_FORMAT!r})")
+        raise ValueError(f"{path} is not a checkpoint written by mplug.run.train (no format {CHECKPOINT_FORMAT!r})")
     return state
 
 

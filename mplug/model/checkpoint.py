@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mplug.classification import add_classifier_heads
-from mplug.grounding import grounding_tokens
-from mplug.validation import check_own_layout, check_state_dict_keys, describe, load_checkpoint_file, non_finite_entries
+from mplug.tasks.classification import add_classifier_heads
+from mplug.tasks.grounding import grounding_tokens
+from mplug.model.validation import check_own_layout, check_state_dict_keys, describe, load_checkpoint_file, non_finite_entries
 
 
 POSITIONAL_EMBEDDING = "visual_encoder.visual.positional_embedding"
@@ -60,7 +60,7 @@ TASK_MODULES = {
     "ve": ("visual_encoder", "text_encoder", "fusion_encoder", "ve_head"),
     "nlvr": ("visual_encoder", "text_encoder", "fusion_encoder", "nlvr_head"),
 }
-CLASSIFIER_HEADS = {"ve": "ve_head", "nlvr": "nlvr_head"}  # added by mplug.classification; no pretrained file holds them
+CLASSIFIER_HEADS = {"ve": "ve_head", "nlvr": "nlvr_head"}  # added by mplug.tasks.classification; no pretrained file holds them
 TASK_RENAMES = {task: (("cls_head.", f"{head}."),) for task, head in CLASSIFIER_HEADS.items()}
 GROUNDING_BUFFERS = ("prefix_ids", "target_ids", "bbox_prob_mask")
 DECODER_VOCABULARY = (  # our decoder tensors with one row per token id
@@ -158,7 +158,7 @@ def load_official_checkpoint(
     "nlvr" or None = the whole pretrained model) names the file's layout: model parts it does not hold are left
     alone and not reported missing. "ve" / "nlvr" load ``cls_head.*`` into ve_head / nlvr_head (added when
     missing); "grounding" copies the decoder rows of the file's prefix_ids / target_ids tokens to our grounding
-    token ids (mplug.grounding). Returns LoadResult; with strict=True a missing or unexpected key raises
+    token ids (mplug.tasks.grounding). Returns LoadResult; with strict=True a missing or unexpected key raises
     RuntimeError. weights_only is torch.load's flag (old .pth files holding an argparse Namespace need
     weights_only=False: only for trusted files). On any error the model is left as it was.
     """

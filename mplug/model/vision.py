@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from mplug_kernels import co_attention
 from mplug_kernels.nn.co_attention import split_heads
 
-from mplug.config import MPLUGConfig
+from mplug.model.config import MPLUGConfig
 
 
 class PackedSelfAttention(nn.Module):

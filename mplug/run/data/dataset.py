@@ -1,4 +1,4 @@
-"""The data set of one task's split: samples read up front (mplug.data.records), images decoded lazily, and a collate
+"""The data set of one task's split: samples read up front (mplug.run.data.records), images decoded lazily, and a collate
 that builds the keyword arguments of the model method of the task (``batch["inputs"]``) plus the ids (``batch["meta"]``).
 
 inputs: train vqa -> MPLUG.vqa_loss, caption -> caption_loss (prompt_length an int), retrieval -> retrieval_loss,
@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mplug.data.records import BadRecords, answer_list, image_source, read_samples
-from mplug.data.text import check_vocabulary
-from mplug.data.transforms import FINETUNE_SCALE, PRETRAIN_SCALE, eval_transform, train_transform
-from mplug.run_config import TASKS, build_model_config
+from mplug.run.data.records import BadRecords, answer_list, image_source, read_samples
+from mplug.run.data.text import check_vocabulary
+from mplug.run.data.transforms import FINETUNE_SCALE, PRETRAIN_SCALE, eval_transform, train_transform
+from mplug.run.run_config import TASKS, build_model_config
 
 SPLITS = ("train", "test")
 
@@ -207,7 +207,7 @@ def build_dataset(task: str, split: str, cfg: dict, tokenizer, skip_bad_records:
     """The data set of task ("vqa", "caption", "retrieval", "pretrain", "ve", "nlvr", "grounding") and split ("train", "test"; pretraining has
     no test split) from cfg's files; bad records raise ValueError("<file>: record <i>: ..") or, with
     skip_bad_records, are dropped and counted (``dataset.skipped``, ``dataset.skipped_reasons``). The tokenizer must
-    fit cfg's model (mplug.data.text.check_vocabulary)."""
+    fit cfg's model (mplug.run.data.text.check_vocabulary)."""
     if task not in TASKS or split not in SPLITS or (task, split) == ("pretrain", "test"):
         raise ValueError(f"task must be one of {TASKS} and split one of {SPLITS} (pretrain has no test split), got {task!r}, {split!r}")
     check_vocabulary(tokenizer, build_model_config(cfg))

@@ -11,9 +11,10 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from mplug.generation import BeamSearchOutput
-from mplug.tasks import RetrievalScores, _generate, _rerank, itm_logits
-from mplug.validation import check_generation, describe
+from mplug.model.generation import BeamSearchOutput
+from mplug.tasks.inference import RetrievalScores, _generate, _rerank
+from mplug.tasks.pretraining import itm_logits
+from mplug.model.validation import check_generation, describe
 
 
 def default_mask(ids: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``python -m mplug.evaluate --task {vqa,caption,retrieval,ve,nlvr,grounding} --config NAME_OR_FILE [--set key=value ...]
+"""``python -m mplug.run.evaluate --task {vqa,caption,retrieval,ve,nlvr,grounding} --config NAME_OR_FILE [--set key=value ...]
 --checkpoint FILE --output DIR [--skip-bad-records]``, one process or under torchrun (gloo on the CPU).
 
 VQA writes ``<output>/vqa_result.json`` = [{"question_id", "answer"}] (answers by free beam search: the model's
@@ -7,7 +7,7 @@ writes ``<output>/caption_result.json`` = [{"image_id", "caption"}] with CIDEr-D
 recall@1/5/10 both ways; ve / nlvr write ``<output>/{ve,nlvr}_result.json`` = [{"file", "record", "prediction",
 "label"}] (ve labels by name, nlvr 0 = false / 1 = true) and the accuracy (fraction correct); grounding writes
 ``<output>/grounding_result.json`` = [{"file", "record", "box", "target"}] (normalised cx, cy, w, h) and the accuracy
-at IoU >= 0.5 (mplug.grounding.grounding_accuracy). Scores go to ``<output>/metrics.json``. Each rank generates for
+at IoU >= 0.5 (mplug.tasks.grounding.grounding_accuracy). Scores go to ``<output>/metrics.json``. Each rank generates for
 its share of the test set;
 rank 0 gathers the outputs back into the data set's order (the sampler's padding dropped), scores them and writes
 every file at the end, each through a temporary file and os.replace, so a run that fails writes nothing.
@@ -25,10 +25,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mplug import metrics
-from mplug.classification import VE_LABELS
-from mplug.grounding import grounding_accuracy
-from mplug.runtime import (
+from mplug.run import metrics
+from mplug.run.run_config import load_config, run_arguments
+from mplug.tasks.classification import VE_LABELS
+from mplug.tasks.grounding import grounding_accuracy
+from mplug.run.runtime import (
     all_gather_objects, atomic_write, autocast, barrier, build_model, close_distributed, init_distributed, is_main,
     is_training_checkpoint, load_weights, to_device,
 )
@@ -42,20 +43,15 @@ METRICS_FILE = "metrics.json"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The command line of ``python -m mplug.evaluate``."""
-    parser = argparse.ArgumentParser(prog="python -m mplug.evaluate", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--config", required=True, help="a shipped config name (vqa_base, ...) or a YAML path")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable), e.g. --set batch_size_test=16")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint of mplug.train or the authors' .pth")
-    parser.add_argument("--output", required=True, help="folder for the result JSON and metrics.json")
-    parser.add_argument("--skip-bad-records", action="store_true", help="drop and count bad test records")
+    """The command line of ``python -m mplug.run.evaluate``."""
+    parser = argparse.ArgumentParser(prog="python -m mplug.run.evaluate", description=__doc__.split("\n\n")[1],
+                                     parents=[run_arguments(TASKS, "folder for the result JSON and metrics.json")])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint of mplug.run.train or the authors' .pth")
     return parser.parse_args(argv)
 
 
 def checkpoint_task(path) -> Optional[str]:
-    """The task a mplug.train checkpoint was trained for, read without loading its tensors (None for the authors'
+    """The task a mplug.run.train checkpoint was trained for, read without loading its tensors (None for the authors'
     files, which name no task, and for files torch.load cannot map)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -76,7 +72,7 @@ def check_task(task: str, cfg: dict, checkpoint) -> None:
 
 
 def write_json_atomic(path: Path, value) -> None:
-    """Write ``value`` as JSON to ``path`` (its folder created) through mplug.runtime.atomic_write."""
+    """Write ``value`` as JSON to ``path`` (its folder created) through mplug.run.runtime.atomic_write."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda stream: json.dump(value, stream, indent=1), binary=False)
 
@@ -202,7 +198,7 @@ OUTPUTS = {"vqa": vqa_outputs, "caption": caption_outputs, "grounding": groundin
 def retrieval_outputs(model, dataset, cfg: dict, device: torch.device) -> dict:
     """Recall@1/5/10 both ways over the whole test set: every image (in order) against ``dataset.text_inputs()``
     (call on rank 0 only)."""
-    from mplug.data import build_loader
+    from mplug.run.data import build_loader
 
     loader, _ = build_loader(dataset, cfg, train=False, rank=0, world_size=1)
     images, order = [], []
@@ -223,7 +219,7 @@ def retrieval_outputs(model, dataset, cfg: dict, device: torch.device) -> dict:
 def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = False) -> Optional[dict]:
     """Run the evaluation of ``task`` (see the module docstring) in this process of the job; returns the metrics on
     rank 0 (None elsewhere) after the files are written."""
-    from mplug.data import build_dataset, build_loader, load_tokenizer
+    from mplug.run.data import build_dataset, build_loader, load_tokenizer
 
     check_task(task, cfg, checkpoint)
     info = init_distributed()
@@ -254,9 +250,7 @@ def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
-    """Entry point of ``python -m mplug.evaluate``: parse, evaluate, print the metrics on rank 0."""
-    from mplug.run_config import load_config
-
+    """Entry point of ``python -m mplug.run.evaluate``: parse, evaluate, print the metrics on rank 0."""
     args = parse_args(argv)
     scores = evaluate(args.task, load_config(args.config, args.overrides), args.checkpoint, args.output, args.skip_bad_records)
     close_distributed()

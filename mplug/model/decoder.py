@@ -26,8 +26,8 @@ from mplug_kernels._checks import check_mask
 from mplug_kernels.nn.co_attention import AttentionOutput, AttentionProjections, split_heads
 from mplug_kernels.nn.co_attention_stack import CoAttentionStack, LayerVisionKV, VisionKVCache
 
-from mplug.config import MPLUGConfig
-from mplug.text import Embeddings, FeedForwardBlock, LayerStack, PredictionHead, bert_attention, check_text_inputs
+from mplug.model.config import MPLUGConfig
+from mplug.model.text import Embeddings, FeedForwardBlock, LayerStack, PredictionHead, bert_attention, check_text_inputs
 
 class DecoderCache:
     """Decoder state for incremental decoding: per-layer self-attention K/V [B, L, H, D] (grown each

@@ -1,5 +1,5 @@
 """Evaluation metrics, written from their published definitions: VQA accuracy (the VQA challenge's answer
-normalisation and 10-choose-9 human consensus), CIDEr-D (mplug.cider over the evaluated set's references),
+normalisation and 10-choose-9 human consensus), CIDEr-D (mplug.tasks.cider over the evaluated set's references),
 corpus BLEU-4, and image-text retrieval recall@K both ways.
 
 Scores come as the benchmarks report them: VQA accuracy and recall@K in percent, CIDEr-D and BLEU-4 as fractions
@@ -14,7 +14,7 @@ from typing import Dict, List, Mapping, Sequence
 
 import torch
 
-from mplug.cider import CiderD, ngram_counts
+from mplug.tasks.cider import CiderD, ngram_counts
 
 # Marks the VQA normalisation replaces by a space, or drops where they touch a space or the answer holds a
 # digit-comma-digit group (periods, apostrophes and colons are not among them).
@@ -111,7 +111,7 @@ def _check_caption_inputs(candidates: Sequence[str], references: Sequence[Sequen
 
 
 def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Corpus CIDEr-D (mplug.cider.CiderD): mean over images of candidate i vs references[i] (sentences), the
+    """Corpus CIDEr-D (mplug.tasks.cider.CiderD): mean over images of candidate i vs references[i] (sentences), the
     document frequencies taken from all of ``references``, as the COCO evaluation does."""
     _check_caption_inputs(candidates, references)
     tokenized = [[caption_tokens(ref) for ref in refs] for refs in references]

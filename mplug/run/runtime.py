@@ -1,4 +1,4 @@
-"""What mplug.train and mplug.evaluate share: the process group from torchrun, the model of a run config, loading
+"""What mplug.run.train and mplug.run.evaluate share: the process group from torchrun, the model of a run config, loading
 its weights (our training checkpoints or the authors' files), bf16 autocast on CUDA and a few collectives."""
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from mplug.checkpoint import CLASSIFIER_HEADS, LoadResult, load_official_checkpoint
-from mplug.model import MPLUG
-from mplug.run_config import TASKS
-from mplug.validation import load_checkpoint_file
+from mplug.model.checkpoint import CLASSIFIER_HEADS, LoadResult, load_official_checkpoint
+from mplug.model.mplug import MPLUG
+from mplug.run.run_config import TASKS
+from mplug.model.validation import load_checkpoint_file
 
-CHECKPOINT_FORMAT = "mplug.train/1"
+CHECKPOINT_FORMAT = "mplug.run.train/1"
 MOMENTUM_TASKS = ("retrieval", "pretrain")
 
 
@@ -114,7 +114,7 @@ def check_task(task) -> None:
 def build_model(cfg: dict, device, task: str) -> MPLUG:
     """The MPLUG of run config ``cfg`` (model tiny/base/large at cfg image_size) for ``task``, on ``device``;
     retrieval and pretraining get the momentum copies their losses distil from, ve and nlvr the classifier heads."""
-    from mplug.run_config import build_model_config
+    from mplug.run.run_config import build_model_config
 
     check_task(task)
     model = MPLUG(build_model_config(cfg))
@@ -126,12 +126,12 @@ def build_model(cfg: dict, device, task: str) -> MPLUG:
 
 
 def is_training_checkpoint(state) -> bool:
-    """Whether a loaded file is a checkpoint written by mplug.train."""
+    """Whether a loaded file is a checkpoint written by mplug.run.train."""
     return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
 
 
 def load_weights(model: MPLUG, path, task: Optional[str]) -> LoadResult:
-    """Load ``path`` into ``model``: a checkpoint of mplug.train (every key must fit) or the authors' file
+    """Load ``path`` into ``model``: a checkpoint of mplug.run.train (every key must fit) or the authors' file
     (load_official_checkpoint; task "vqa"/"caption"/"retrieval"/"grounding"/"ve"/"nlvr" names a fine-tuned file's layout, None or
     "pretrain" the pretrained model's)."""
     if task is not None:
@@ -142,7 +142,7 @@ def load_weights(model: MPLUG, path, task: Optional[str]) -> LoadResult:
     result = model.load_state_dict(state["model"], strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            f"checkpoint {os.fspath(path)!r} (mplug.train, task {state['config'].get('task')!r}, model "
+            f"checkpoint {os.fspath(path)!r} (mplug.run.train, task {state['config'].get('task')!r}, model "
             f"{state['config'].get('model')!r}) does not fit this model: missing keys {result.missing_keys[:8]}, "
             f"unexpected keys {result.unexpected_keys[:8]} (first 8 of each)"
         )

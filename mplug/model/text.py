@@ -16,7 +16,7 @@ from mplug_kernels.nn import CoAttention
 from mplug_kernels.nn.co_attention import AttentionOutput
 from mplug_kernels.nn.connected_attention import Intermediate
 
-from mplug.config import MPLUGConfig
+from mplug.model.config import MPLUGConfig
 
 
 def check_token_ids(name: str, ids, vocab_size: int, max_length: int) -> None:

@@ -19,8 +19,8 @@ from mplug_kernels._checks import check_mask
 from mplug_kernels.profiling import nvtx_range
 from mplug_kernels.nn import CoAttentionStack, ConnectedAttention
 
-from mplug.config import MPLUGConfig
-from mplug.text import FeedForwardBlock, LayerStack, bert_attention
+from mplug.model.config import MPLUGConfig
+from mplug.model.text import FeedForwardBlock, LayerStack, bert_attention
 
 
 class CoAttentionLayer(FeedForwardBlock):

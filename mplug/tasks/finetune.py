@@ -11,10 +11,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from mplug.cider import CiderD
-from mplug.generation import DecoderStep
-from mplug.objectives import IGNORE_INDEX, upcast
-from mplug.tasks import _check_batches, _generate, encode_images, pretrain_losses, token_loss
+from mplug.tasks.cider import CiderD
+from mplug.model.generation import DecoderStep
+from mplug.tasks.objectives import IGNORE_INDEX, upcast
+from mplug.tasks.inference import _generate
+from mplug.tasks.pretraining import _check_batches, encode_images, pretrain_losses, token_loss
 
 BASELINES = ("greedy", "mean")
 SAMPLINGS = ("sample", "beam")
@@ -198,7 +199,7 @@ def _check_scst_args(images, references, cider, num_samples, baseline, sampling)
     if empty:
         raise ValueError(f"references: images {empty} have no reference captions; SCST needs at least one per image")
     if not isinstance(cider, CiderD):
-        raise TypeError(f"cider must be an mplug.cider.CiderD built from the training references, got {type(cider).__name__}")
+        raise TypeError(f"cider must be an mplug.tasks.cider.CiderD built from the training references, got {type(cider).__name__}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if baseline not in BASELINES or sampling not in SAMPLINGS:

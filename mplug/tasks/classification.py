@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mplug.tasks import encode_images
-from mplug.validation import describe
-from mplug.video import default_mask
+from mplug.tasks.pretraining import encode_images
+from mplug.model.validation import describe
+from mplug.tasks.video import default_mask
 
 VE_LABELS = ("entailment", "neutral", "contradiction")
 

@@ -1,14 +1,15 @@
-"""Run configurations of ``mplug.train`` / ``mplug.evaluate``: the shipped YAMLs (mplug/configs/<task>_<size>.yaml) or a
+"""Run configurations of ``mplug.run.train`` / ``mplug.run.evaluate``: the shipped YAMLs (mplug/run/configs/<task>_<size>.yaml) or a
 user's YAML, with ``key=value`` overrides, checked against one table of allowed keys."""
 from __future__ import annotations
 
+import argparse
 import copy
 from pathlib import Path
 from typing import Sequence
 
 import yaml
 
-from mplug.config import MPLUGConfig
+from mplug.model.config import MPLUGConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TASKS = ("vqa", "caption", "retrieval", "pretrain", "ve", "nlvr", "grounding")
@@ -175,3 +176,16 @@ def _set_float(cfg: dict, key: str) -> None:
     if isinstance(value, bool) or number < 0.0:
         raise ValueError(f"config key {key!r} must be a number >= 0, got {value!r}")
     target[leaf] = number
+
+
+def run_arguments(tasks: Sequence[str], output_help: str) -> argparse.ArgumentParser:
+    """The arguments mplug.run.train and mplug.run.evaluate share (--task, --config, --set, --output,
+    --skip-bad-records), as a parent parser."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--task", required=True, choices=tasks)
+    parser.add_argument("--config", required=True, help="a shipped config name (vqa_base, ...) or a YAML file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config key (dotted for nested keys: optimizer.lr=1e-4); repeatable")
+    parser.add_argument("--output", required=True, help=output_help)
+    parser.add_argument("--skip-bad-records", action="store_true", help="drop (and count) records that cannot be read")
+    return parser

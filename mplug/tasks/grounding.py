@@ -12,9 +12,9 @@ from typing import NamedTuple, Tuple
 import torch
 import torch.nn.functional as F
 
-from mplug.tasks import encode_images
-from mplug.validation import describe
-from mplug.video import default_mask
+from mplug.tasks.pretraining import encode_images
+from mplug.model.validation import describe
+from mplug.tasks.video import default_mask
 
 MAX_L1_WEIGHT = 5.0
 
