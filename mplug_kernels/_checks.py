@@ -1,6 +1,7 @@
 """Input validation shared by every public op: clear errors that name the argument."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -79,6 +80,9 @@ def default_scale(head_dim: int, softmax_scale: Optional[float]) -> float:
     """softmax_scale, or D ** -0.5 when None."""
     if softmax_scale is None:
         return head_dim ** -0.5
-    if not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__} "
+                        f"{softmax_scale!r}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale!r}")
     return float(softmax_scale)

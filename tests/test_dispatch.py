@@ -90,6 +90,9 @@ def _bad_inputs():
         ("key_padding_mask must have shape \\[B, Lk\\]", ValueError, dict(key_padding_mask=mask[:, :4])),
         ("q must be a torch.Tensor", TypeError, dict(q=[1.0])),
         ("softmax_scale must be a float", TypeError, dict(softmax_scale="0.1")),
+        ("softmax_scale must be a float or None, got bool True", TypeError, dict(softmax_scale=True)),
+        ("softmax_scale must be finite, got nan", ValueError, dict(softmax_scale=float("nan"))),
+        ("softmax_scale must be finite, got inf", ValueError, dict(softmax_scale=float("inf"))),
     ]
 
 
