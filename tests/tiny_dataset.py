@@ -16,6 +16,8 @@ COUNTS = ("one", "two", "three")
 WORDS = ("a", "an", "picture", "of", "on", "background", "image", "with", "what", "color", "is", "the", "shape",
          "how", "many", "shapes", "are", "there", "in", "this", "yes", "no", "and", "small", "big", "crimson", "circles", "squares",
          "left", "right", "both", "images", "show")
+# Contraction pieces for the answer-decoding test, appended after the words above so their ids stay as they were.
+CONTRACTION_PIECES = ("'", "don", "t", "it", "s")
 TASKS = ("vqa", "caption", "retrieval", "pretrain", "ve", "nlvr", "grounding")
 
 
@@ -23,6 +25,7 @@ def write_vocab(path: Path) -> Path:
     """A vocab.txt with BERT's special-token ids ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103) then the words."""
     tokens = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokens += sorted(set(COLORS) | set(SHAPES) | set(COUNTS) | set(WORDS))
+    tokens += CONTRACTION_PIECES
     path.write_text("\n".join(tokens) + "\n")
     return path
 

@@ -91,11 +91,17 @@ def meta_rows(meta: Dict[str, Sequence], size: int) -> List[dict]:
 
 
 def decode(tokenizer, sequences: torch.Tensor, eos_token_id: int) -> List[str]:
-    """Best-beam ids [B, T] -> text, each cut at its first end token (special tokens dropped)."""
+    """Best-beam ids [B, T] -> text as the authors decode it (vqa_mplug.py:117, caption_mplug.py:122), each cut at its
+    first end token."""
     texts = []
     for ids in sequences.tolist():
         end = ids.index(eos_token_id) if eos_token_id in ids else len(ids)
-        texts.append(tokenizer.decode(ids[:end], skip_special_tokens=True).strip())
+        # transformers 4.14 (the authors' requirements.txt) cleaned up tokenization spaces by default ("don ' t" ->
+        # "don't"); transformers >= 5 does not, so ask for it. They keep special tokens other than [SEP]/[CLS]/[PAD].
+        text = tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=True)
+        for token in ("[SEP]", "[CLS]", "[PAD]"):
+            text = text.replace(token, "")
+        texts.append(text.strip())
     return texts
 
 
