@@ -7,9 +7,9 @@ import copy
 from pathlib import Path
 from typing import Sequence
 
-import yaml
 
 from mplug.model.config import MPLUGConfig
+from mplug.run.config_checks import check_values, load_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TASKS = ("vqa", "caption", "retrieval", "pretrain", "ve", "nlvr", "grounding")
@@ -29,6 +29,7 @@ DEFAULTS = {
     "batch_size_test": 8,
     "num_workers": 4,
     "max_grad_norm": 1.0,
+    "skip_non_finite_steps": 0,
     "grad_checkpointing": False,
     "log_every": 50,
     "save_every": 0,
@@ -45,11 +46,6 @@ DEFAULTS = {
     **{key: None for key in PATH_KEYS},
 }
 
-POSITIVE_INTS = ("image_size", "epochs", "batch_size_train", "batch_size_test", "log_every", "max_words", "max_tokens",
-                 "answer_max_words", "num_beams", "max_length", "k_test")
-NON_NEGATIVE_INTS = ("seed", "num_workers", "save_every", "min_length")
-FLOATS = ("max_grad_norm", "optimizer.lr", "optimizer.lr_visual", "optimizer.lr_head", "optimizer.weight_decay",
-          "schedule.warmup_ratio", "schedule.min_lr")
 
 
 def allowed_keys() -> list:
@@ -65,7 +61,7 @@ def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> dict:
     dotted keys reach nested dicts) -> the checked config dict with every key of DEFAULTS."""
     source = _config_file(name_or_path)
     with open(source) as handle:
-        loaded = yaml.safe_load(handle) or {}
+        loaded = load_yaml(handle, str(source)) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"{source}: a config must be a YAML mapping of keys to values, got {type(loaded).__name__}")
     cfg = copy.deepcopy(DEFAULTS)
@@ -106,7 +102,7 @@ def _parse_override(override: str):
     if not isinstance(override, str) or "=" not in override:
         raise ValueError(f"an override must be 'key=value' (e.g. optimizer.lr=1e-4), got {override!r}")
     key, text = override.split("=", 1)
-    return key.strip(), yaml.safe_load(text)
+    return key.strip(), load_yaml(text, f"--set {key.strip()}")
 
 
 def _set(cfg: dict, key: str, value, where: str) -> None:
@@ -131,51 +127,13 @@ def _resolve(key: str, value, base):
 
 
 def _checked(cfg: dict) -> dict:
-    if cfg["task"] not in TASKS:
-        raise ValueError(f"config key 'task' must be one of {TASKS}, got {cfg['task']!r}")
-    if cfg["model"] not in MODELS:
-        raise ValueError(f"config key 'model' must be one of {MODELS}, got {cfg['model']!r}")
-    for key in FLOATS:
-        _set_float(cfg, key)
-    for key in POSITIVE_INTS + NON_NEGATIVE_INTS:
-        value = cfg[key]
-        low = 1 if key in POSITIVE_INTS else 0
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"config key {key!r} must be an int >= {low}, got {value!r}")
-    if cfg["max_steps"] is not None and (not isinstance(cfg["max_steps"], int) or cfg["max_steps"] < 1):
-        raise ValueError(f"config key 'max_steps' must be null or an int >= 1, got {cfg['max_steps']!r}")
-    schedule = cfg["schedule"]
-    if not isinstance(schedule["warmup_steps"], int) or schedule["warmup_steps"] < 0:
-        raise ValueError(f"config key 'schedule.warmup_steps' must be an int >= 0, got {schedule['warmup_steps']!r}")
-    if schedule["warmup_ratio"] is not None and schedule["warmup_steps"]:
-        raise ValueError("set one of schedule.warmup_steps and schedule.warmup_ratio, not both")
-    betas = cfg["optimizer"]["betas"]
-    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-        raise ValueError(f"config key 'optimizer.betas' must be two floats in [0, 1), got {betas!r}")
-    cfg["optimizer"]["betas"] = [float(b) for b in betas]
-    if not isinstance(cfg["prompt"], str) or not isinstance(cfg["grad_checkpointing"], bool):
-        raise ValueError(f"config keys 'prompt' must be a string and 'grad_checkpointing' a bool, got "
-                         f"{cfg['prompt']!r}, {cfg['grad_checkpointing']!r}")
-    build_model_config(cfg)
-    return cfg
-
-
-def _set_float(cfg: dict, key: str) -> None:
-    """A float key (YAML reads 1e-5 without a dot as a string) becomes a float; null stays for optional ones."""
-    *parents, leaf = key.split(".")
-    target = cfg
-    for parent in parents:
-        target = target[parent]
-    value = target[leaf]
-    if value is None and key in ("optimizer.lr_head", "schedule.warmup_ratio"):
-        return
+    check_values(cfg, TASKS, MODELS, PATH_KEYS)
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"config key {key!r} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or number < 0.0:
-        raise ValueError(f"config key {key!r} must be a number >= 0, got {value!r}")
-    target[leaf] = number
+        build_model_config(cfg)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"config keys 'model' {cfg['model']!r} and 'image_size' {cfg['image_size']!r} do not make a "
+                         f"model: {error}") from None
+    return cfg
 
 
 def run_arguments(tasks: Sequence[str], output_help: str) -> argparse.ArgumentParser:
@@ -188,4 +146,7 @@ def run_arguments(tasks: Sequence[str], output_help: str) -> argparse.ArgumentPa
                         help="override a config key (dotted for nested keys: optimizer.lr=1e-4); repeatable")
     parser.add_argument("--output", required=True, help=output_help)
     parser.add_argument("--skip-bad-records", action="store_true", help="drop (and count) records that cannot be read")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run or results already in --output")
+    parser.add_argument("--partial-load", action="store_true",
+                        help="accept a --checkpoint that fills only part of the model (the rest stays as initialised)")
     return parser
