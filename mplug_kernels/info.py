@@ -1,8 +1,10 @@
 """`python -m mplug_kernels.info`: versions, devices, and every backend's availability with its reasons."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+from typing import Optional, Sequence
 
 import torch
 
@@ -55,5 +57,13 @@ def report() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI: parse argv (only --help), print the report."""
+    argparse.ArgumentParser(prog="python -m mplug_kernels.info", description="Print the versions, the device, whether the CUDA extension is built, and every attention "
+                            "backend's availability here with its reasons.").parse_args(argv)
     print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
