@@ -217,6 +217,10 @@ def _sorted_keys(state, ours, config, task) -> Tuple[Dict[str, torch.Tensor], Li
             raise TypeError(f"checkpoint key {official_key!r} holds a {type(value).__name__}, not a tensor")
         if key.replace("visual_encoder_m.", "visual_encoder.", 1) == POSITIONAL_EMBEDDING and value.dim() == 2 and value.shape[1] == ours[key].shape[1]:
             value = resize_positional_embedding(value, ours[key].shape[0]) if value.shape != ours[key].shape else value
+        if dtype_kind(value) != dtype_kind(ours[key]):
+            mismatched.append(f"{official_key} -> {key}: checkpoint dtype {value.dtype}, model {ours[key].dtype} (a "
+                              f"{dtype_kind(value)} tensor is not cast into a {dtype_kind(ours[key])} one)")
+            continue
         if value.shape != ours[key].shape:
             note = " (nlvr_head reads the two fused [CLS] states side by side: 2 x hidden)" if key.startswith("nlvr_head.") else ""
             mismatched.append(f"{official_key} -> {key}: checkpoint {tuple(value.shape)}, model {tuple(ours[key].shape)}{note}")
@@ -225,6 +229,13 @@ def _sorted_keys(state, ours, config, task) -> Tuple[Dict[str, torch.Tensor], Li
     if mismatched:
         raise ValueError("checkpoint shapes do not fit the model:\n  " + "\n  ".join(mismatched))
     return loadable, unexpected, ignored
+
+
+def dtype_kind(tensor: torch.Tensor) -> str:
+    """bool, integer, floating or complex (load_state_dict would cast across them silently)."""
+    if tensor.dtype == torch.bool:
+        return "bool"
+    return "complex" if tensor.is_complex() else "floating" if tensor.is_floating_point() else "integer"
 
 
 def _grounding_rows(state: Dict[str, torch.Tensor], config) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -245,6 +256,9 @@ def _grounding_rows(state: Dict[str, torch.Tensor], config) -> Tuple[torch.Tenso
             f"the model needs 1 and {tokens.levels} (image_size {config.image_size} + 1)"
         )
     theirs = torch.cat([buffers["prefix_ids"], buffers["target_ids"]]).long().cpu()
+    if theirs.unique().numel() != theirs.numel():
+        raise ValueError(f"prefix_ids / target_ids must be {theirs.numel()} distinct token ids (one per coordinate level), "
+                         f"got {theirs.unique().numel()} distinct: {theirs.tolist()[:12]}...")
     if bool(((theirs < 0) | (theirs >= config.vocab_size)).any()):
         raise ValueError(f"prefix_ids / target_ids hold token ids outside the vocabulary [0, {config.vocab_size}): {theirs.tolist()}")
     ours = torch.cat([torch.tensor([tokens.prefix]), torch.arange(tokens.levels) + tokens.first_coordinate])

@@ -91,7 +91,7 @@ def load_checkpoint_file(path, weights_only: bool):
         raise ValueError(f"checkpoint {os.fspath(path)!r} is not a file")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except (EOFError, KeyError, IndexError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+    except (EOFError, KeyError, IndexError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError) as error:
         raise ValueError(
             f"checkpoint {os.fspath(path)!r} ({os.path.getsize(path)} bytes) is not a PyTorch checkpoint that "
             f"torch.load(weights_only={weights_only}) can read ({type(error).__name__}: {error})"

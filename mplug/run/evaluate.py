@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from mplug.run import metrics
+from mplug.run.output import check_result_output, finite_or_text
 from mplug.run.run_config import load_config, run_arguments
 from mplug.tasks.classification import VE_LABELS
 from mplug.tasks.grounding import grounding_accuracy
@@ -72,9 +73,10 @@ def check_task(task: str, cfg: dict, checkpoint) -> None:
 
 
 def write_json_atomic(path: Path, value) -> None:
-    """Write ``value`` as JSON to ``path`` (its folder created) through mplug.run.runtime.atomic_write."""
+    """Write ``value`` as strict JSON (non-finite floats as text) to ``path`` (its folder created) through
+    mplug.run.runtime.atomic_write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda stream: json.dump(value, stream, indent=1), binary=False)
+    atomic_write(path, lambda stream: json.dump(finite_or_text(value), stream, indent=1, allow_nan=False), binary=False)
 
 
 def _plain(value):
@@ -222,17 +224,21 @@ def retrieval_outputs(model, dataset, cfg: dict, device: torch.device) -> dict:
     return {"images": len(dataset), "texts": len(dataset.txt2img), **recall}
 
 
-def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = False) -> Optional[dict]:
+def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = False, overwrite: bool = False,
+             partial_load: bool = False) -> Optional[dict]:
     """Run the evaluation of ``task`` (see the module docstring) in this process of the job; returns the metrics on
-    rank 0 (None elsewhere) after the files are written."""
+    rank 0 (None elsewhere) after the files are written. --output is checked (and created) first: result files
+    already there are refused unless ``overwrite``."""
     from mplug.run.data import build_dataset, build_loader, load_tokenizer
 
     check_task(task, cfg, checkpoint)
     info = init_distributed()
+    if is_main():
+        check_result_output(output, [name for name in (RESULT_FILES.get(task), METRICS_FILE) if name], overwrite)
     tokenizer = load_tokenizer(cfg["vocab"])
     dataset = build_dataset(task, "test", cfg, tokenizer, skip_bad_records=skip_bad_records)
     model = build_model(cfg, info.device, task)
-    load_weights(model, checkpoint, task)
+    load_weights(model, checkpoint, task, partial=partial_load)
     model.eval()
     results, scores = None, None
     if task == "retrieval":
@@ -258,7 +264,8 @@ def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     """Entry point of ``python -m mplug.run.evaluate``: parse, evaluate, print the metrics on rank 0."""
     args = parse_args(argv)
-    scores = evaluate(args.task, load_config(args.config, args.overrides), args.checkpoint, args.output, args.skip_bad_records)
+    scores = evaluate(args.task, load_config(args.config, args.overrides), args.checkpoint, args.output, args.skip_bad_records,
+                      args.overwrite, args.partial_load)
     close_distributed()
     if scores is not None:
         print(json.dumps(scores, indent=1), file=sys.stdout)

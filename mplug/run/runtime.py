@@ -11,10 +11,10 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from mplug.model.checkpoint import CLASSIFIER_HEADS, LoadResult, load_official_checkpoint
+from mplug.model.checkpoint import CLASSIFIER_HEADS, QUEUES, LoadResult, dtype_kind, load_official_checkpoint
 from mplug.model.mplug import MPLUG
 from mplug.run.run_config import TASKS
-from mplug.model.validation import load_checkpoint_file
+from mplug.model.validation import describe, load_checkpoint_file
 
 CHECKPOINT_FORMAT = "mplug.run.train/1"
 MOMENTUM_TASKS = ("retrieval", "pretrain")
@@ -90,6 +90,7 @@ def atomic_write(path, write: Callable, binary: bool = True) -> None:
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp's 0600 would hide checkpoints and results from the group
         with os.fdopen(handle, "wb" if binary else "w") as stream:
             write(stream)
             stream.flush()
@@ -103,6 +104,13 @@ def atomic_write(path, write: Callable, binary: bool = True) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def current_umask() -> int:
+    """The process's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_task(task) -> None:
@@ -130,20 +138,57 @@ def is_training_checkpoint(state) -> bool:
     return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
 
 
-def load_weights(model: MPLUG, path, task: Optional[str]) -> LoadResult:
-    """Load ``path`` into ``model``: a checkpoint of mplug.run.train (every key must fit) or the authors' file
-    (load_official_checkpoint; task "vqa"/"caption"/"retrieval"/"grounding"/"ve"/"nlvr" names a fine-tuned file's layout, None or
-    "pretrain" the pretrained model's)."""
+def load_weights(model: MPLUG, path, task: Optional[str], partial: bool = False) -> LoadResult:
+    """Load ``path`` into ``model``, checking everything before any tensor is written: a checkpoint of mplug.run.train
+    (moves between tasks: momentum copies, queues and classifier heads the model lacks are dropped, those it has and
+    the file lacks keep their initial values (momentum copies take the online weights) -> ignored_keys / missing_keys)
+    or the authors' file (load_official_checkpoint; task "vqa"/"caption"/"retrieval"/"grounding"/"ve"/"nlvr" names
+    a fine-tuned file's layout, None or "pretrain" the pretrained model's). Any other missing or unexpected key is
+    refused unless ``partial``; non-finite weights, shape and dtype-kind changes are always refused."""
     if task is not None:
         check_task(task)
     state = load_checkpoint_file(path, weights_only=True)
     if not is_training_checkpoint(state):
-        return load_official_checkpoint(model, state, task=None if task == "pretrain" else task)
-    result = model.load_state_dict(state["model"], strict=False)
-    if result.missing_keys or result.unexpected_keys:
+        try:
+            return load_official_checkpoint(model, state, strict=not partial, task=None if task == "pretrain" else task)
+        except (RuntimeError, ValueError, TypeError) as error:
+            hint = "" if partial else " (--partial-load accepts a file that fills only part of the model)"
+            raise ValueError(f"checkpoint {os.fspath(path)!r} cannot be loaded: {error}{hint}") from None
+    return _load_training_checkpoint(model, state, os.fspath(path), partial)
+
+
+def _movable(key: str) -> bool:
+    """Whether a key belongs to what differs between the tasks' models (momentum copies, queues, classifier heads)."""
+    head = key.split(".")[0]
+    return head.endswith("_m") or head in QUEUES or head in CLASSIFIER_HEADS.values()
+
+
+def _load_training_checkpoint(model: MPLUG, state: dict, path: str, partial: bool) -> LoadResult:
+    """load_weights of an mplug.run.train checkpoint."""
+    weights, ours = state["model"], model.state_dict()
+    source = f"checkpoint {path!r} (mplug.run.train, task {state['config'].get('task')!r}, model {state['config'].get('model')!r})"
+    missing = [key for key in ours if key not in weights]
+    unexpected = [key for key in weights if key not in ours]
+    refused = [key for key in missing + unexpected if not _movable(key)]
+    if refused and not partial:
         raise ValueError(
-            f"checkpoint {os.fspath(path)!r} (mplug.run.train, task {state['config'].get('task')!r}, model "
-            f"{state['config'].get('model')!r}) does not fit this model: missing keys {result.missing_keys[:8]}, "
-            f"unexpected keys {result.unexpected_keys[:8]} (first 8 of each)"
+            f"{source} does not fit this model: missing keys {[k for k in missing if k in refused][:8]}, unexpected keys "
+            f"{[k for k in unexpected if k in refused][:8]} (first 8 of each; {len(refused)} in all); --partial-load "
+            f"loads the keys that fit and leaves the rest as initialised"
         )
-    return LoadResult([], [], [])
+    loadable = {key: value for key, value in weights.items() if key in ours}
+    problems = [f"{key}: checkpoint {describe(value)}, model {describe(ours[key])}" for key, value in loadable.items()
+                if not isinstance(value, torch.Tensor) or value.shape != ours[key].shape or dtype_kind(value) != dtype_kind(ours[key])]
+    if problems:
+        raise ValueError(f"{source}: tensors do not fit the model:\n  " + "\n  ".join(problems[:20]))
+    non_finite = [key for key, value in loadable.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if non_finite:
+        raise ValueError(f"{source} holds NaN or inf in {len(non_finite)} tensors, e.g. {non_finite[:8]}: refusing to load it")
+    model.load_state_dict(loadable, strict=False)
+    with torch.no_grad():
+        for key in missing:
+            head, _, rest = key.partition(".")
+            if head.endswith("_m") and f"{head[:-2]}.{rest}" in loadable:
+                ours[key].copy_(loadable[f"{head[:-2]}.{rest}"])
+    return LoadResult(missing, [key for key in unexpected if key in refused], [key for key in unexpected if key not in refused])
+

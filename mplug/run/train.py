@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 import resource
 import sys
@@ -28,7 +27,11 @@ from mplug.run.runtime import (
     MOMENTUM_TASKS, DistInfo, atomic_write, autocast, build_model, close_distributed, init_distributed, is_main,
     load_weights, to_device,
 )
-from mplug.run.train_state import LAST, Progress, check_same_run, read_checkpoint, restore, restore_rng, save_checkpoint
+from mplug.run.train_state import (
+    LAST, Progress, check_same_run, check_same_world_size, read_checkpoint, restore, restore_rng, save_checkpoint,
+)
+from mplug.run.divergence import check_finite_weights, check_skipped, clip_and_check
+from mplug.run.output import LOG, json_line, open_run_output, read_log
 
 LOSS_METHODS = {"vqa": "vqa_loss", "caption": "caption_loss", "retrieval": "retrieval_loss", "pretrain": "pretrain_losses",
                 "ve": "ve_loss", "nlvr": "nlvr_loss", "grounding": "grounding_loss"}
@@ -153,19 +156,20 @@ def total_steps(cfg: dict, steps_per_epoch: int) -> int:
     return steps if cfg["max_steps"] is None else min(steps, cfg["max_steps"])
 
 
-def train_step(step_module, inputs: dict, optimizer, scheduler, parameters, max_grad_norm: float, device) -> Dict[str, torch.Tensor]:
-    """One optimiser step on one batch -> the detached losses ("loss" = their sum, and each part for dict losses)."""
+def train_step(step_module, inputs: dict, optimizer, scheduler, parameters, max_grad_norm: float, device):
+    """One optimiser step on one batch -> (the detached losses ("loss" = their sum, and each part for dict losses),
+    whether the step was taken: a non-finite loss or gradient on any rank skips the optimiser update)."""
     with autocast(device):
         out = step_module(**inputs)
     parts = out if isinstance(out, dict) else {}
     loss = sum(parts.values()) if parts else out
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-    optimizer.step()
+    finite = clip_and_check(loss, parameters, max_grad_norm)
+    if finite:
+        optimizer.step()
     scheduler.step()
-    return {"loss": loss.detach(), **{name: value.detach() for name, value in parts.items()}}
+    return {"loss": loss.detach(), **{name: value.detach() for name, value in parts.items()}}, finite
 
 
 def mean_over_ranks(losses: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -190,7 +194,7 @@ def keep_log_lines_until(path: Path, step: int) -> None:
     resumed run logs them again; a new run starts an empty log)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True) if line.strip() and json.loads(line)["step"] <= step]
+    kept = [json_line(record) for record in read_log(path) if record["step"] <= step]
     atomic_write(path, lambda stream: stream.writelines(kept), binary=False)
 
 
@@ -198,7 +202,7 @@ class Logger:
     """log.jsonl lines (rank 0) and the tqdm bar of rank 0; samples/s over the steps since the last line."""
 
     def __init__(self, output: Path, progress: Progress, total: int, samples_per_step: int, device):
-        self.path = output / "log.jsonl"
+        self.path = output / LOG
         if is_main():
             keep_log_lines_until(self.path, progress.step)
         self.samples_per_step = samples_per_step
@@ -213,7 +217,7 @@ class Logger:
         self.since = (now, progress.step)
         if is_main():
             with open(self.path, "a") as handle:
-                handle.write(json.dumps(line) + "\n")
+                handle.write(json_line(line))
             self.bar.set_postfix(loss=f"{losses['loss']:.4f}")
 
     def advance(self) -> None:
@@ -265,10 +269,11 @@ def setup(args: argparse.Namespace, cfg: dict, info: DistInfo) -> Job:
     model = build_model(cfg, info.device, args.task).train()
     freeze_unused(model, args.task)
     if args.checkpoint and not args.resume:
-        result = load_weights(model, args.checkpoint, None)
+        result = load_weights(model, args.checkpoint, None, partial=args.partial_load)
         if is_main():
-            print(f"loaded {args.checkpoint}: {len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
-                  f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:5]}", file=sys.stderr)
+            print(f"loaded {args.checkpoint}: {len(result.missing_keys)} keys left as initialised {result.missing_keys[:5]}, "
+                  f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:5]}, {len(result.ignored_keys)} "
+                  f"dropped (not in this task's model) {result.ignored_keys[:5]}", file=sys.stderr)
     model.set_gradient_checkpointing(cfg["grad_checkpointing"])
     step_module = parallel(TaskLoss(model, args.task), info.device, args.fsdp)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg["optimizer"]), betas=tuple(cfg["optimizer"]["betas"]))
@@ -279,7 +284,9 @@ def setup(args: argparse.Namespace, cfg: dict, info: DistInfo) -> Job:
 
 
 def save(job: Job, progress: Progress, steps=()) -> None:
-    """checkpoint_last.pth (and checkpoint_step{N}.pth for N in steps) of the job as it stands."""
+    """checkpoint_last.pth (and checkpoint_step{N}.pth for N in steps) of the job as it stands (refused when its
+    weights hold NaN or inf)."""
+    check_finite_weights(job.model, progress.step)
     save_checkpoint(job.output, job.model, job.optimizer, job.scheduler, progress, job.cfg, steps)
 
 
@@ -301,17 +308,21 @@ def run_epochs(job: Job, progress: Progress, resumed: Optional[dict]) -> None:
     cfg = job.cfg
     parameters = [p for p in job.model.parameters() if p.requires_grad]
     logger = Logger(job.output, progress, job.total_steps, cfg["batch_size_train"] * job.info.world_size, job.info.device)
+    skipped = 0
     try:
         while progress.epoch < cfg["epochs"] and progress.step < job.total_steps:
             for batch in start_epoch(job, progress, resumed):
                 extra = extra_inputs(job.task, job.model, progress, job.steps_per_epoch)
                 inputs = {**to_device(batch["inputs"], job.info.device), **extra}
-                losses = train_step(job.step_module, inputs, job.optimizer, job.scheduler, parameters, cfg["max_grad_norm"], job.info.device)
+                losses, finite = train_step(job.step_module, inputs, job.optimizer, job.scheduler, parameters,
+                                            cfg["max_grad_norm"], job.info.device)
+                skipped = 0 if finite else skipped + 1
                 progress.step += 1
                 progress.step_in_epoch += 1
                 logger.advance()
                 if progress.step % cfg["log_every"] == 0 or progress.step == job.total_steps:
                     logger.log(progress, mean_over_ranks(losses), job.scheduler.get_last_lr())
+                check_skipped(skipped, cfg["skip_non_finite_steps"], progress.step, losses["loss"].item())
                 if progress.step_in_epoch == job.steps_per_epoch:
                     progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
                 numbered = (progress.step,) if cfg["save_every"] and progress.step % cfg["save_every"] == 0 else ()
@@ -330,12 +341,16 @@ def train(args: argparse.Namespace, cfg: dict) -> Path:
     resumed = read_checkpoint(args.resume) if args.resume else None
     if resumed is not None:
         check_same_run(resumed["config"], cfg, args.resume)
-    job = setup(args, cfg, info)
-    if is_main():
-        job.output.mkdir(parents=True, exist_ok=True)
-    progress = restore(resumed, job.model, job.optimizer, job.scheduler) if resumed is not None else Progress()
-    torch.manual_seed(cfg["seed"] + info.rank)
-    run_epochs(job, progress, resumed)
+        check_same_world_size(resumed, info.world_size, args.resume)
+    lock = open_run_output(args.output, args.resume, args.overwrite) if is_main() else None
+    try:
+        job = setup(args, cfg, info)
+        progress = restore(resumed, job.model, job.optimizer, job.scheduler) if resumed is not None else Progress()
+        torch.manual_seed(cfg["seed"] + info.rank)
+        run_epochs(job, progress, resumed)
+    finally:
+        if lock is not None:
+            lock.release()
     return job.output / LAST
 
 

@@ -16,8 +16,9 @@ from mplug.run.runtime import CHECKPOINT_FORMAT, all_gather_objects, atomic_writ
 from mplug.model.validation import load_checkpoint_file
 
 LAST = "checkpoint_last.pth"
-# Keys a resumed run may change: they stop, log or save the run but do not change its steps.
-RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "save_every", "num_workers", "batch_size_test", "test_file",
+# Keys a resumed run may change: they log or save the run but do not change its steps (max_steps and epochs set the
+# cosine schedule's length, so they may not change).
+RESUMABLE_CHANGES = ("log_every", "save_every", "num_workers", "batch_size_test", "test_file",
                      "answer_list", "num_beams", "min_length", "max_length", "k_test")
 
 
@@ -95,6 +96,15 @@ def check_same_run(saved: dict, cfg: dict, path) -> None:
         details = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, now {cfg.get(key)!r}" for key in changed)
         raise ValueError(f"--resume {os.fspath(path)!r}: the config differs from the checkpoint's in {details} "
                          f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume)")
+
+
+def check_same_world_size(state: dict, world_size: int, path) -> None:
+    """A resumed run must have the checkpoint's number of processes (it sets each rank's data and the steps per epoch)."""
+    saved = len(state["rng"])
+    if saved != world_size:
+        raise ValueError(f"--resume {os.fspath(path)!r}: the checkpoint was written by a run of {saved} process(es), this "
+                         f"run has {world_size}; the data each process reads and the steps per epoch (so the schedule) "
+                         f"depend on it: resume with {saved} process(es)")
 
 
 def restore(state: dict, model, optimizer, scheduler) -> Progress:

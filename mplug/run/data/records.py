@@ -69,6 +69,8 @@ def load_json_list(path: str, what: str = "annotation file") -> list:
             records = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: {what} is not valid JSON ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: {what} nests its JSON too deeply to read (no annotation file nests that deep)") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: {what} must hold a JSON list of records, got a {type(records).__name__}")
     return records
