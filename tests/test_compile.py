@@ -35,3 +35,44 @@ def test_custom_op_passes_opcheck():
     v = random_tensor(1, 5, 2, 16, dtype=torch.float32, generator=generator, requires_grad=True)
     mask = make_mask("padding", 1, 5, generator)
     torch.library.opcheck(torch.ops.mplug_kernels.attention_forward.default, (q, [k], [v], [mask], 1, 0.25, "reference"))
+
+
+def _fullgraph_matches_eager(fn, *args):
+    """fn compiled with fullgraph=True (default inductor backend) gives eager's answer."""
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(*args), fn(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_fullgraph_default_auto_co_attention():
+    generator = torch.Generator().manual_seed(2)
+    q = random_tensor(1, 3, 2, 16, dtype=torch.float32, generator=generator)
+    k = random_tensor(1, 5, 2, 16, dtype=torch.float32, generator=generator)
+    v = random_tensor(1, 5, 2, 16, dtype=torch.float32, generator=generator)
+    _fullgraph_matches_eager(lambda q, k, v, mask: mplug_kernels.co_attention(q, k, v, mask), q, k, v,
+                             make_mask("padding", 1, 5, generator))
+
+
+def test_compile_fullgraph_default_auto_concat_attention():
+    generator = torch.Generator().manual_seed(3)
+    q = random_tensor(1, 3, 2, 16, dtype=torch.float32, generator=generator)
+    ks = [random_tensor(1, n, 2, 16, dtype=torch.float32, generator=generator) for n in (4, 2)]
+    vs = [random_tensor(1, n, 2, 16, dtype=torch.float32, generator=generator) for n in (4, 2)]
+    _fullgraph_matches_eager(lambda q, k0, k1, v0, v1: mplug_kernels.concat_attention(q, [k0, k1], [v0, v1]),
+                             q, *ks, *vs)
+
+
+def test_compile_fullgraph_default_auto_decode_loop():
+    generator = torch.Generator().manual_seed(4)
+    image_k = random_tensor(1, 4, 2, 16, dtype=torch.float32, generator=generator)
+    image_v = random_tensor(1, 4, 2, 16, dtype=torch.float32, generator=generator)
+    first = random_tensor(1, 1, 2, 16, dtype=torch.float32, generator=generator)
+
+    def decode(x, image_k, image_v):
+        text_k, text_v, steps = x, x, []
+        for _ in range(3):  # each step attends to the image and the text so far, then extends the text cache
+            x = mplug_kernels.concat_attention(x, [image_k, text_k], [image_v, text_v])
+            text_k, text_v = torch.cat([text_k, x], 1), torch.cat([text_v, x], 1)
+            steps.append(x)
+        return torch.cat(steps, 1)
+
+    _fullgraph_matches_eager(decode, first, image_k, image_v)

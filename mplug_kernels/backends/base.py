@@ -40,6 +40,14 @@ class AttentionCall:
         )
 
 
+@torch.compiler.assume_constant_result
+def resolved_unavailable_reason(backend: "Backend") -> Optional[str]:
+    """backend.unavailable_reason() resolved once per backend; torch.compile runs this eagerly and keeps a constant."""
+    if "_resolved_unavailable_reason" not in backend.__dict__:
+        backend.__dict__["_resolved_unavailable_reason"] = backend.unavailable_reason()
+    return backend.__dict__["_resolved_unavailable_reason"]
+
+
 class Backend:
     """Base class: subclasses set ``name``, extend ``reasons`` and implement ``attend``.
 
@@ -63,7 +71,7 @@ class Backend:
 
     def reasons(self, call: AttentionCall) -> List[str]:
         """Every reason this backend cannot run ``call`` (empty when it can)."""
-        unavailable = self.unavailable_reason()
+        unavailable = resolved_unavailable_reason(self)
         if unavailable:
             return [unavailable]
         found = []
