@@ -16,7 +16,9 @@ from mplug.tasks.pretraining import encode_images
 from mplug.model.validation import describe
 from mplug.tasks.video import default_mask
 
-VE_LABELS = ("entailment", "neutral", "contradiction")
+# The authors' class indices (AliceMind mPLUG/dataset/ve_dataset.py:14: entailment 2, neutral 1, contradiction 0), so a
+# loaded cls_head keeps its meaning.
+VE_LABELS = ("contradiction", "neutral", "entailment")
 
 
 def classifier(width: int, classes: int) -> nn.Sequential:
@@ -50,12 +52,12 @@ def _check_labels(labels, batch: int, classes: int) -> None:
 
 
 def ve_logits(model, images, text_ids, text_mask=None) -> torch.Tensor:
-    """SNLI-VE logits [B, 3] (entailment, neutral, contradiction) of images [B, 3, H, W] and hypotheses [B, L]."""
+    """SNLI-VE logits [B, 3] (contradiction, neutral, entailment) of images [B, 3, H, W] and hypotheses [B, L]."""
     return add_classifier_heads(model).ve_head(fused_cls(model, images, text_ids, text_mask))
 
 
 def ve_loss(model, images, text_ids, text_mask, labels) -> torch.Tensor:
-    """Mean cross-entropy of ve_logits against labels long [B] (0 entailment, 1 neutral, 2 contradiction)."""
+    """Mean cross-entropy of ve_logits against labels long [B] (0 contradiction, 1 neutral, 2 entailment)."""
     _check_labels(labels, text_ids.shape[0], len(VE_LABELS))
     return F.cross_entropy(ve_logits(model, images, text_ids, text_mask).float(), labels)
 

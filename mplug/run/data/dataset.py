@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mplug.run.data.augment import nlvr_swap
 from mplug.run.data.records import BadRecords, answer_list, image_source, read_samples
 from mplug.run.data.text import check_vocabulary
 from mplug.run.data.transforms import FINETUNE_SCALE, PRETRAIN_SCALE, eval_transform, train_transform
@@ -80,6 +81,8 @@ class TaskDataset(Dataset):
             image = torch.stack([self.load_image(index, rng, path) for path in sample["images"]])
         else:
             image = self.load_image(index, rng)
+        if self.task == "nlvr" and self.split == "train":
+            image, item["sentence"] = nlvr_swap(image, item["sentence"], rng)
         item.update(image=image, index=index, file=str(sample["source"][0]), record=sample["source"][1])
         if "captions" in item and self.split == "train":
             item["caption"] = rng.choice(item["captions"])

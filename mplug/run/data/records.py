@@ -3,7 +3,7 @@
 Formats: VQA train {"image", "question", "answer": [..] or "..", "dataset": "vqa"|"vg"|"gqa"}, VQA test {"image",
 "question", "question_id"} (+ "answer" when known) and the answer-list JSON; caption (Karpathy COCO) {"filename",
 "filepath", "sentences": [{"raw"}, ..]}; retrieval train {"image", "caption", "image_id"}, test {"image", "caption":
-[..]}; pretraining {"image", "caption": ".." or [..]}; SNLI-VE {"image", "sentence", "label": "entailment" |
+[..]}; pretraining {"image", "caption": ".." or [..]}; SNLI-VE {"image" (".jpg" appended when only that file exists), "sentence", "label": "entailment" |
 "neutral" | "contradiction"}; NLVR2 {"images": [left, right], "sentence", "label": "True" | "False" or a bool};
 grounding (RefCOCO style) {"image", "text" (or "sentence"), "bbox": [x, y, w, h] in pixels}. A bad record (a missing key, a wrong type, an empty answer
 list, a missing image file) raises ValueError("<file>: record <i>: <what>"), or with skip_bad_records is dropped and
@@ -217,7 +217,11 @@ def ve_parser(cfg: dict, split: str) -> Callable[[dict], List[dict]]:
         label = field(record, "label", str, f"one of {list(VE_LABELS)}")
         if label not in VE_LABELS:
             raise BadRecord(f"key 'label' must be one of {list(VE_LABELS)}, got {label!r}")
-        return [{"image": image_file(root, text_field(record, "image")),
+        image = text_field(record, "image")
+        # The authors' JSON names the Flickr30k id without ".jpg" and they append it (dataset/ve_dataset.py:24).
+        if not os.path.isfile(os.path.join(root, image)) and os.path.isfile(os.path.join(root, image + ".jpg")):
+            image += ".jpg"
+        return [{"image": image_file(root, image),
                  "sentence": cleaned(text_field(record, "sentence"), cfg["max_words"], "sentence"), "label": VE_LABELS.index(label)}]
 
     return parse
