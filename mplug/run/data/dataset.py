@@ -18,10 +18,10 @@ import random
 from typing import Dict, List
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from mplug.run.data.augment import nlvr_swap
+from mplug.run.data.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from mplug.run.data.records import BadRecords, answer_list, image_source, read_samples
 from mplug.run.data.text import check_vocabulary
 from mplug.run.data.transforms import FINETUNE_SCALE, PRETRAIN_SCALE, eval_transform, train_transform
@@ -37,6 +37,7 @@ class TaskDataset(Dataset):
         bad = BadRecords(skip_bad_records)
         self.task, self.split, self.tokenizer, self.epoch = task, split, tokenizer, 0
         self.seed, self.image_size, self.max_tokens = cfg["seed"], cfg["image_size"], cfg["max_tokens"]
+        self.max_pixels = cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)
         self.samples = read_samples(task, split, cfg, bad)
         self.skipped, self.skipped_reasons = len(bad.reasons), bad.reasons
         if not self.samples:
@@ -64,10 +65,9 @@ class TaskDataset(Dataset):
         sample = self.samples[index]
         path = sample["image"] if path is None else path
         try:
-            with Image.open(path) as file:
-                image = file.convert("RGB")
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{image_source(sample)}: cannot read image {path} ({error})") from None
+            image = open_rgb(path, self.max_pixels)
+        except BadImage as error:
+            raise BadImage(f"{image_source(sample)}: {error}") from None
         if self.split == "test" or self.task == "grounding":
             return eval_transform(image, self.image_size)
         scale = PRETRAIN_SCALE if self.task == "pretrain" else FINETUNE_SCALE
