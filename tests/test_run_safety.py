@@ -193,10 +193,10 @@ def test_evaluate_checks_its_output_before_any_work(tmp_path, vqa, monkeypatch):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "vqa_result.json").write_text("[]")
 
-    def no_model(*args, **kwargs):
-        raise AssertionError("the output should have been refused before the model was built")
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the output should have been refused before the generation")
 
-    monkeypatch.setattr(evaluate_module, "build_model", no_model)
+    monkeypatch.setattr(evaluate_module, "generate", no_generation)
     with pytest.raises(ValueError, match=r"eval.*already holds vqa_result\.json; pass --overwrite"):
         evaluate_module.main(evaluate_argv(vqa, checkpoint, tmp_path / "eval"))
     (tmp_path / "a_file").write_text("")
@@ -290,3 +290,25 @@ def test_the_authors_loader_refuses_a_dtype_kind_change_and_repeated_grounding_i
     state["target_ids"] = torch.full(state["target_ids"].shape, 345, dtype=torch.long)
     with pytest.raises(ValueError, match=r"prefix_ids / target_ids must be .* distinct token ids"):
         load_official_checkpoint(MPLUG(config), state, task="grounding")
+
+
+def test_a_non_finite_step_leaves_the_weights_and_adam_state_alone():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def step_module(scale):
+        return (weight * scale).sum()
+
+    losses, finite = train_module.train_step(step_module, {"scale": torch.tensor(float("nan"))}, optimizer, scheduler,
+                                             [weight], 1.0, torch.device("cpu"))
+    assert not finite and torch.isnan(losses["loss"]) and torch.equal(weight.detach(), torch.ones(3))
+    assert optimizer.state_dict()["state"] == {}
+    _, finite = train_module.train_step(step_module, {"scale": torch.tensor(2.0)}, optimizer, scheduler, [weight], 0.0,
+                                        torch.device("cpu"))
+    assert finite and not torch.equal(weight.detach(), torch.ones(3))
+
+
+def test_result_files_are_strict_json(tmp_path):
+    evaluate_module.write_json_atomic(tmp_path / "m.json", {"score": float("nan"), "rows": [float("-inf"), 1.0]})
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: None) == {"score": "nan", "rows": ["-inf", 1.0]}

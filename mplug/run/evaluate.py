@@ -233,13 +233,13 @@ def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = 
 
     check_task(task, cfg, checkpoint)
     info = init_distributed()
-    if is_main():
-        check_result_output(output, [name for name in (RESULT_FILES.get(task), METRICS_FILE) if name], overwrite)
     tokenizer = load_tokenizer(cfg["vocab"])
     dataset = build_dataset(task, "test", cfg, tokenizer, skip_bad_records=skip_bad_records)
     model = build_model(cfg, info.device, task)
     load_weights(model, checkpoint, task, partial=partial_load)
     model.eval()
+    if is_main():  # before the generation; after the checkpoint, so a bad one leaves no folder behind
+        check_result_output(output, [name for name in (RESULT_FILES.get(task), METRICS_FILE) if name], overwrite)
     results, scores = None, None
     if task == "retrieval":
         scores = retrieval_outputs(model, dataset, cfg, info.device) if is_main() else None
