@@ -2,7 +2,10 @@
 
 Environment: CUDA_HOME (else nvcc on PATH) picks nvcc; MPLUG_KERNELS_CUDA_ARCHS (default "80;90",
 PTX for the newest); MAX_JOBS (parallel compile jobs); MPLUG_KERNELS_SKIP_CUDA_BUILD=1 skips it.
+The CMake build folder is build/cmake-<hash of nvcc, archs, Python> in the source tree and is kept between
+installs, so a second ``pip install -e .`` recompiles only the changed sources (ccache is used when present).
 """
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -64,6 +67,20 @@ def pybind11_include():
     raise RuntimeError("mplug-kernels: building the CUDA extension needs pybind11 (pip install pybind11)")
 
 
+def cmake_build_dir(nvcc, archs, generator):
+    """The persistent build folder for one (nvcc, archs, generator, Python): build/cmake-<12 hex digits>."""
+    key = "\n".join([str(Path(nvcc).resolve()), archs, generator, sys.executable, sysconfig.get_config_var("EXT_SUFFIX")])
+    return ROOT / "build" / f"cmake-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def compiler_launchers():
+    """CMake flags that put ccache in front of nvcc and the C++ compiler, when ccache is on PATH."""
+    ccache = shutil.which("ccache")
+    if ccache is None:
+        return []
+    return [f"-DCMAKE_CUDA_COMPILER_LAUNCHER={ccache}", f"-DCMAKE_CXX_COMPILER_LAUNCHER={ccache}"]
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
@@ -90,9 +107,9 @@ class CMakeBuild(build_ext):
             raise RuntimeError("mplug-kernels: nvcc was found but cmake was not (pip install cmake)")
         nvcc = find_nvcc()[0]
         output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / "cmake"
         archs = os.environ.get("MPLUG_KERNELS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).replace(",", ";")
         ninja = find_tool("ninja")
+        build_dir = cmake_build_dir(nvcc, archs, "ninja" if ninja else "default")
         configure = [
             cmake, "-S", str(ROOT), "-B", str(build_dir),
             *(["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []),
@@ -102,9 +119,13 @@ class CMakeBuild(build_ext):
             f"-DPYBIND11_INCLUDE_DIR={pybind11_include()}",
             f"-DMPLUG_KERNELS_CUDA_ARCHS={archs}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={output_dir}",
+            *compiler_launchers(),
         ]
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        print(f"mplug-kernels: building the CUDA extension with {nvcc} for sm {archs} ({jobs} jobs)", file=sys.stderr)
+        reused = ("reusing build folder {}: only changed sources recompile" if (build_dir / "CMakeCache.txt").is_file()
+                  else "new build folder {}: a first build takes minutes")
+        print(f"mplug-kernels: nvcc is compiling the CUDA extension ({nvcc}, sm {archs}, {jobs} jobs, "
+              f"{reused.format(build_dir)})", file=sys.stderr, flush=True)
         subprocess.run(configure, check=True)
         subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
         built = output_dir / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
