@@ -67,14 +67,8 @@ struct AttentionArgs {
   void* stream = nullptr;      // cudaStream_t
 };
 
-struct SplitPlan {
-  int num_splits;
-  int64_t split_size;
-};
-
-// The key ranges of `wanted_splits` (1..kMaxSplits) splits of `total_keys` keys: split_size a
-// multiple of kKeysPerTile, no split empty (so num_splits may be fewer than wanted).
-SplitPlan split_keys(int64_t total_keys, int wanted_splits);
+// Split-KV key ranges come from mplug_kernels.occupancy (split_plan, split_keys): split i holds keys
+// [i * split_size, (i + 1) * split_size), the last split every key left.
 
 // Warps per forward CTA, 16 query rows each (a warp past the queries only loads K/V): 2 for up
 // to 32 queries (25 queries: the MMAs cover 32 rows, 1.3x), 4 for longer query sequences and for

@@ -28,21 +28,16 @@ void check_common(const AttentionArgs& args) {
 
 }  // namespace
 
-SplitPlan split_keys(int64_t total_keys, int wanted_splits) {
-  require(wanted_splits >= 1 && wanted_splits <= kMaxSplits,
-          "wanted_splits must be in 1.." + std::to_string(kMaxSplits) + ", got " + std::to_string(wanted_splits));
-  const int64_t key_tiles = std::max<int64_t>(1, ceil_div(total_keys, kKeysPerTile));
-  const int64_t wanted = std::min<int64_t>(wanted_splits, key_tiles);
-  const int64_t split_size = ceil_div(ceil_div(std::max<int64_t>(total_keys, 1), wanted), kKeysPerTile) * kKeysPerTile;
-  return SplitPlan{static_cast<int>(std::max<int64_t>(1, ceil_div(total_keys, split_size))), split_size};
-}
-
 void attention_forward(const AttentionArgs& args) {
   check_common(args);
   require(args.num_splits >= 1 && args.num_splits <= kMaxSplits, "num_splits must be in 1..64");
   require(args.split_size > 0 && args.split_size % kKeysPerTile == 0, "split_size must be a positive multiple of 64");
   require(args.num_splits == 1 || (args.part_out != nullptr && args.part_lse != nullptr),
           "split-KV needs part_out and part_lse buffers");
+  int64_t total_keys = 0;
+  for (int s = 0; s < args.num_sources; ++s) total_keys += args.sources[s].length;
+  require(args.num_splits == 1 || (args.num_splits - 1) * args.split_size < total_keys,
+          "num_splits * split_size leaves the last split without keys");
   require(args.batch * args.heads * ceil_div(args.q_len, forward_rows_per_cta(args.head_dim, args.q_len)) <= kMaxGridX,
           "batch * heads * query tiles exceeds the CUDA grid limit");
   if (args.batch * args.heads * args.q_len == 0) return;

@@ -103,14 +103,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dout"), py::arg("dq"), py::arg("dq_accum"), py::arg("dlse"), py::arg("delta"), py::arg("stream"),
         "dq, and every source's dk and dv; dQ by atomics into dq_accum when it is set, else deterministic");
   m.def(
-      "split_keys",
-      [](int64_t total_keys, int wanted_splits) {
-        const mplug::SplitPlan plan = mplug::split_keys(total_keys, wanted_splits);
-        return std::make_tuple(plan.num_splits, plan.split_size);
-      },
-      py::arg("total_keys"), py::arg("wanted_splits"),
-      "(num_splits, split_size) of the forward's split-KV: split_size a multiple of KEYS_PER_TILE, no split empty");
-  m.def(
       "forward_launch",
       [](const std::string& dtype, int64_t head_dim, int64_t q_len) {
         return std::make_tuple(mplug::forward_rows_per_cta(head_dim, q_len),

@@ -403,7 +403,7 @@ __device__ __forceinline__ void write_rows(const AttentionArgs& args, int64_t b,
 
 // grid (B * H * query tiles, splits), query tiles of one (batch, head) adjacent: the kWarps * 16
 // query rows of one tile over the keys [split * split_size, (split + 1) * split_size) of the
-// concatenated sources. Tiles of 64 keys may span source boundaries. One barrier per tile: it
+// concatenated sources (the last split: to the end). Tiles of 64 keys may span source boundaries. One barrier per tile: it
 // publishes tile t (landed, with tile t + 1's visibility) and frees tile t - 1's stage.
 template <typename T, int D, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const __grid_constant__ AttentionArgs args) {
@@ -419,7 +419,8 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const __grid_const
   const SourceStarts starts = source_starts(args);
   const bool masked = any_mask(args);
   const int64_t lo = static_cast<int64_t>(blockIdx.y) * args.split_size;
-  const int64_t hi = min(lo + args.split_size, starts.total);
+  // the last split holds every key left (split_plan merges a sliver into it)
+  const int64_t hi = blockIdx.y + 1 == args.num_splits ? starts.total : min(lo + args.split_size, starts.total);
   const int tiles = hi > lo ? static_cast<int>((hi - lo + kBlockN - 1) / kBlockN) : 0;
   // |scale| (Q is negated for a negative scale), at least FLT_MIN so that -inf * scale stays -inf
   const float scale_log2 = fmaxf(fabsf(args.scale) * kLog2e, FLT_MIN);

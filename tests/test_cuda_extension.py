@@ -17,6 +17,7 @@ import mplug_kernels
 from mplug_kernels.backends import AttentionCall, BACKENDS
 from mplug_kernels.backends import cuda as cuda_backend
 from mplug_kernels.backends.kernel_inputs import force_num_splits
+from mplug_kernels.occupancy import KEY_TILE, forward_rows_per_cta, split_plan
 from attention_testing import (
     MASK_KINDS,
     assert_within_budget,
@@ -95,6 +96,7 @@ def test_extension_exports_every_kernel(which):
         (dict(num_splits=65), "num_splits must be in 1..64"),
         (dict(split_size=100), "split_size must be a positive multiple of 64"),
         (dict(num_splits=2), "split-KV needs part_out and part_lse"),
+        (dict(num_splits=2, part_out=16, part_lse=16), "leaves the last split without keys"),
     ],
 )
 def test_bad_arguments_raise_value_error(overrides, message):
@@ -110,13 +112,8 @@ def test_launch_failure_raises_runtime_error_with_cuda_message():
 
 
 @needs_extension
-@pytest.mark.parametrize("total_keys", [0, 1, 64, 577, 1025, 20000])
-@pytest.mark.parametrize("wanted", [1, 3, 10, 64])
-def test_split_keys_covers_keys_without_empty_splits(total_keys, wanted):
-    num_splits, split_size = EXTENSION.split_keys(total_keys, wanted)
-    assert 1 <= num_splits <= wanted and split_size > 0 and split_size % EXTENSION.KEYS_PER_TILE == 0
-    assert num_splits * split_size >= total_keys
-    assert (num_splits - 1) * split_size < max(total_keys, 1)
+def test_kernel_key_tile_is_the_split_plans():
+    assert EXTENSION.KEYS_PER_TILE == KEY_TILE
 
 
 @needs_extension
@@ -126,18 +123,21 @@ def test_forward_launch_rows_per_cta(head_dim, q_len, rows):
     """16 query rows per warp, 2 warps up to 32 queries (D <= 96), else 4: mPLUG's 25 text queries take 32 rows, not
     64 or 128 (warps past the queries only load K/V)."""
     rows_per_cta, ctas_per_sm = EXTENSION.forward_launch("bfloat16", head_dim, q_len)
-    assert rows_per_cta == rows and ctas_per_sm >= 1
+    assert rows_per_cta == rows == forward_rows_per_cta("cuda", q_len, head_dim, 2) and ctas_per_sm >= 1
     with pytest.raises(ValueError, match="head_dim 48"):
         EXTENSION.forward_launch("bfloat16", 48, q_len)
 
 
 @needs_extension
-@pytest.mark.parametrize("batch, splits", [(1, 10), (64, 1)])
-def test_split_count_follows_occupancy(batch, splits):
-    """mPLUG's VQA cross-attention (H = 12, Lq = 25, Lk = 577): 12 CTAs at B = 1 are split over all 10 key tiles
-    to fill the GPU; 768 CTAs at B = 64 fill its waves unsplit."""
+@pytest.mark.parametrize("batch, plan", [(1, (5, 128)), (64, (1, 640))])
+def test_split_plan_follows_occupancy(batch, plan):
+    """mPLUG's VQA cross-attention (H = 12, Lq = 25, Lk = 577): 12 CTAs at B = 1 are split into 5 ranges of two key
+    tiles (the last one 65 keys); 768 CTAs at B = 64 fill a wave unsplit. The backend's plan is split_plan's with
+    the kernel's own CTAs per SM (the emulator reports an H100's)."""
     q = torch.empty(batch, 25, 12, 64, dtype=torch.bfloat16, device=cuda_backend.kernel_device_type())
-    assert cuda_backend._occupancy_splits(EXTENSION, q, 577) == splits
+    ctas_per_sm = EXTENSION.forward_launch("bfloat16", 64, 25)[1]
+    assert cuda_backend._split(EXTENSION, q, 577) == split_plan(batch, 12, 25, 577, 64, 2, ctas_per_sm=ctas_per_sm)
+    assert split_plan(batch, 12, 25, 577, 64, 2, ctas_per_sm=ctas_per_sm) == plan
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import torch
 from mplug_kernels.backends.base import Backend
 from mplug_kernels.reference import alive_batch_rows, dead_queries_zeroed
 from mplug_kernels.backends.kernel_inputs import forced_num_splits, mask_bytes
-from mplug_kernels.occupancy import num_splits_for_occupancy
+from mplug_kernels.occupancy import split_keys, split_plan
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -129,13 +129,22 @@ def _forward_launch(extension, dtype: str, head_dim: int, q_len: int, device: to
     return extension.forward_launch(dtype, head_dim, q_len)
 
 
-def _occupancy_splits(extension, q: torch.Tensor, total_keys: int) -> int:
-    """Split-KV count that fills the GPU's waves, from the forward kernel's real CTAs per SM."""
+def _arch(device: torch.device) -> int:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def _split(extension, q: torch.Tensor, total_keys: int) -> Tuple[int, int]:
+    """(num_splits, split_size) of the forward: the forced count's key ranges, else occupancy.split_plan with the
+    forward kernel's real CTAs per SM on this device."""
+    if forced_num_splits():
+        return split_keys(total_keys, forced_num_splits(), extension.KEYS_PER_TILE)
     batch, q_len, heads, head_dim = q.shape
-    rows_per_cta, ctas_per_sm = _forward_launch(extension, DTYPE_NAMES[q.dtype], head_dim, max(q_len, 1), q.device)
-    ctas = batch * heads * -(-q_len // rows_per_cta)
-    key_tiles = -(-total_keys // extension.KEYS_PER_TILE)
-    return num_splits_for_occupancy(ctas, ctas_per_sm, _sm_count(q.device), key_tiles)
+    _, ctas_per_sm = _forward_launch(extension, DTYPE_NAMES[q.dtype], head_dim, max(q_len, 1), q.device)
+    return split_plan(batch, heads, q_len, total_keys, head_dim, q.element_size(), backend="cuda",
+                      arch=_arch(q.device), sm_count=_sm_count(q.device), ctas_per_sm=ctas_per_sm)
 
 
 def forward(
@@ -152,8 +161,7 @@ def forward(
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     total_keys = sum(k.shape[1] for k in ks)
     with _on_device(q.device):
-        wanted = forced_num_splits() or _occupancy_splits(extension, q, total_keys)
-    num_splits, split_size = extension.split_keys(total_keys, wanted)
+        num_splits, split_size = _split(extension, q, total_keys)
     part_out = part_lse = None
     if num_splits > 1:
         part_out = torch.empty((num_splits, batch * heads, q_len, head_dim), dtype=torch.float32, device=q.device)

@@ -121,12 +121,15 @@ int run_case(const Case& c) {
     source.dk = contiguous_view(dks.back().get(), c, L);
     source.dv = contiguous_view(dvs.back().get(), c, L);
   }
-  const mplug::SplitPlan plan = mplug::split_keys(total_keys, c.forced_splits > 0 ? c.forced_splits : 1);
-  args.num_splits = plan.num_splits;
-  args.split_size = plan.split_size;
-  auto part_out = uninitialised<float>(plan.num_splits * rows * D);
-  auto part_lse = uninitialised<float>(plan.num_splits * rows);
-  if (plan.num_splits > 1) {
+  // mplug_kernels.occupancy.split_keys: whole key tiles per split, a last split under one tile merged
+  const int64_t wanted = c.forced_splits > 0 ? c.forced_splits : 1;
+  const int64_t key_count = total_keys > 0 ? total_keys : 1;
+  args.split_size = ((key_count + wanted - 1) / wanted + mplug::kKeysPerTile - 1) / mplug::kKeysPerTile * mplug::kKeysPerTile;
+  args.num_splits = static_cast<int>((key_count + args.split_size - 1) / args.split_size);
+  if (args.num_splits > 1 && key_count - (args.num_splits - 1) * args.split_size < mplug::kKeysPerTile) --args.num_splits;
+  auto part_out = uninitialised<float>(args.num_splits * rows * D);
+  auto part_lse = uninitialised<float>(args.num_splits * rows);
+  if (args.num_splits > 1) {
     args.part_out = part_out.get();
     args.part_lse = part_lse.get();
   }
@@ -161,8 +164,8 @@ int main() {
   const std::vector<Case> cases = {
       {2, 2, 7, 64, {197}, true, 0, false},
       {1, 3, 33, 32, {25, 7, 1}, true, 0, true},
-      {2, 1, 1, 128, {577}, false, 3, false},
-      {1, 2, 40, 80, {70, 64}, true, 2, true},
+      {2, 1, 1, 128, {577}, false, 9, false},  // 9 splits, the last one 65 keys (a 1-key sliver merged)
+      {1, 2, 40, 80, {70, 64}, true, 3, true},  // 2 splits: 64 keys, then 70
       {1, 1, 5, 96, {1}, false, 0, false},
   };
   int nans = 0;
