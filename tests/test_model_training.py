@@ -20,11 +20,12 @@ def tiny_model(seed=0, **changes):
 
 
 def step_losses(model, images, ids, mask, objectives=("itc", "itm", "mlm", "prefix_lm")):
-    """pretrain_losses with fixed MLM masks, prefixes and negatives; the queues are left alone."""
+    """pretrain_losses with fixed MLM masks, prefixes and negatives; the queues are left alone. ITC contrasts every
+    process's batch (itc_bank "global"; the same as "local" in one process)."""
     mlm_inputs, prefix_lengths = fixed_choices(ids, mask)
     return model.pretrain_losses(
         images, ids, mask, mlm_inputs=mlm_inputs, prefix_lengths=prefix_lengths,
-        generator=torch.Generator().manual_seed(0), update_queue=False, objectives=objectives,
+        generator=torch.Generator().manual_seed(0), update_queue=False, objectives=objectives, itc_bank="global",
     )
 
 

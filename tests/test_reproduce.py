@@ -86,3 +86,102 @@ def test_nlvr_training_items_swapped_about_half_the_time_test_items_never(tmp_pa
 
     assert 0 < swaps(train) < len(train)
     assert swaps(test) == 0
+
+
+def _itc_worker(rank, world_size, store_path, data, out_path):
+    """This rank's ITC loss on its half of the batch, with the local and the global bank."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        model = _tiny_mplug()
+        half = [x[rank * 2 : rank * 2 + 2] for x in data]
+        losses = {bank: model.pretrain_losses(*half, objectives=("itc",), update_queue=False, itc_bank=bank)["itc"]
+                  for bank in ("local", "global")}
+        torch.save({bank: loss.detach() for bank, loss in losses.items()}, f"{out_path}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _tiny_mplug():
+    from mplug import MPLUG, MPLUGConfig
+
+    torch.manual_seed(0)
+    return MPLUG(MPLUGConfig.tiny())
+
+
+def test_itc_bank_is_the_local_batch_and_queue_by_default_on_two_gloo_processes(tmp_path):
+    # models/model_retrieval_mplug.py:48,52: image_feat_all = cat([image_feat_m.t(), image_queue]) of this process's
+    # batch only; so each rank's loss equals one process's loss on that rank's half. "global" (ours) differs.
+    import torch.multiprocessing as mp
+    from test_model_tasks import batch
+
+    data = batch(4, seed=21, dtype=torch.float32)
+    out = str(tmp_path / "itc")
+    mp.spawn(_itc_worker, args=(2, str(tmp_path / "store"), data, out), nprocs=2, join=True)
+    model = _tiny_mplug()
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        half = [x[rank * 2 : rank * 2 + 2] for x in data]
+        alone = model.pretrain_losses(*half, objectives=("itc",), update_queue=False)["itc"].detach()
+        torch.testing.assert_close(got["local"], alone, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got["global"], alone, atol=1e-3)
+
+
+def test_parameter_groups_as_the_authors_two_optimiser():
+    # optim/optim_factory.py:141-167: lr2 only for model.visual_encoder (the ViT; their visn_fc / visn_layer_norm sit
+    # outside it, so lr1); no decay where the name holds "bias" or "LayerNorm.weight" (so CLIP's ln_1.weight and temp
+    # keep weight decay).
+    from mplug.run.train import parameter_groups
+
+    model = _tiny_mplug()  # tiny: vision_width 48 != hidden 64, so it has visn_fc / visn_layer_norm like the large model
+    groups = parameter_groups(model, {"lr": 3e-5, "lr_visual": 5e-6, "lr_head": None, "weight_decay": 0.02})
+    setting = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    expected = {
+        "visual_encoder.visn_fc.weight": (3e-5, 0.02), "visual_encoder.visn_fc.bias": (3e-5, 0.0),
+        "visual_encoder.visn_layer_norm.weight": (3e-5, 0.02), "visual_encoder.visn_layer_norm.bias": (3e-5, 0.0),
+        "visual_encoder.visual.transformer.resblocks.0.ln_1.weight": (5e-6, 0.02),
+        "visual_encoder.visual.transformer.resblocks.0.ln_1.bias": (5e-6, 0.0),
+        "text_encoder.embeddings.LayerNorm.weight": (3e-5, 0.0), "text_encoder.embeddings.LayerNorm.bias": (3e-5, 0.0),
+        "text_encoder.embeddings.word_embeddings.weight": (3e-5, 0.02), "temp": (3e-5, 0.02),
+    }
+    assert {name: setting[id(named[name])] for name in expected} == expected
+
+
+def test_authors_schedule_hand_worked():
+    # scheduler/cosine_lr.py _get_lr with vqa_mplug.py:46-47,86-87 (warm-up stepped after iteration i when
+    # i % 100 == 0 and i <= 400, to t = i // 100) and :276 (step(epoch + warmup_epochs) from epoch 1).
+    # configs/vqa_mplug_base.yaml: lr1 3e-5, lr2 5e-6, warmup_lr 1e-5, warmup_epochs 4, min_lr 1e-6, epochs 8.
+    # By hand, 1000 iterations per epoch, lr1: steps 0..100 1e-5 (t = 0); 101..200 1e-5 + 1 x 2e-5 / 4 = 1.5e-5;
+    # 301..400 2.5e-5; 401..999 3e-5 (t = 4: cosine at 0); epoch 1: 1e-6 + 2.9e-5 (1 + cos(pi/8)) / 2 = 2.8896253e-5;
+    # epoch 7: 1e-6 + 1.45e-5 (1 + cos(7 pi/8)) = 2.1038e-6. lr2 (5e-6) at step 150: 1e-5 - 5e-6 / 4 = 8.75e-6.
+    from mplug.run.train import build_schedule
+
+    weights = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.AdamW([{"params": [weights[0]], "lr": 3e-5}, {"params": [weights[1]], "lr": 5e-6}])
+    schedule = {"kind": "authors", "warmup_steps": 400, "warmup_ratio": None, "min_lr": 1e-6, "warmup_lr": 1e-5}
+    scheduler = build_schedule(optimizer, schedule, 8000, epochs=8, steps_per_epoch=1000)
+    seen = {}
+    for step in range(8000):
+        seen[step] = [group["lr"] for group in optimizer.param_groups]  # the lr optimiser step `step` uses
+        optimizer.step()
+        scheduler.step()
+    expected = {0: 1e-5, 100: 1e-5, 101: 1.5e-5, 200: 1.5e-5, 301: 2.5e-5, 400: 2.5e-5, 401: 3e-5, 999: 3e-5,
+                1000: 2.8896253e-5, 1999: 2.8896253e-5, 7000: 2.1037472e-6}
+    for step, lr in expected.items():
+        assert abs(seen[step][0] - lr) < 1e-12, (step, seen[step][0], lr)
+    assert abs(seen[150][1] - 8.75e-6) < 1e-12
+
+
+def test_authors_options_are_checked():
+    import pytest
+    from mplug.run.run_config import load_config
+
+    assert load_config("vqa_base", ["schedule.kind=authors"])["schedule"]["warmup_lr"] == 1e-5  # vqa_mplug_base.yaml
+    for override, key in (("itc_bank=everyone", "itc_bank"), ("schedule.kind=linear", "schedule.kind"),
+                          ("schedule.warmup_steps=150", "multiple of 100"), ("add_ocr=3", "add_ocr")):
+        with pytest.raises(ValueError, match=key):
+            load_config("vqa_base", [override, "schedule.kind=authors"] if "warmup_steps" in override else [override])

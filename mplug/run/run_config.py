@@ -9,6 +9,7 @@ from typing import Sequence
 
 
 from mplug.model.config import MPLUGConfig
+from mplug.run.authors_options import DEFAULTS as AUTHORS_DEFAULTS, check_authors_options
 from mplug.run.config_checks import check_values, load_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -34,7 +35,7 @@ DEFAULTS = {
     "log_every": 50,
     "save_every": 0,
     "optimizer": {"lr": 1.0e-5, "lr_visual": 1.0e-5, "lr_head": None, "weight_decay": 0.02, "betas": [0.9, 0.999]},
-    "schedule": {"warmup_steps": 0, "warmup_ratio": None, "min_lr": 1.0e-6},
+    "schedule": {"warmup_steps": 0, "warmup_ratio": None, "min_lr": 1.0e-6, "kind": "cosine", "warmup_lr": None},
     "max_words": 30,
     "max_tokens": 40,
     "answer_max_words": 10,
@@ -44,6 +45,7 @@ DEFAULTS = {
     "k_test": 256,
     "prompt": "",
     **{key: None for key in PATH_KEYS},
+    **AUTHORS_DEFAULTS,
 }
 
 
@@ -128,6 +130,7 @@ def _resolve(key: str, value, base):
 
 def _checked(cfg: dict) -> dict:
     check_values(cfg, TASKS, MODELS, PATH_KEYS)
+    check_authors_options(cfg)
     try:
         build_model_config(cfg)
     except (ValueError, TypeError) as error:

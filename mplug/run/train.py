@@ -23,6 +23,7 @@ from mplug.model.checkpoint import TASK_MODULES
 from mplug.model.fusion import FusionEncoder
 from mplug.tasks.momentum import ramped_alpha
 from mplug.run.run_config import TASKS, load_config, run_arguments
+from mplug.run.schedules import build_authors_schedule
 from mplug.run.runtime import (
     MOMENTUM_TASKS, DistInfo, atomic_write, autocast, build_model, close_distributed, init_distributed, is_main,
     load_weights, to_device,
@@ -111,20 +112,22 @@ def freeze_unused(model: nn.Module, task: str) -> None:
 
 
 def parameter_groups(model: nn.Module, optimizer_cfg: dict) -> list:
-    """AdamW groups: visual encoder at lr_visual, heads (outside the encoders and decoder) at lr_head (lr when
-    null), the rest at lr; biases, LayerNorm weights and other 1-d/0-d parameters without weight decay."""
+    """AdamW groups as the authors' create_two_optimizer (optim/optim_factory.py:141-167): the ViT (visual_encoder.visual)
+    at lr_visual, heads (outside the encoders and decoder) at lr_head (lr when null), the rest at lr, the large
+    models' visn_fc / visn_layer_norm included (theirs sit outside visual_encoder); no weight decay on names holding
+    "bias" or "LayerNorm.weight"."""
     groups: Dict[tuple, list] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         part = name.split(".")[0]
-        if part == "visual_encoder":
+        if name.startswith("visual_encoder.") and not name.startswith(("visual_encoder.visn_fc.", "visual_encoder.visn_layer_norm.")):
             lr = optimizer_cfg["lr_visual"]
         elif part not in ENCODERS and optimizer_cfg["lr_head"] is not None:
             lr = optimizer_cfg["lr_head"]
         else:
             lr = optimizer_cfg["lr"]
-        decay = optimizer_cfg["weight_decay"] if parameter.ndim > 1 else 0.0
+        decay = 0.0 if "bias" in name or "LayerNorm.weight" in name else optimizer_cfg["weight_decay"]
         groups.setdefault((lr, decay), []).append(parameter)
     return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
@@ -142,8 +145,11 @@ def warmup_cosine(total_steps: int, warmup_steps: int, base_lr: float, min_lr: f
     return factor
 
 
-def build_schedule(optimizer, schedule_cfg: dict, total_steps: int):
-    """Warm-up (warmup_steps, or warmup_ratio of total_steps) then cosine to min_lr, per parameter group."""
+def build_schedule(optimizer, schedule_cfg: dict, total_steps: int, epochs: int = 1, steps_per_epoch: int = 1):
+    """Warm-up (warmup_steps, or warmup_ratio of total_steps) then cosine to min_lr, per parameter group; with
+    schedule.kind "authors" the authors' schedule (mplug.run.schedules)."""
+    if schedule_cfg.get("kind") == "authors":
+        return build_authors_schedule(optimizer, schedule_cfg, epochs, steps_per_epoch)
     ratio = schedule_cfg["warmup_ratio"]
     warmup = round(ratio * total_steps) if ratio is not None else schedule_cfg["warmup_steps"]
     factors = [warmup_cosine(total_steps, warmup, group["lr"], schedule_cfg["min_lr"]) for group in optimizer.param_groups]
@@ -228,11 +234,13 @@ class Logger:
         self.bar.close()
 
 
-def extra_inputs(task: str, model, progress: Progress, steps_per_epoch: int) -> dict:
-    """Momentum-distilled tasks ramp alpha over epoch 0 (the authors' schedule); others need nothing."""
+def extra_inputs(task: str, model, progress: Progress, steps_per_epoch: int, itc_bank: str = "local") -> dict:
+    """Momentum-distilled tasks ramp alpha over epoch 0 (the authors' schedule) and take the config's itc_bank; others
+    need nothing."""
     if task not in MOMENTUM_TASKS:
         return {}
-    return {"alpha": ramped_alpha(progress.step_in_epoch, steps_per_epoch, progress.epoch, model.config.alpha)}
+    return {"alpha": ramped_alpha(progress.step_in_epoch, steps_per_epoch, progress.epoch, model.config.alpha),
+            "itc_bank": itc_bank}
 
 
 @dataclass
@@ -278,7 +286,7 @@ def setup(args: argparse.Namespace, cfg: dict, info: DistInfo) -> Job:
     step_module = parallel(TaskLoss(model, args.task), info.device, args.fsdp)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg["optimizer"]), betas=tuple(cfg["optimizer"]["betas"]))
     total = total_steps(cfg, len(loader))
-    scheduler = build_schedule(optimizer, cfg["schedule"], total)
+    scheduler = build_schedule(optimizer, cfg["schedule"], total, cfg["epochs"], len(loader))
     return Job(args.task, cfg, Path(args.output), info, model, step_module, optimizer, scheduler,
                dataset, loader, sampler, len(loader), total)
 
@@ -312,7 +320,7 @@ def run_epochs(job: Job, progress: Progress, resumed: Optional[dict]) -> None:
     try:
         while progress.epoch < cfg["epochs"] and progress.step < job.total_steps:
             for batch in start_epoch(job, progress, resumed):
-                extra = extra_inputs(job.task, job.model, progress, job.steps_per_epoch)
+                extra = extra_inputs(job.task, job.model, progress, job.steps_per_epoch, cfg["itc_bank"])
                 inputs = {**to_device(batch["inputs"], job.info.device), **extra}
                 losses, finite = train_step(job.step_module, inputs, job.optimizer, job.scheduler, parameters,
                                             cfg["max_grad_norm"], job.info.device)

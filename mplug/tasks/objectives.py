@@ -46,6 +46,14 @@ def gather_batch(features: torch.Tensor) -> Tuple[torch.Tensor, int]:
     return _GatherBatch.apply(features), dist.get_rank() * features.shape[0]
 
 
+def bank_batch(features: torch.Tensor, bank: str = "local") -> Tuple[torch.Tensor, int]:
+    """The batch rows of an ITC bank -> (rows, offset of ours): "local" this process's [B, E] (the authors',
+    models/model_retrieval_mplug.py:48,52), "global" every process's (gather_batch)."""
+    if bank not in ("local", "global"):
+        raise ValueError(f"the ITC bank must be 'local' or 'global', got {bank!r}")
+    return gather_batch(features) if bank == "global" else (features, 0)
+
+
 def global_token_mean(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean of token_losses over labels != -100 across all processes, scaled so DDP's gradient averaging gives the
     gradient of the mean over the combined batch (plain mean in one process)."""
@@ -65,11 +73,13 @@ def itc_loss(
     temp: torch.Tensor,
     image_queue: Optional[torch.Tensor] = None,
     text_queue: Optional[torch.Tensor] = None,
+    bank: str = "local",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Image-text contrastive loss of normalised image_feat, text_feat [B, E] against the batch (of every process)
-    and the queues [E, Q] -> (loss, sim_i2t [B, B_all + Q], sim_t2i [B, B_all + Q]); positives are the diagonal."""
-    all_image, offset = gather_batch(image_feat)
-    all_text, _ = gather_batch(text_feat)
+    """Image-text contrastive loss of normalised image_feat, text_feat [B, E] against the batch (this process's, or
+    with bank="global" every process's) and the queues [E, Q] -> (loss, sim_i2t [B, B_all + Q], sim_t2i [B, B_all +
+    Q]); positives are the diagonal."""
+    all_image, offset = bank_batch(image_feat, bank)
+    all_text, _ = bank_batch(text_feat, bank)
     image_bank, text_bank = feature_bank(all_image, image_queue), feature_bank(all_text, text_queue)
     targets = contrastive_targets(image_feat.shape[0], offset, image_bank.shape[1], image_feat.device)
     return contrastive_loss(image_feat, text_feat, image_bank, text_bank, temp, targets, targets)

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from mplug.model.validation import check_images, text_inputs
 from mplug.tasks.momentum import MomentumView, add_momentum_copies, momentum_update
 from mplug.tasks.objectives import (
+    bank_batch,
     contrastive_loss,
     contrastive_targets,
     distilled_targets,
     enqueue,
     feature_bank,
-    gather_batch,
     global_token_mean,
     itc_loss,
     mask_tokens,
@@ -105,6 +105,7 @@ def pretrain_losses(
     distill: bool = True,
     alpha: Optional[float] = None,
     image_ids: Optional[torch.Tensor] = None,
+    itc_bank: str = "local",
 ) -> Dict[str, torch.Tensor]:
     """images [B, 3, H, W], right-padded texts [CLS] .. [SEP] ids [B, L] with bool mask -> {"itc", "itm", "mlm",
     "prefix_lm"} scalar losses (or those named in ``objectives``; ITM needs B >= 2 for hard negatives).
@@ -122,8 +123,10 @@ def pretrain_losses(
     labels) and ``prefix_lengths`` [B] fix the first two. In training mode with update_queue the momentum copies
     take their EMA step (before the forward, as the authors do) and the queues take this batch's features (the
     momentum ones when distilling; pairs with a non-finite feature are skipped with a RuntimeWarning). Under
-    DistributedDataParallel the token losses average over all tokens and ITC contrasts every process's batch, so the
-    gradients equal one process's on the combined batch (ITM draws negatives within each process).
+    DistributedDataParallel the token losses average over all tokens; ITC contrasts this process's batch and the
+    queue (itc_bank="local", the authors': models/model_retrieval_mplug.py:48,52; the queue takes every process's
+    features), or with itc_bank="global" every process's batch, so the gradients equal one process's on the combined
+    batch (ITM draws negatives within each process).
     """
     unknown = set(objectives) - set(OBJECTIVES)
     if unknown or not objectives:
@@ -146,7 +149,7 @@ def pretrain_losses(
     teacher = momentum_teacher(model, images, text_ids, text_mask) if distill else None
     losses = {}
     if "itc" in objectives:
-        losses["itc"] = _itc_loss(model, image_feat, text_feat, temp, teacher, image_ids, alpha)
+        losses["itc"] = _itc_loss(model, image_feat, text_feat, temp, teacher, image_ids, alpha, itc_bank)
     if "itm" in objectives:
         losses["itm"] = _itm_loss(model, image_embeds, image_mask, text_embeds, text_mask, image_feat, text_feat, temp, generator, teacher, image_ids)
     if "mlm" in objectives:
@@ -171,16 +174,17 @@ def _check_image_ids(image_ids, text_ids) -> None:
         raise ValueError(f"image_ids must be >= 0 (-1 marks queue entries without an id), got {image_ids.tolist()}")
 
 
-def _itc_loss(model, image_feat, text_feat, temp, teacher, image_ids, alpha):
-    """ITC of the online features against a bank: the momentum (distilling) or online features of every process's
-    batch, then the queues; targets one-hot or by image id, distilled with the momentum similarities."""
+def _itc_loss(model, image_feat, text_feat, temp, teacher, image_ids, alpha, bank="local"):
+    """ITC of the online features against a bank: the momentum (distilling) or online features of this process's
+    (bank "local") or every process's ("global") batch, then the queues; targets one-hot or by image id, distilled
+    with the momentum similarities."""
     if teacher is None and image_ids is None:
-        return itc_loss(image_feat, text_feat, temp, model.image_queue, model.text_queue)[0]
+        return itc_loss(image_feat, text_feat, temp, model.image_queue, model.text_queue, bank)[0]
     source = (teacher.image_feat, teacher.text_feat) if teacher else (image_feat, text_feat)
-    all_image, offset = gather_batch(source[0])
-    all_text, _ = gather_batch(source[1])
+    all_image, offset = bank_batch(source[0], bank)
+    all_text, _ = bank_batch(source[1], bank)
     image_bank, text_bank = feature_bank(all_image, model.image_queue), feature_bank(all_text, model.text_queue)
-    bank_ids = None if image_ids is None else torch.cat([gather_batch(image_ids)[0], model.idx_queue[0]])
+    bank_ids = None if image_ids is None else torch.cat([bank_batch(image_ids, bank)[0], model.idx_queue[0]])
     targets = contrastive_targets(image_feat.shape[0], offset, image_bank.shape[1], image_feat.device, image_ids, bank_ids)
     targets_i2t = targets_t2i = targets.to(image_feat.dtype)
     if teacher is not None:

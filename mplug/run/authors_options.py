@@ -1,0 +1,35 @@
+"""Run-config keys that choose between the authors' behaviour (AliceMind mPLUG/) and ours, and their checks."""
+from __future__ import annotations
+
+from mplug.run.config_checks import as_float
+
+ITC_BANKS = ("local", "global")  # local: the authors' (this process's batch + queue); global: every process's batch + queue
+SCHEDULE_KINDS = ("cosine", "authors")  # cosine: ours, per step; authors: scheduler/cosine_lr.py as their scripts step it
+AUTHORS_STEP_SIZE = 100  # their warm-up is stepped every 100 iterations (vqa_mplug.py:46, caption_mplug.py)
+
+# Top-level keys with their defaults (the schedule's "kind" and "warmup_lr" sit in run_config.DEFAULTS["schedule"]).
+DEFAULTS = {
+    "itc_bank": "local",
+    "add_ocr": False,
+    "add_object": False,
+}
+
+
+def check_authors_options(cfg: dict) -> None:
+    """itc_bank, schedule.kind, schedule.warmup_lr, add_ocr and add_object of the allowed values (ValueError naming the key)."""
+    for key, allowed in (("itc_bank", ITC_BANKS), ("schedule.kind", SCHEDULE_KINDS)):
+        *parent, leaf = key.split(".")
+        value = (cfg[parent[0]] if parent else cfg)[leaf]
+        if value not in allowed:
+            raise ValueError(f"config key {key!r} must be one of {allowed}, got {value!r}")
+    for key in ("add_ocr", "add_object"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"config key {key!r} must be true or false, got {cfg[key]!r}")
+    schedule = cfg["schedule"]
+    schedule["warmup_lr"] = warmup_lr = as_float("schedule.warmup_lr", schedule["warmup_lr"], True)
+    if schedule["kind"] == "authors":
+        if warmup_lr is None:
+            raise ValueError("config key 'schedule.warmup_lr' must be set when schedule.kind is 'authors' (their warmup_lr)")
+        if schedule["warmup_ratio"] is not None or schedule["warmup_steps"] % AUTHORS_STEP_SIZE:
+            raise ValueError(f"schedule.kind 'authors' takes schedule.warmup_steps as a multiple of {AUTHORS_STEP_SIZE} "
+                             f"(their warmup_epochs x {AUTHORS_STEP_SIZE} iterations) and no warmup_ratio")
