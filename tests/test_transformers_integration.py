@@ -386,3 +386,53 @@ def test_package_imports_without_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "ImportError: mplug_kernels.integrations.transformers needs transformers" in result.stdout
+
+
+def test_patched_blip_copies_pickles_and_shares_its_config(tmp_path, kernel_calls):
+    torch.manual_seed(0)
+    model = patched_blip(BlipForQuestionAnswering(blip_config()).eval(), torch.float32, "reference")
+    assert model.text_encoder.config is model.config.text_config
+    assert model.text_decoder.config is model.config.text_config
+    generator = torch.Generator().manual_seed(12)
+    ids, text_mask = padded_text(generator)
+    pixels = torch.randn(2, 3, 32, 32, generator=generator)
+    inputs = dict(input_ids=ids, pixel_values=pixels, attention_mask=text_mask, max_new_tokens=4, min_new_tokens=4)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in copied.text_decoder.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator))
+    eager = BlipForQuestionAnswering(blip_config()).eval()
+    eager.load_state_dict(copied.state_dict())
+    torch.testing.assert_close(copied.generate(**inputs), eager.generate(**inputs), atol=0, rtol=0)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    calls_before = len(kernel_calls)
+    torch.testing.assert_close(loaded.generate(**inputs), model.generate(**inputs), atol=0, rtol=0)
+    assert len(kernel_calls) > calls_before
+
+
+def test_patched_blip_output_attentions_falls_back_with_weights(kernel_calls):
+    torch.manual_seed(0)
+    eager = BlipForQuestionAnswering(blip_config()).eval()
+    ours = patched_blip(eager, torch.float32, "reference")
+    generator = torch.Generator().manual_seed(13)
+    ids, text_mask = padded_text(generator)
+    image = torch.randn(2, 17, HIDDEN, generator=generator)
+    args = dict(input_ids=ids, attention_mask=text_mask, encoder_hidden_states=image, output_attentions=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = ours.text_encoder(**args)
+    want = eager.text_encoder(**args)
+    assert got.attentions is not None and len(got.attentions) == len(want.attentions) == 2
+    for ours_weights, eager_weights in zip(got.attentions, want.attentions):
+        torch.testing.assert_close(ours_weights, eager_weights, atol=1e-6, rtol=1e-5)
+    assert fallback_messages(caught) == [
+        "mplug_kernels: output_attentions (attention weights are requested); this call runs on transformers' own "
+        "attention"]
+    assert kernel_calls == []
+
+
+def test_materialised_4d_mask_reason_names_its_shape():
+    mask = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    _, reason = hf.key_padding_mask(mask, 2)
+    assert "4-D mask of shape (2, 1, 4, 4)" in reason and "causal or per-query" not in reason

@@ -10,11 +10,10 @@ attention instead, with one warning per reason. This module imports transformers
 from __future__ import annotations
 
 import contextlib
-import copy
 import contextvars
 import functools
+import re
 import sys
-import types
 import warnings
 from typing import Optional, Tuple
 
@@ -50,8 +49,9 @@ def _transformers():
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _warned_reasons:
-        _warned_reasons.add(reason)
+    kind = re.sub(r"shape \([^)]*\)", "shape", reason)  # one warning per reason, whatever the mask's shape
+    if kind not in _warned_reasons:
+        _warned_reasons.add(kind)
         warnings.warn(f"mplug_kernels: {reason}; this call runs on transformers' own attention", FallbackWarning,
                       stacklevel=3)
 
@@ -72,7 +72,8 @@ def key_padding_mask(mask: Optional[torch.Tensor], batch: int) -> Tuple[Optional
         return None, f"a {mask.dim()}-D attention mask (only 4-D masks [B, 1, 1|Lq, Lk] are understood)"
     row = _shared_row(mask)
     if row is None:
-        return None, "a causal or per-query/per-head mask (ours take one key padding mask per batch row)"
+        return None, (f"a 4-D mask of shape {tuple(mask.shape)} that may differ per query or head (causal, or "
+                      f"materialised per query; ours take one key padding mask row [B, 1, 1, Lk])")
     if row.dtype != torch.bool:
         try:
             row = keep_from_additive(row)
@@ -215,23 +216,37 @@ def _blip_kv(module, hidden_states, encoder_hidden_states, cache):
     return k.transpose(1, 2), v.transpose(1, 2)
 
 
-def _blip_attention(backend, module, hidden_states, attention_mask=None, encoder_hidden_states=None,
+def _attention_weights_requested() -> bool:
+    """Whether transformers' output capturing (output_attentions=True) is collecting attention weights now."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
+
+
+def _blip_attention(module, hidden_states, attention_mask=None, encoder_hidden_states=None,
                     encoder_attention_mask=None, **kwargs):
     """BlipTextSelfAttention.forward on our kernels: hidden_states [B, Lq, hidden] -> ([B, Lq, hidden], None)."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.x
     mask = encoder_attention_mask if encoder_hidden_states is not None else attention_mask
-    keep, reason = _blip_fallback_reason(module, mask, hidden_states.shape[0])
+    if _attention_weights_requested():
+        keep, reason = None, "output_attentions (attention weights are requested)"
+    else:
+        keep, reason = _blip_fallback_reason(module, mask, hidden_states.shape[0])
     if reason is not None:
         _warn_once(reason)
         dtype = hidden_states.dtype
-        return module._mplug_kernels_original_forward(
-            hidden_states, attention_mask=additive_mask(attention_mask, dtype),
+        original = type(module).__mro__[1].forward  # BlipTextSelfAttention.forward
+        return original(
+            module, hidden_states, attention_mask=additive_mask(attention_mask, dtype),
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=additive_mask(encoder_attention_mask, dtype), **kwargs,
         )
     q = _heads(module, module.query(hidden_states))
     k, v = _blip_kv(module, hidden_states, encoder_hidden_states, cache)
-    out = co_attention(q, k, v, keep, backend=backend)
+    out = co_attention(q, k, v, keep, backend=module._mplug_kernels_backend)
     return out.reshape(*hidden_states.shape[:2], -1), None
 
 
@@ -245,34 +260,79 @@ def cross_kv_once():
         _cross_kv_memo.reset(token)
 
 
-def _generate_with_cross_kv_once(generate):
-    @functools.wraps(generate)
-    def wrapper(*args, **kwargs):
-        with cross_kv_once():
-            return generate(*args, **kwargs)
+def blip_padding_mask(**kwargs):
+    """padding_mask as an additive float mask (dtype from kwargs): BLIP's own eager attention adds it correctly too."""
+    mask = padding_mask(**kwargs)
+    return additive_mask(mask, kwargs.get("dtype", torch.float32))
 
-    wrapper._mplug_kernels_patched = True
-    return wrapper
+
+def _register_blip(name: str) -> None:
+    transformers = _transformers()
+    from transformers.masking_utils import AttentionMaskInterface
+
+    transformers.AttentionInterface.register(name, functools.partial(attention_forward, "auto"))
+    AttentionMaskInterface.register(name, blip_padding_mask)
+
+
+def _blip_classes():
+    """(self-attention, LM head) subclasses of BLIP's that run on our kernels, made once; pickled by reference."""
+    if "_BLIP_CLASSES" in globals():
+        return _BLIP_CLASSES
+    from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextSelfAttention
+
+    class MplugBlipTextSelfAttention(BlipTextSelfAttention):
+        """BlipTextSelfAttention on mplug_kernels (backend in ``_mplug_kernels_backend``)."""
+
+        forward = _blip_attention
+
+        def __setstate__(self, state):
+            super().__setstate__(state)
+            _register_blip(self._mplug_kernels_mask_name)  # a fresh process (torch.load) knows the mask name again
+
+    class MplugBlipTextLMHeadModel(BlipTextLMHeadModel):
+        """BlipTextLMHeadModel whose generate projects each encoder output to cross-attention K/V once per layer."""
+
+        def generate(self, *args, **kwargs):
+            """GenerationMixin.generate inside cross_kv_once()."""
+            with cross_kv_once():
+                return super().generate(*args, **kwargs)
+
+    for cls in (MplugBlipTextSelfAttention, MplugBlipTextLMHeadModel):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    globals()["_BLIP_CLASSES"] = (MplugBlipTextSelfAttention, MplugBlipTextLMHeadModel)
+    return _BLIP_CLASSES
+
+
+def __getattr__(attribute: str):
+    """The BLIP subclasses, made on first use (this module imports transformers only when asked)."""
+    if attribute in ("MplugBlipTextSelfAttention", "MplugBlipTextLMHeadModel"):
+        attention, lm_head = _blip_classes()
+        return attention if attribute == "MplugBlipTextSelfAttention" else lm_head
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
 
 
 def apply_mplug_kernels_to_blip(model: torch.nn.Module, backend: str = "auto", name: str = DEFAULT_NAME):
-    """Patch every BLIP text self-/cross-attention layer of ``model`` in place to run on our kernels; returns model."""
-    register(name, backend)
-    from transformers.models.blip.modeling_blip_text import BlipTextModel, BlipTextSelfAttention
+    """Patch every BLIP text self-/cross-attention layer of ``model`` in place to run on our kernels; returns model.
 
+    Each layer's class becomes a subclass (so copies, torch.save/torch.load and config sharing behave); the text
+    configs are changed in place to build additive key padding masks of one row (``{name}_blip``), which BLIP's own
+    attention also reads correctly."""
+    register(name, backend)
+    mask_name = f"{name}_blip"
+    _register_blip(mask_name)
+    from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel, BlipTextSelfAttention
+
+    attention_class, lm_head_class = _blip_classes()
     found = False
     for module in model.modules():
-        if isinstance(module, BlipTextModel) and module.config._attn_implementation != name:
-            module.config = copy.deepcopy(module.config)  # its own copy: another model may share this config
-            module.config._attn_implementation = name
+        if isinstance(module, (BlipTextModel, BlipTextLMHeadModel)):
+            module.config._attn_implementation = mask_name
+        if type(module) is BlipTextLMHeadModel:
+            module.__class__ = lm_head_class
         if isinstance(module, BlipTextSelfAttention):
             found = True
-            if not hasattr(module, "_mplug_kernels_original_forward"):
-                module._mplug_kernels_original_forward = module.forward
-            module.forward = types.MethodType(functools.partial(_blip_attention, backend), module)
-        generate = getattr(module, "generate", None)
-        if generate is not None and not getattr(generate, "_mplug_kernels_patched", False):
-            module.generate = _generate_with_cross_kv_once(generate)
+            module.__class__ = attention_class
+            module._mplug_kernels_backend, module._mplug_kernels_mask_name = backend, mask_name
     if not found:
         raise ValueError(f"model ({type(model).__name__}) has no BLIP text attention layer (BlipTextSelfAttention)")
     return model
