@@ -55,6 +55,16 @@ PEAK_MEMORY_METHOD = {
 }
 
 
+def new_run_dir(root: Path = RESULTS_DIR) -> Path:
+    """A folder for one run's results that no earlier run used: root/<UTC date-time>[-N] (created by write_results)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path, number = root / stamp, 1
+    while path.exists():
+        number += 1
+        path = root / f"{stamp}-{number}"
+    return path
+
+
 def default_device() -> torch.device:
     """cuda when a GPU exists, else cpu."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -410,7 +420,9 @@ class Grids:
 def benchmark_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """A parser holding the flags every benchmark CLI shares: --json-dir, --quick, --backends, --budget, --threads."""
     parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
-    parser.add_argument("--json-dir", type=Path, default=None, help=f"where JSON and PNG go (default {RESULTS_DIR})")
+    parser.add_argument("--json-dir", type=Path, default=None,
+                        help=f"where JSON and PNG go (default: a new folder {RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}/<UTC date-time>/ "
+                             "for every run, so no run overwrites another)")
     parser.add_argument("--quick", action="store_true", help=f"tiny grid for a smoke run (also env {QUICK_ENV_VAR}=1)")
     parser.add_argument("--backends", nargs="+", default=None, help="only these backends (default: every available)")
     parser.add_argument("--budget", type=float, default=None,
@@ -419,12 +431,17 @@ def benchmark_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_benchmark_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """Parse argv, then act on the shared flags that change the process (--threads); --quick sets --budget 0."""
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                         quick_threads: Optional[int] = None) -> argparse.Namespace:
+    """Parse argv, then act on the shared flags that change the process (--threads); --quick sets --budget 0 (and
+    --threads quick_threads when given); no --json-dir: a new folder under bench/out/ (new_run_dir)."""
     args = parser.parse_args(argv)
+    args.json_dir = args.json_dir or new_run_dir()
     args.quick = args.quick or quick_mode()
     if args.quick and args.budget is None:
         args.budget = 0.0
+    if args.quick and args.threads is None:
+        args.threads = quick_threads
     if args.threads:
         torch.set_num_threads(args.threads)
     return args

@@ -1,7 +1,7 @@
 """The paper's efficiency claim: the fusion network of mPLUG in its three variants, on every attention backend.
 
 Variants (mplug.MPLUGConfig.fusion): "skip" (the paper's skip-connected network), "connected" (connected
-attention over [v; t] in every layer) and "coattn" (co-attention in both directions). Passes: "forward"
+attention over [v; t] in every layer) and "two_way" (co-attention in both directions). Passes: "forward"
 (eval, no grad) and "train" (forward + backward of a scalar loss, dropout on; no optimizer update).
 """
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from bench.common import Timing, TimingPolicy, bench_dtype, measure, paired_ratio, progress
-from bench.report import PAPER_MS_PER_100
+from bench.fusion_report import PAPER_MS_PER_100
 from mplug import MPLUGConfig
 from mplug.model.fusion import FusionEncoder
 from mplug_kernels.backends import BACKENDS, AttentionCall
 
-VARIANTS = ("skip", "connected", "coattn")
+VARIANTS = ("skip", "connected", "two_way")
 FUSION_BACKENDS = ("reference", "sdpa", "triton", "cuda")
 BACKEND_LABELS = {
     "reference": "eager math (reference backend)",
@@ -72,13 +72,13 @@ def fusion_flops(config: MPLUGConfig, vision_len: int, text_len: int, absorbed_k
             macs += connected
             continue
         macs += _co_attention_layer_macs(config, text_len, vision_len, absorbed_kv)
-        if config.fusion == "coattn":
+        if config.fusion == "two_way":
             macs += _co_attention_layer_macs(config, vision_len, text_len, False)
     return 2 * macs
 
 
 def flop_ratios(config: MPLUGConfig, vision_lens: Sequence[int], text_len: int) -> Dict[str, Dict[str, float]]:
-    """Same-backend FLOP ratios connected/skip and coattn/skip per Lv, with projected and with absorbed K/V in skip."""
+    """Same-backend FLOP ratios connected/skip and two_way/skip per Lv, with projected and with absorbed K/V in skip."""
     flops = {variant: config.replace(fusion=variant) for variant in VARIANTS}
     ratios = {}
     for vision_len in vision_lens:
@@ -87,11 +87,11 @@ def flop_ratios(config: MPLUGConfig, vision_lens: Sequence[int], text_len: int) 
         ratios[str(vision_len)] = {
             "skip_gflops": counts["skip"] / 1e9,
             "connected_gflops": counts["connected"] / 1e9,
-            "coattn_gflops": counts["coattn"] / 1e9,
+            "two_way_gflops": counts["two_way"] / 1e9,
             "connected_over_skip": counts["connected"] / counts["skip"],
-            "coattn_over_skip": counts["coattn"] / counts["skip"],
+            "two_way_over_skip": counts["two_way"] / counts["skip"],
             "connected_over_skip_absorbed": counts["connected"] / skip_absorbed,
-            "coattn_over_skip_absorbed": counts["coattn"] / skip_absorbed,
+            "two_way_over_skip_absorbed": counts["two_way"] / skip_absorbed,
         }
     return ratios
 
@@ -187,7 +187,7 @@ def _cell_row(config: MPLUGConfig, key: Tuple[str, str], timing: Timing, batch, 
 
 
 def _ratio_rows(timings: Dict[Tuple[str, str], Timing], pass_name: str, vision_len: int) -> List[dict]:
-    """Per-round ratios of one (pass, Lv) group: connected/skip and coattn/skip per backend, backend/sdpa per variant."""
+    """Per-round ratios of one (pass, Lv) group: connected/skip and two_way/skip per backend, backend/sdpa per variant."""
     pairs = [(f"{variant}/skip", (variant, backend), ("skip", backend), {"backend": backend})
              for variant, backend in timings if variant != "skip" and ("skip", backend) in timings]
     pairs += [(f"{backend}/sdpa", (variant, backend), (variant, "sdpa"), {"variant": variant})

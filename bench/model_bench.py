@@ -15,11 +15,12 @@ import torch
 
 from bench.common import TimingPolicy, bench_dtype, measure, paired_ratio, progress
 from bench.fusion import CONFIGS
+from bench.tables import model_label
 from mplug import MPLUG, MPLUGConfig
 
-SETUPS = {
-    "fused": {"backend": "auto", "use_cache": True, "label": "fused ({backends}), KV cache"},
-    "eager": {"backend": "reference", "use_cache": False, "label": "eager math ({backends}), no KV cache"},
+SETUPS = {  # rows are labelled by the attention backends that actually ran (bench.tables.model_label)
+    "fused": {"backend": "auto", "use_cache": True},
+    "eager": {"backend": "reference", "use_cache": False},
 }
 TASKS = ("train_step", "vqa_generate")
 CPU_IMAGE_SIZE = {"base": 256, "large": 224}
@@ -91,7 +92,7 @@ def task_rows(task: str, timings: dict, batch: int) -> List[dict]:
     rows = []
     for setup, timing in timings.items():
         row = {"benchmark": "model", "task": task, "setup": setup, "batch": batch, **timing.row()}
-        row["label"] = SETUPS[setup]["label"].format(backends="+".join(timing.attention_backends) or "no attention call seen")
+        row["label"] = model_label(row)
         if timing.error is None:
             row["per_second"] = batch / (row["ms_median"] * 1e-3)
         rows.append(row)
@@ -104,7 +105,7 @@ def run(
 ) -> Tuple[List[dict], List[dict], dict]:
     """(rows, ratio rows, extra JSON fields): the tasks for the fused and eager setups, interleaved per task.
 
-    GPU: batch 32 at the config's image size (384 for base: Lv 577). CPU: batch 2 at image_size or
+    GPU: batch 32 at the config's image size (384 for base: Lv 577). CPU: batch 2 (ITM's hard negatives need 2) at image_size or
     CPU_IMAGE_SIZE (base and large), so the rows fit the CPU time budget.
     """
     config = CONFIGS[config_name](dropout=0.0)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from bench import model_bench
-from bench.common import RESULTS_DIR, bench_dtype, default_device
+from bench.common import bench_dtype, default_device, new_run_dir
 from bench.fusion import CONFIGS
 from mplug_kernels import profiling
 
@@ -30,10 +30,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="base")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "profile", help="output folder")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: a new bench/out/<UTC date-time>/profile/ for every run)")
     parser.add_argument("--torch-profiler", action="store_true", help="use torch.profiler even when nsys exists")
     parser.add_argument(INNER_FLAG, action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.out = args.out or new_run_dir() / "profile"
+    return args
 
 
 def profiled_model(config_name: str, batch: int, device: torch.device):

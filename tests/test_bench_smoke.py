@@ -80,7 +80,7 @@ def test_main_job_ratios_are_paired_per_round(main_job_results):
     payload = report.load(main_job_results / "fusion.json")
     rows = {(r["variant"], r["backend"], r["pass"]): r for r in payload["rows"]}
     names = {ratio["ratio"] for ratio in payload["ratios"]}
-    assert {"connected/skip", "coattn/skip", "reference/sdpa"} <= names
+    assert {"connected/skip", "two_way/skip", "reference/sdpa"} <= names
     for ratio in payload["ratios"]:
         if ratio["ratio"] == "connected/skip":
             connected, skip = rows[("connected", ratio["backend"], ratio["pass"])], rows[("skip", ratio["backend"], ratio["pass"])]
@@ -154,9 +154,9 @@ def test_fusion_flop_model_matches_flop_counter(variant):
 def test_flop_ratios_reproduce_the_issue_figures_for_base():
     ratios = fusion.flop_ratios(fusion.CONFIGS["base"](), (577,), 25)["577"]
     assert ratios["connected_over_skip"] == pytest.approx(3.1, abs=0.05)
-    assert ratios["coattn_over_skip"] == pytest.approx(4.0, abs=0.05)
+    assert ratios["two_way_over_skip"] == pytest.approx(4.0, abs=0.05)
     assert ratios["connected_over_skip_absorbed"] == pytest.approx(3.9, abs=0.05)
-    assert ratios["coattn_over_skip_absorbed"] == pytest.approx(5.1, abs=0.05)
+    assert ratios["two_way_over_skip_absorbed"] == pytest.approx(5.1, abs=0.05)
 
 
 def test_kernel_benchmark_writes_json_and_png(tmp_path):

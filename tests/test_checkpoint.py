@@ -407,9 +407,9 @@ def test_strict_raises_on_missing_and_unexpected_keys():
         load_official_checkpoint(MPLUG(config), state, strict=True)
 
 
-def test_coattn_model_reports_its_vision_layers_missing():
+def test_two_way_model_reports_its_vision_layers_missing():
     """The paper's two-way co-attention baseline has vision-side layers no official checkpoint holds."""
-    config = MPLUGConfig.tiny(fusion="coattn")
+    config = MPLUGConfig.tiny(fusion="two_way")
     state, _ = official_state_dict(config)
     result = load_official_checkpoint(MPLUG(config), state)
     assert result.missing_keys and all(key.startswith(("fusion_encoder.vision_encoder.", "mlm_head.")) for key in result.missing_keys)

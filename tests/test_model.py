@@ -82,7 +82,7 @@ def test_structure_official_names_and_tied_heads():
     assert not any(key.startswith("fusion_encoder.encoder.layer.2.crossattention") for key in keys)
 
 
-@pytest.mark.parametrize("fusion", ["skip", "connected", "coattn"])
+@pytest.mark.parametrize("fusion", ["skip", "connected", "two_way"])
 def test_public_calls_give_documented_shapes(fusion):
     model = tiny_model(fusion=fusion).eval()
     config = model.config
@@ -95,7 +95,7 @@ def test_public_calls_give_documented_shapes(fusion):
 
 @pytest.mark.parametrize(
     "backend, fusion",
-    [("sdpa", "skip"), ("sdpa", "connected"), ("sdpa", "coattn"), ("triton", "skip"), ("cuda", "skip")],
+    [("sdpa", "skip"), ("sdpa", "connected"), ("sdpa", "two_way"), ("triton", "skip"), ("cuda", "skip")],
 )
 def test_every_backend_gives_the_reference_outputs_and_grads(backend, fusion):
     skip_unless_usable(backend)
@@ -137,7 +137,7 @@ def test_low_precision_model_on_our_kernels_within_twice_sdpa_error(backend):
 
 
 def test_set_attn_backend_reaches_every_attention_layer():
-    model = tiny_model(fusion="coattn")
+    model = tiny_model(fusion="two_way")
     attention_modules = [m for m in model.modules() if hasattr(m, "backend")]
     assert len(attention_modules) >= 2 * 2 + 2 + 2 * 4 + 2 * 2  # ViT, text, fusion (both ways), decoder
     model.set_attn_backend("reference")

@@ -145,7 +145,7 @@ def fusion_encoder(v, v_mask, t, t_mask, module, config):
         layer = module.encoder.layer[k]
         if config.is_connected_layer(k):
             v, t = connected_layer(v, t, v_mask, t_mask, layer)
-        elif config.fusion == "coattn":
+        elif config.fusion == "two_way":
             v, t = co_attention_layer(v, v_mask, t, t_mask, module.vision_encoder.layer[k]), co_attention_layer(t, t_mask, v, v_mask, layer)
         else:
             t = co_attention_layer(t, t_mask, v, v_mask, layer)
@@ -271,7 +271,7 @@ def test_connected_layer_matches_transcription(backend):
     )
 
 
-@pytest.mark.parametrize("fusion", ["skip", "connected", "coattn"])
+@pytest.mark.parametrize("fusion", ["skip", "connected", "two_way"])
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
 def test_fusion_encoder_matches_transcription(backend, fusion):
     dtype = backend_dtype(backend)
@@ -302,13 +302,20 @@ def test_text_decoder_matches_transcription(backend):
     )
 
 
+def test_old_fusion_name_coattn_reads_as_two_way():
+    """Configs and checkpoints written before the rename say fusion="coattn"."""
+    assert MPLUGConfig.tiny(fusion="coattn").fusion == "two_way"
+    with pytest.raises(ValueError, match="two_way"):
+        MPLUGConfig.tiny(fusion="cotattn")
+
+
 def test_stride_rule_layer_pattern():
     """SPEC.md: base co, co, co, CONNECTED, co, co; large all co-attention; "connected" all connected."""
     pattern = lambda config: ["C" if config.is_connected_layer(k) else "c" for k in range(config.fusion_layers)]
     assert pattern(MPLUGConfig.base()) == list("cccCcc")
     assert pattern(MPLUGConfig.large()) == list("cccccc")
     assert pattern(MPLUGConfig.base(fusion="connected")) == list("CCCCCC")
-    assert pattern(MPLUGConfig.base(fusion="coattn")) == list("cccccc")
+    assert pattern(MPLUGConfig.base(fusion="two_way")) == list("cccccc")
     assert pattern(MPLUGConfig.tiny()) == list("ccCc")
     encoder = FusionEncoder(MPLUGConfig.tiny())
     assert [type(layer).__name__ for layer in encoder.encoder.layer] == [

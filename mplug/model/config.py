@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-FUSIONS = ("skip", "connected", "coattn")
+FUSIONS = ("skip", "connected", "two_way")
+FUSION_ALIASES = {"coattn": "two_way"}  # the name "two_way" had before; still read from old configs and checkpoints
 
 
 @dataclass
@@ -13,7 +14,8 @@ class MPLUGConfig:
 
     fusion: "skip" (the paper's skip-connected network: layer k is connected attention when
     k != 0 and k % stride_layer == 0, asymmetric co-attention otherwise), "connected" (every fusion
-    layer is connected attention over [v; t]) or "coattn" (co-attention in both directions).
+    layer is connected attention over [v; t]) or "two_way" (co-attention in both directions; "coattn" is
+    read as "two_way").
     attn_backend: "auto" or a backend name of mplug_kernels.backends.
     momentum, alpha: momentum distillation's EMA rate and distillation weight (ALBEF; alpha ramps over epoch 0).
     """
@@ -50,6 +52,7 @@ class MPLUGConfig:
     mask_token_id: int = 103
 
     def __post_init__(self):
+        self.fusion = FUSION_ALIASES.get(self.fusion, self.fusion)
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         for width, heads, what in (
@@ -85,7 +88,7 @@ class MPLUGConfig:
         """Whether fusion layer k is connected attention (SPEC.md's stride rule for "skip")."""
         if self.fusion == "connected":
             return True
-        if self.fusion == "coattn":
+        if self.fusion == "two_way":
             return False
         return k != 0 and k % self.stride_layer == 0
 

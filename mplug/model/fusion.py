@@ -54,7 +54,7 @@ def layer_runs(config: MPLUGConfig) -> List[Tuple[int, int]]:
     consecutive text-only co-attention layers together."""
     runs: List[Tuple[int, int]] = []
     for k in range(config.fusion_layers):
-        alone = config.is_connected_layer(k) or config.fusion == "coattn"
+        alone = config.is_connected_layer(k) or config.fusion == "two_way"
         if runs and not alone and runs[-1][1] == k and not config.is_connected_layer(runs[-1][0]):
             runs[-1] = (runs[-1][0], k + 1)
         else:
@@ -66,7 +66,7 @@ class FusionEncoder(nn.Module):
     """``fusion_encoder``: (image_embeds, image_mask, text_embeds, text_mask) -> (image_out, text_out).
 
     "skip": layer k is ConnectedAttention when k != 0 and k % stride_layer == 0, else a
-    CoAttentionLayer on text only (vision skips it). "connected": every layer connected. "coattn":
+    CoAttentionLayer on text only (vision skips it). "connected": every layer connected. "two_way":
     vision also runs a CoAttentionLayer over text each layer (``vision_encoder.layer.k``), both
     streams reading the previous layer's output.
     """
@@ -79,7 +79,7 @@ class FusionEncoder(nn.Module):
             connected_attention(config) if config.is_connected_layer(k) else CoAttentionLayer(config)
             for k in range(config.fusion_layers)
         )
-        if config.fusion == "coattn":
+        if config.fusion == "two_way":
             self.vision_encoder = LayerStack(CoAttentionLayer(config) for _ in range(config.fusion_layers))
 
     def forward(
@@ -96,7 +96,7 @@ class FusionEncoder(nn.Module):
             first = self.encoder.layer[start]
             if isinstance(first, ConnectedAttention):
                 vision, text = self._run(f"fusion.layer{start}", first, vision, text, image_mask, text_mask)
-            elif self.config.fusion == "coattn":
+            elif self.config.fusion == "two_way":
                 text, vision = (
                     self._run(f"fusion.layer{start}", first, text, text_mask, vision, image_mask),
                     self._run(
