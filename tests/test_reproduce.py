@@ -185,3 +185,31 @@ def test_authors_options_are_checked():
                           ("schedule.warmup_steps=150", "multiple of 100"), ("add_ocr=3", "add_ocr")):
         with pytest.raises(ValueError, match=key):
             load_config("vqa_base", [override, "schedule.kind=authors"] if "warmup_steps" in override else [override])
+
+
+def test_vqa_question_raw_with_ocr_and_object_tags(tmp_path):
+    # dataset/vqa_dataset.py:56-70: question + " [SEP] " + pre_question(" ".join(ocr tokens), 30) + " [SEP] " +
+    # " ".join(object_label.split("&&")), the question itself not cleaned (pre_question commented out, :70).
+    # By hand: "What's on the Sign?" with ocr [[p, "STOP"], [p, "Main-St."]] and object_label "sign&&pole" ->
+    # "What's on the Sign? [SEP] stop main st [SEP] sign pole".
+    def add_fields(root):
+        records = json.loads((root / "vqa_train.json").read_text())
+        records[0].update(question="What's on the Sign?", ocr=[[[1, 2, 3, 4], "STOP"], [[5, 6, 7, 8], "Main-St."]],
+                          object_label="sign&&pole")
+        (root / "vqa_train.json").write_text(json.dumps(records))
+
+    from mplug.run.data import build_dataset
+    from mplug.run.run_config import load_config
+
+    config = write_tiny_dataset(tmp_path, "vqa", n=2)
+    add_fields(tmp_path)
+    tokenizer = load_tokenizer(tmp_path / "vocab.txt")
+    questions = {}
+    for ocr, objects in ((True, True), (False, False)):
+        cfg = load_config(str(config), [f"add_ocr={str(ocr).lower()}", f"add_object={str(objects).lower()}"])
+        questions[ocr] = build_dataset("vqa", "train", cfg, tokenizer).samples[0]["question"]
+    assert questions[True] == "What's on the Sign? [SEP] stop main st [SEP] sign pole"
+    assert questions[False] == "What's on the Sign?"
+    assert tokenizer(questions[True])["input_ids"].count(tokenizer.sep_token_id) == 3  # "[SEP]" read as the token
+    shipped = load_config("vqa_base")  # scripts/vqa_mplug_base.sh: --add_ocr --add_object --max_input_length 80
+    assert (shipped["add_ocr"], shipped["add_object"], shipped["max_tokens"]) == (True, True, 80)

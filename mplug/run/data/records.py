@@ -20,6 +20,7 @@ from PIL import Image
 
 from mplug.tasks.classification import VE_LABELS
 from mplug.run.data.text import clean_answer, clean_text
+from mplug.run.data.vqa_inputs import authors_question
 from mplug.tasks.finetune import vqa_answer_weights
 
 VQA_ROOTS = {"vqa": "vqa_root", "vg": "vg_root", "gqa": "gqa_root"}
@@ -148,8 +149,11 @@ def vqa_parser(cfg: dict, split: str) -> Callable[[dict], List[dict]]:
         if not isinstance(dataset, str) or dataset not in VQA_ROOTS:
             raise BadRecord(f"key 'dataset' must be one of {sorted(VQA_ROOTS)}, got {dataset!r}")
         root = config_path(cfg, VQA_ROOTS[dataset], "vqa", split)
-        sample = {"image": image_file(root, text_field(record, "image")),
-                  "question": cleaned(text_field(record, "question"), max_words, "question")}
+        try:  # the raw question, OCR tokens and object tags as the authors' launchers feed them (data/vqa_inputs.py)
+            question = authors_question(text_field(record, "question"), record, cfg["add_ocr"], cfg["add_object"], max_words)
+        except ValueError as error:
+            raise BadRecord(str(error)) from None
+        sample = {"image": image_file(root, text_field(record, "image")), "question": question}
         if split == "test":
             sample["question_id"] = field(record, "question_id", (int, str), "an int or a string")
             sample["answers"] = texts_field(record, "answer", True) if "answer" in record else None
