@@ -213,3 +213,12 @@ def test_vqa_question_raw_with_ocr_and_object_tags(tmp_path):
     assert tokenizer(questions[True])["input_ids"].count(tokenizer.sep_token_id) == 3  # "[SEP]" read as the token
     shipped = load_config("vqa_base")  # scripts/vqa_mplug_base.sh: --add_ocr --add_object --max_input_length 80
     assert (shipped["add_ocr"], shipped["add_object"], shipped["max_tokens"]) == (True, True, 80)
+
+
+def test_caption_training_text_raw_lower_cased_with_punctuation(tmp_path):
+    # dataset/caption_dataset.py:185: caption = sent["raw"].lower() (no pre_caption). tests/tiny_dataset.py's
+    # captions_of: "A picture of <count> <color> <shape>s." -> "a picture of ... s." (the full stop kept).
+    dataset = _dataset(tmp_path, "caption", n=2)
+    captions = [sample["caption"] for sample in dataset.samples]
+    assert captions[0].startswith("a picture of ") and captions[0].endswith("s.")
+    assert captions[1].startswith("an image with ") and captions[1].endswith("on the background!")

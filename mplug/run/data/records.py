@@ -179,7 +179,8 @@ def caption_parser(cfg: dict, split: str) -> Callable[[dict], List[dict]]:
         image_id = record.get("cocoid", record["filename"])
         if split == "test":
             return [{"image": path, "image_id": image_id, "references": raw}]
-        return [{"image": path, "image_id": image_id, "caption": cleaned(text, cfg["max_words"], "sentences")} for text in raw]
+        # raw and lower-cased, punctuation kept: the authors' dataset/caption_dataset.py:185 (no pre_caption)
+        return [{"image": path, "image_id": image_id, "caption": text.lower()} for text in raw]
 
     return parse
 
