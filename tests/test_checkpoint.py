@@ -548,15 +548,16 @@ def test_authors_grounding_file_loads_strictly_with_its_coordinate_rows_moved():
 
 
 def authors_ground(model, images, ids, mask, prefix_id, target_ids):
-    """The authors' grounding decode on a model whose decoder keeps the file's rows: [CLS] prefix, then 4 greedy
-    steps over the file's coordinate tokens; (boxes [B, 4], the last step's coordinate logits)."""
+    """The authors' grounding decode on a model whose decoder keeps the file's rows: prefix_ids alone (no [CLS],
+    mPLUG/models/model_grounding_mplug.py:138,166-177), then 4 greedy steps over the file's coordinate tokens;
+    (boxes [B, 4], the last step's coordinate logits)."""
     memory, memory_masks = _fused_memory(model, images, ids, mask)
-    decoded = torch.tensor([model.config.bos_token_id, prefix_id]).expand(ids.shape[0], 2)
+    decoded = torch.tensor([prefix_id]).expand(ids.shape[0], 1)
     for _ in range(4):
         all_ones = torch.ones(decoded.shape, dtype=torch.bool)
         logits = model.text_decoder(decoded, all_ones, memory=memory, memory_masks=memory_masks)[:, -1][:, target_ids]
         decoded = torch.cat([decoded, target_ids[logits.argmax(-1)][:, None]], dim=1)
-    return (decoded[:, 2:] - target_ids[0]).float() / model.config.image_size, logits
+    return (decoded[:, 1:] - target_ids[0]).float() / model.config.image_size, logits
 
 
 def test_loaded_grounding_model_decodes_the_authors_coordinate_tokens():
@@ -572,7 +573,7 @@ def test_loaded_grounding_model_decodes_the_authors_coordinate_tokens():
         expected_boxes, expected_logits = authors_ground(unmoved, images, ids, mask, 150, state["target_ids"])
         memory, memory_masks = _fused_memory(ours, images, ids, mask)
         levels = (expected_boxes[:, :3] * config.image_size).round().long()
-        prompt = torch.tensor([[config.bos_token_id, tokens.prefix]] * 2)
+        prompt = torch.tensor([[tokens.prefix]] * 2)
         decoded = torch.cat([prompt, levels + tokens.first_coordinate], dim=1)  # the same box in our token ids
         torch.testing.assert_close(_coordinate_logits(ours, decoded, memory, memory_masks)[:, -1], expected_logits)
     assert torch.equal(ours.ground(images, ids, mask), expected_boxes)

@@ -41,13 +41,16 @@ def test_tokens_are_reserved_ids_after_mask():
         grounding_tokens(MPLUGConfig.tiny(vocab_size=120))
 
 
-def test_quantization_round_trip():
+def test_quantization_floors_as_the_authors():
+    # floored, not rounded: the authors' process_target (mPLUG/models/model_grounding_mplug.py:200) takes
+    # (targets * image_res).floor(); was round (0.124 * 4 = 0.496 and 0.126 * 4 = 0.504 straddle the old rounding)
     boxes = torch.tensor([[0.0, 1.0, 0.5, 0.26], [0.124, 0.126, 0.999, 0.001]])
     levels = quantize_boxes(boxes, 4)
-    assert levels.tolist() == [[0, 4, 2, 1], [0, 1, 4, 0]]
-    assert dequantize_boxes(levels, 4).tolist() == [[0.0, 1.0, 0.5, 0.25], [0.0, 0.25, 1.0, 0.0]]
+    assert levels.tolist() == [[0, 4, 2, 1], [0, 0, 3, 0]]
+    assert dequantize_boxes(levels, 4).tolist() == [[0.0, 1.0, 0.5, 0.25], [0.0, 0.0, 0.75, 0.0]]
     fine = torch.rand(100, 4, generator=torch.Generator().manual_seed(0))
-    assert (dequantize_boxes(quantize_boxes(fine, 384), 384) - fine).abs().max() <= 0.5 / 384 + 1e-7
+    error = fine - dequantize_boxes(quantize_boxes(fine, 384), 384)
+    assert error.min() >= -1e-7 and error.max() < 1 / 384
     assert torch.equal(quantize_boxes(dequantize_boxes(levels, 4), 4), levels)
 
 
@@ -67,25 +70,51 @@ def test_giou_by_hand():
 
 
 def test_weighted_loss_on_a_hand_made_example():
-    """image_size 4 (5 levels); target levels (2, 2, 2, 2) = box (.5, .5, .5, .5); argmax levels (2, 2, 4, 1)
-    = box (.5, .5, 1, .25). L1 weights (0, 0, 2, 1); corners [0, .375, 1, .625] vs [.25, .25, .75, .75]:
-    intersection .125, union .25 + .25 - .125 = .375, enclosing [0, .25, 1, .75] = .5 -> GIoU 1/3 - .125/.5."""
+    """image_size 4 (5 levels); target box (.5, .5, .5, .5) = levels (2, 2, 2, 2); argmax levels (2, 2, 4, 1)
+    = box (.5, .5, 1, .25). L1 weights in normalised units (0, 0, .5, .25) (the authors' model_grounding_mplug.py:157
+    compares process_bbox boxes in [0, 1], so their clamp at 5 never bites; were level units (0, 0, 2, 1));
+    corners [0, .375, 1, .625] vs [.25, .25, .75, .75]: intersection .125, union .25 + .25 - .125 = .375, enclosing
+    [0, .25, 1, .75] = .5 -> GIoU 1/3 - .125/.5."""
     logits = torch.zeros(1, 4, 5, dtype=torch.float64)
     for position, level in enumerate((2, 2, 4, 1)):
         logits[0, position, level] = 3.0
     logits.requires_grad_(True)
-    target = torch.full((1, 4), 2)
+    target = torch.full((1, 4), 0.5, dtype=torch.float64)
     loss = weighted_coordinate_loss(logits, target, 4)
     giou = 1 / 3 - 0.125 / 0.5
     ce_wrong = math.log(4 + math.exp(3))  # target logit 0, one logit 3, three logits 0
-    expected = (2 * ce_wrong + 1 * ce_wrong) * (1 - giou) / 4
+    expected = (0.5 * ce_wrong + 0.25 * ce_wrong) * (1 - giou) / 4
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
     # weights carry no gradient: the first two tokens (weight 0) get none, the others d(w * CE)/d logits
     assert logits.grad[0, :2].abs().max() == 0
     softmax = torch.softmax(logits.detach()[0, 2], -1)
-    expected_grad = (softmax - torch.nn.functional.one_hot(torch.tensor(2), 5)) * 2 * (1 - giou) / 4
+    expected_grad = (softmax - torch.nn.functional.one_hot(torch.tensor(2), 5)) * 0.5 * (1 - giou) / 4
     torch.testing.assert_close(logits.grad[0, 2], expected_grad.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_loss_pairs_every_sample_with_every_weight_as_the_authors():
+    """The authors' loss_seq.view(bs, -1, 4) [B, 1, 4] x weight_bbox [B, 4] x weight_giou.unsqueeze(1) [B, 1]
+    (mPLUG/models/model_grounding_mplug.py:159-163) broadcasts to [B, B, 4]: loss = mean_ijk ce[i, k] w[j, k].
+    B = 2, image_size 4: sample 0 as the example above (w0 = (0, 0, .5, .25) (1 - g)), sample 1 predicts its box
+    (.5, .5, .5, .5) exactly (w1 = 0). Per coordinate k: mean_i ce[i, k] x mean_j w[j, k] = (ce0k + ce1k) / 2 x w0k / 2,
+    so sample 1's correct tokens still get gradient (a per-sample weighting would give them none)."""
+    logits = torch.zeros(2, 4, 5, dtype=torch.float64)
+    for position, level in enumerate((2, 2, 4, 1)):
+        logits[0, position, level] = 3.0
+    logits[1, :, 2] = 3.0
+    logits.requires_grad_(True)
+    target = torch.full((2, 4), 0.5, dtype=torch.float64)
+    loss = weighted_coordinate_loss(logits, target, 4)
+    g = 1 / 3 - 0.125 / 0.5
+    ce_wrong, ce_right = math.log(4 + math.exp(3)), math.log(4 + math.exp(3)) - 3
+    expected = ((ce_wrong + ce_right) / 2 * 0.5 * (1 - g) / 2 + (ce_wrong + ce_right) / 2 * 0.25 * (1 - g) / 2) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-6)  # the loss is taken in float32
+    loss.backward()
+    softmax = torch.softmax(logits.detach()[1, 2], -1)
+    expected_grad = (softmax - torch.nn.functional.one_hot(torch.tensor(2), 5)) * (0.5 * (1 - g) / 2) / 2 / 4
+    torch.testing.assert_close(logits.grad[1, 2], expected_grad, rtol=1e-5, atol=1e-7)
+    assert logits.grad[:, :2].abs().max() == 0  # both weights of coordinates 0 and 1 are 0
 
 
 def test_ground_is_four_greedy_restricted_steps(model):
@@ -97,12 +126,31 @@ def test_ground_is_four_greedy_restricted_steps(model):
     image_embeds, image_mask = encode_images(model, images)
     v, t = model.fusion_encoder(image_embeds, image_mask, model.text_encoder(ids, mask), mask)
     tokens = grounding_tokens(model.config)
-    seq = torch.tensor([[CLS, tokens.prefix]] * 2)
+    # no [CLS]: the authors' decoder input starts at prefix_ids (mPLUG/models/model_grounding_mplug.py:138,166-177)
+    seq = torch.tensor([[tokens.prefix]] * 2)
     for _ in range(4):
         logits = model.text_decoder(seq, torch.ones(seq.shape, dtype=torch.bool), memory=(v, t), memory_masks=(image_mask, mask))
         coordinate = logits[:, -1, tokens.first_coordinate:tokens.first_coordinate + tokens.levels].argmax(-1)
         seq = torch.cat([seq, coordinate[:, None] + tokens.first_coordinate], dim=1)
-    assert (predicted * 32).round().long().tolist() == (seq[:, 2:] - tokens.first_coordinate).tolist()
+    assert (predicted * 32).round().long().tolist() == (seq[:, 1:] - tokens.first_coordinate).tolist()
+
+
+def test_grounding_loss_teacher_forces_prefix_then_floored_levels(model):
+    """Decoder input [prefix, t0, t1, t2] with t the floored levels, no [CLS] (the authors' model_grounding_mplug.py:
+    138-147 feed prefix_ids + process_target(targets), :200 floors); the 4 outputs predict t0..t3."""
+    images, ids, mask, boxes = inputs(seed=2)
+    boxes[0] = torch.tensor([0.999 / 32 + 0.5, 0.5, 0.25, 0.25], dtype=torch.float64)  # cx level 16.999 -> 16
+    loss = model.grounding_loss(images, ids, mask, boxes)
+    from mplug.tasks.pretraining import encode_images
+    image_embeds, image_mask = encode_images(model, images)
+    v, t = model.fusion_encoder(image_embeds, image_mask, model.text_encoder(ids, mask), mask)
+    tokens = grounding_tokens(model.config)
+    levels = torch.floor(boxes * 32).long()
+    assert levels[0, 0] == 16
+    seq = torch.cat([torch.full((2, 1), tokens.prefix), levels[:, :3] + tokens.first_coordinate], dim=1)
+    logits = model.text_decoder(seq, torch.ones(seq.shape, dtype=torch.bool), memory=(v, t), memory_masks=(image_mask, mask))
+    expected = weighted_coordinate_loss(logits[..., tokens.first_coordinate:tokens.first_coordinate + tokens.levels], boxes, 32)
+    torch.testing.assert_close(loss, expected)
 
 
 def test_grounding_loss_trains_the_decoder(model):

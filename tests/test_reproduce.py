@@ -222,3 +222,25 @@ def test_caption_training_text_raw_lower_cased_with_punctuation(tmp_path):
     captions = [sample["caption"] for sample in dataset.samples]
     assert captions[0].startswith("a picture of ") and captions[0].endswith("s.")
     assert captions[1].startswith("an image with ") and captions[1].endswith("on the background!")
+
+
+def test_grounding_query_raw_lower_cased_and_the_authors_training_values(tmp_path):
+    # dataset/grounding_dataset.py:317: phrase = phrase.lower() (no cleaning); :74-92 cut to max_query_len 20 word
+    # pieces including [CLS] and [SEP]. The edit writes "The RED circle, left!" -> "the red circle, left!".
+    def shout(root):
+        records = json.loads((root / "grounding_train.json").read_text())
+        records[0] = {"image": records[0]["image"], "text": "The RED circle, left!", "bbox": records[0]["bbox"]}
+        (root / "grounding_train.json").write_text(json.dumps(records))
+
+    dataset = _dataset(tmp_path, "grounding", n=2, edit=shout)
+    assert dataset.samples[0]["text"] == "the red circle, left!"
+    from mplug.run.run_config import load_config
+
+    # configs/grounding_mplug_large.yaml: batch_size_train 24, optimizer lr1 2e-5 / lr2 5e-6, schedular epochs 120,
+    # warmup_epochs 20 (x step_size 100 iterations, grounding_mplug.py:86-87), min_lr 1e-6, max_query_len 20;
+    # grounding_mplug.py train() clips no gradient
+    for name in ("grounding_large", "grounding_base"):
+        cfg = load_config(name)
+        assert (cfg["batch_size_train"], cfg["epochs"], cfg["max_tokens"], cfg["max_grad_norm"]) == (24, 120, 20, 0.0)
+        assert (cfg["optimizer"]["lr"], cfg["optimizer"]["lr_visual"]) == (2e-5, 5e-6)
+        assert (cfg["schedule"]["warmup_steps"], cfg["schedule"]["min_lr"], cfg["schedule"]["warmup_lr"]) == (2000, 1e-6, 1e-6)

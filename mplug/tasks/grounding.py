@@ -1,9 +1,12 @@
 """Visual grounding (referring expressions) on an MPLUG model: the decoder reads the fused [v; t] and writes a box
 as tokens: a reserved prefix token, then the box's cx, cy, w, h (normalised to [0, 1]) each quantised to
-image_size + 1 levels and written as a reserved coordinate token.
+image_size + 1 levels and written as a reserved coordinate token. As the authors' models/model_grounding_mplug.py:
+the decoder input starts at the prefix with no [CLS] (:138-143), coordinates are floored (:200) and the loss weights
+compare the argmax box with the unquantised target in normalised units (:153-157).
 
 Token ids: the prefix is mask_token_id + 1 (BERT's first [unused] id after [MASK], 104), coordinate level n is
-prefix + 1 + n. ``MPLUG.ground`` / ``grounding_loss`` call these.
+prefix + 1 + n; the authors' [unused339] / [unused340 + n] rows are moved onto these ids when their grounding file is
+loaded (mplug.model.checkpoint). ``MPLUG.ground`` / ``grounding_loss`` call these.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from mplug.tasks.pretraining import encode_images
 from mplug.model.validation import describe
 from mplug.tasks.video import default_mask
 
-MAX_L1_WEIGHT = 5.0
+MAX_L1_WEIGHT = 5.0  # the authors' clamp(0, 5) (model_grounding_mplug.py:157); their L1 is in normalised units, so it never bites
 
 
 class GroundingTokens(NamedTuple):
@@ -50,8 +53,9 @@ def check_boxes(name: str, boxes, batch: int) -> None:
 
 
 def quantize_boxes(boxes: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Normalised boxes [..., 4] in [0, 1] -> levels long [..., 4] in [0, image_size] (nearest)."""
-    return torch.round(boxes * image_size).long()
+    """Normalised boxes [..., 4] in [0, 1] -> levels long [..., 4] in [0, image_size], floored as the authors'
+    process_target (model_grounding_mplug.py:200)."""
+    return torch.floor(boxes * image_size).long()
 
 
 def dequantize_boxes(levels: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -103,15 +107,14 @@ def _coordinate_logits(model, decoder_ids, memory, memory_masks) -> torch.Tensor
 
 
 def _prompt(model, batch: int, device) -> torch.Tensor:
-    """[CLS] prefix [B, 2]."""
-    prompt = torch.tensor([model.config.bos_token_id, grounding_tokens(model.config).prefix], device=device)
-    return prompt.expand(batch, 2)
+    """The prefix alone [B, 1], no [CLS] (the authors' model_grounding_mplug.py:138-143)."""
+    return torch.full((batch, 1), grounding_tokens(model.config).prefix, dtype=torch.long, device=device)
 
 
 @torch.no_grad()
 def ground(model, images: torch.Tensor, text_ids: torch.Tensor, text_mask=None) -> torch.Tensor:
     """Boxes [B, 4] (normalised cx, cy, w, h) of the expressions text_ids [B, L] in images [B, 3, H, W]: from
-    [CLS] prefix, 4 greedy decoder steps restricted to the coordinate tokens."""
+    the prefix, 4 greedy decoder steps restricted to the coordinate tokens."""
     text_mask = default_mask(text_ids, text_mask)
     memory, memory_masks = _fused_memory(model, images, text_ids, text_mask)
     ids = _prompt(model, text_ids.shape[0], text_ids.device)
@@ -123,22 +126,26 @@ def ground(model, images: torch.Tensor, text_ids: torch.Tensor, text_mask=None) 
     return dequantize_boxes(torch.stack(levels, dim=1), model.config.image_size)
 
 
-def weighted_coordinate_loss(coordinate_logits: torch.Tensor, target_levels: torch.Tensor, image_size: int) -> torch.Tensor:
-    """coordinate_logits [B, 4, levels], target_levels long [B, 4] -> scalar: the mean over the 4B coordinate tokens
-    of cross-entropy x clamp(|argmax level - target level|, 0, 5) x (1 - GIoU(argmax box, target box)), the weights
-    without gradient."""
+def weighted_coordinate_loss(coordinate_logits: torch.Tensor, target_boxes: torch.Tensor, image_size: int) -> torch.Tensor:
+    """coordinate_logits [B, 4, levels], target_boxes [B, 4] (normalised cx, cy, w, h) -> scalar, as the authors'
+    model_grounding_mplug.py:153-163: weight w[j, k] = clamp(|argmax box - target box|[j, k], 0, 5) x (1 - GIoU(argmax
+    box j, target box j)), boxes normalised, without gradient; cross-entropy ce[i, k] against the floored target level.
+    Their loss_seq.view(B, -1, 4) [B, 1, 4] x weight [B, 4] broadcasts to [B, B, 4] (:160-161), so the loss is
+    mean over i, j, k of ce[i, k] w[j, k] = mean_k(mean_i ce[i, k] x mean_j w[j, k]): each coordinate's cross-entropy
+    takes the batch's mean weight of that coordinate (per sample only when B = 1)."""
+    target_levels = quantize_boxes(target_boxes, image_size)
     with torch.no_grad():
-        predicted = coordinate_logits.argmax(-1)
-        l1 = (predicted - target_levels).abs().to(coordinate_logits.dtype).clamp(0, MAX_L1_WEIGHT)
-        _, giou = box_iou_giou(dequantize_boxes(predicted, image_size).double(), dequantize_boxes(target_levels, image_size).double())
-        weights = l1 * (1 - giou).to(l1.dtype)[:, None]
+        predicted = dequantize_boxes(coordinate_logits.argmax(-1), image_size).double()
+        l1 = (predicted - target_boxes.double()).abs().clamp(0, MAX_L1_WEIGHT)
+        _, giou = box_iou_giou(predicted, target_boxes.double())
+        weights = l1 * (1 - giou)[:, None]
     losses = F.cross_entropy(coordinate_logits.float().flatten(0, 1), target_levels.flatten(), reduction="none")
-    return (weights.float().flatten() * losses).mean()
+    return (losses.view(-1, 4).mean(0) * weights.float().mean(0)).mean()
 
 
 def grounding_loss(model, images: torch.Tensor, text_ids: torch.Tensor, text_mask, boxes: torch.Tensor) -> torch.Tensor:
     """Grounding fine-tuning loss of expressions text_ids [B, L] in images [B, 3, H, W] with target boxes [B, 4]
-    (normalised cx, cy, w, h in [0, 1]): the decoder, teacher-forced on [CLS] prefix cx cy w h, predicts each
+    (normalised cx, cy, w, h in [0, 1]): the decoder, teacher-forced on prefix cx cy w h, predicts each
     coordinate token over the coordinate tokens; weighted_coordinate_loss."""
     text_mask = default_mask(text_ids, text_mask)
     batch = text_ids.shape[0] if isinstance(text_ids, torch.Tensor) and text_ids.dim() else -1
@@ -147,5 +154,5 @@ def grounding_loss(model, images: torch.Tensor, text_ids: torch.Tensor, text_mas
     memory, memory_masks = _fused_memory(model, images, text_ids, text_mask)
     first = grounding_tokens(model.config).first_coordinate
     decoder_ids = torch.cat([_prompt(model, batch, text_ids.device), targets[:, :3] + first], dim=1)
-    logits = _coordinate_logits(model, decoder_ids, memory, memory_masks)[:, 1:]
-    return weighted_coordinate_loss(logits, targets, model.config.image_size)
+    logits = _coordinate_logits(model, decoder_ids, memory, memory_masks)
+    return weighted_coordinate_loss(logits, boxes, model.config.image_size)

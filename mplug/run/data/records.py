@@ -262,7 +262,7 @@ def normalised_box(bbox, width: int, height: int) -> List[float]:
 
 
 def grounding_parser(cfg: dict, split: str) -> Callable[[dict], List[dict]]:
-    """Grounding record -> {image, text (cleaned), box (normalised cx, cy, w, h as mplug.tasks.grounding takes)}; the image
+    """Grounding record -> {image, text (raw, lower-cased), box (normalised cx, cy, w, h as mplug.tasks.grounding takes)}; the image
     header is read up front for its size."""
     root = config_path(cfg, "image_root", "grounding", split)
 
@@ -275,7 +275,9 @@ def grounding_parser(cfg: dict, split: str) -> Callable[[dict], List[dict]]:
         except (OSError, ValueError) as error:
             raise BadRecord(f"cannot read image {path} ({error})") from None
         box = normalised_box(field(record, "bbox", list, "four numbers [x, y, w, h] in pixels"), width, height)
-        return [{"image": path, "text": cleaned(text, cfg["max_words"], "text"), "box": box}]
+        # raw and lower-cased, punctuation kept: the authors' dataset/grounding_dataset.py:317 (phrase.lower()); the
+        # query is then cut to max_tokens word pieces with [CLS] and [SEP] (their max_query_len 20, :74-92)
+        return [{"image": path, "text": text.lower(), "box": box}]
 
     return parse
 
