@@ -24,6 +24,8 @@ from mplug.run.run_config import allowed_keys, load_config
     ("epochs=100000000000", "epochs"),
     ("grad_checkpointing=1", "grad_checkpointing"),
     ("skip_non_finite_steps=-1", "skip_non_finite_steps"),
+    ("max_image_pixels=0", "max_image_pixels"),
+    ("max_image_pixels=200000000", "max_image_pixels"),
     ("train_file=[]", "train_file"),
     ("optimizer.lr=[1", "optimizer.lr"),
 ])

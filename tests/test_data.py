@@ -4,8 +4,10 @@ import inspect
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mplug.run.data import build_dataset, build_loader, check_vocabulary, clean_text, load_tokenizer
 from mplug.run.data.loader import ResumableDistributedSampler
@@ -13,6 +15,7 @@ from mplug.run.data.text import clean_answer
 from mplug.run.data.transforms import AUGMENT_OPS, augment_op, crop_box
 from mplug.model.mplug import MPLUG
 from mplug.run.run_config import build_model_config, load_config
+from test_images import write_bomb, write_png
 from tiny_dataset import write_tiny_dataset
 
 TRAIN_METHODS = {"vqa": MPLUG.vqa_loss, "caption": MPLUG.caption_loss, "retrieval": MPLUG.retrieval_loss,
@@ -210,6 +213,68 @@ def test_unreadable_image_names_file_and_record(tiny, tmp_path):
     dataset = build_dataset("retrieval", "train", cfg, tokenizer)
     with pytest.raises(ValueError, match=re.escape(f"{path}: record 0: cannot read image")):
         dataset[0]
+
+
+def _truncated_png(path):
+    """A PNG cut in half (the header is whole, the pixels are not)."""
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def test_undecodable_images_and_bombs_are_named_or_dropped_from_their_batch(tiny, tmp_path):
+    """Issue 23 items 7, 8: a truncated PNG and a 20000x20000 PNG (a few hundred KB) are bad records: named by file
+    and record, or with skip_bad_records dropped from the batch (listed in batch["dropped"]); a batch of only bad
+    records has no inputs."""
+    cfg, tokenizer = tiny["retrieval"]
+    cut, bomb = _truncated_png(tmp_path / "cut.png"), tmp_path / "bomb.png"
+    write_bomb(bomb, 20000)
+    good = {"image": "images/img_0.png", "caption": "a red circle", "image_id": 1}
+    records = [good, {**good, "image": str(cut)}, good, {**good, "image": str(bomb)}]
+    cfg_bad, path = _write_records(tmp_path, cfg, "train_file", records)
+    strict = build_dataset("retrieval", "train", cfg_bad, tokenizer)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: record 1: cannot read image {cut}")):
+        strict[1]
+    with pytest.raises(ValueError, match=re.escape(f"{path}: record 3: image {bomb} is over the limit max_image_pixels")):
+        strict[3]
+    dataset = build_dataset("retrieval", "train", cfg_bad, tokenizer, skip_bad_records=True)
+    batches = list(build_loader(dataset, cfg, train=False, rank=0, world_size=1)[0])
+    assert [batch["meta"]["index"] for batch in batches] == [[0], [2]]
+    assert [batch["inputs"]["images"].shape[0] for batch in batches] == [1, 1]
+    dropped = [drop for batch in batches for drop in batch["dropped"]]
+    assert [(drop["position"], drop["index"]) for drop in dropped] == [(1, 1), (1, 3)]
+    assert dropped[0]["reason"].startswith(f"{path}: record 1: cannot read image {cut}")
+    assert dropped[1]["reason"].startswith(f"{path}: record 3: image {bomb} is over the limit")
+    only_bad, _ = _write_records(tmp_path, cfg, "train_file", records[1::2])
+    dataset = build_dataset("retrieval", "train", only_bad, tokenizer, skip_bad_records=True)
+    (batch,) = build_loader(dataset, cfg, train=False, rank=0, world_size=1)[0]
+    assert batch["inputs"] is None and batch["meta"] is None and len(batch["dropped"]) == 2
+
+
+def test_max_image_pixels_makes_a_normal_image_a_bad_record(tiny):
+    cfg, tokenizer = tiny["caption"]
+    low = build_dataset("caption", "test", {**cfg, "max_image_pixels": 1919}, tokenizer)  # the images are 48 x 40
+    with pytest.raises(ValueError, match=r"caption_test\.json: record 0: image .*img_0\.png is 48x40 = 1920 pixels, over "
+                                         r"the limit max_image_pixels = 1919"):
+        low[0]
+    assert build_dataset("caption", "test", {**cfg, "max_image_pixels": 1920}, tokenizer)[0]["image"].shape == (3, 32, 32)
+    skipping = build_dataset("caption", "test", {**cfg, "max_image_pixels": 1919}, tokenizer, skip_bad_records=True)
+    batch = first_batch(skipping, cfg, False)
+    assert batch["inputs"] is None and [drop["index"] for drop in batch["dropped"]] == [0, 1]
+
+
+def test_16_bit_grey_image_reaches_the_model_grey_not_white(tiny, tmp_path):
+    """Issue 23 item 6 through the data set: a 16-bit grey PNG of level 128 * 257 gives the tensor of an 8-bit grey
+    128 image, not that of a white one (convert("RGB") saturated it)."""
+    cfg, tokenizer = tiny["caption"]
+    write_png(tmp_path / "grey16.png", np.full((40, 48), 128 * 257, dtype=np.uint16), color_type=0)
+    Image.new("RGB", (48, 40), (128, 128, 128)).save(tmp_path / "grey8.png")
+    Image.new("RGB", (48, 40), (255, 255, 255)).save(tmp_path / "white.png")
+    records = [{"filename": name, "filepath": str(tmp_path), "sentences": [{"raw": "a picture"}]}
+               for name in ("grey16.png", "grey8.png", "white.png")]
+    dataset = build_dataset("caption", "test", _write_records(tmp_path, cfg, "test_file", records)[0], tokenizer)
+    grey16, grey8, white = (dataset[i]["image"] for i in range(3))
+    assert torch.equal(grey16, grey8) and not torch.equal(grey16, white)
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tiny):

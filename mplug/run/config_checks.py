@@ -8,6 +8,7 @@ import yaml
 
 INT_LIMIT = 2**31 - 1  # larger counts and sizes are typos; seeds must stay below 2**32 (numpy's seeding)
 SEED_LIMIT = 2**32 - 1 - 4096  # seed + rank, seed + worker id must stay numpy seeds
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's MAX_IMAGE_PIXELS: max_image_pixels' default (mplug.run.data.images)
 POSITIVE_INTS = ("image_size", "epochs", "batch_size_train", "batch_size_test", "log_every", "max_words", "max_tokens",
                  "answer_max_words", "num_beams", "max_length", "k_test")
 NON_NEGATIVE_INTS = ("num_workers", "save_every", "min_length", "skip_non_finite_steps", "schedule.warmup_steps")
@@ -108,6 +109,9 @@ def check_values(cfg: dict, tasks, models, path_keys) -> None:
     for key in NON_NEGATIVE_INTS:
         check_int(key, get(cfg, key), 0)
     check_int("seed", cfg["seed"], 0, SEED_LIMIT)
+    if not is_int(cfg["max_image_pixels"]) or not 1 <= cfg["max_image_pixels"] <= 2 * DEFAULT_MAX_PIXELS:
+        raise ValueError(f"config key 'max_image_pixels' must be an int in [1, {2 * DEFAULT_MAX_PIXELS}] (Pillow refuses "
+                         f"images over twice its default limit {DEFAULT_MAX_PIXELS} itself), got {cfg['max_image_pixels']!r}")
     if cfg["max_steps"] is not None:
         check_int("max_steps", cfg["max_steps"], 1)
     for key, (optional, high) in FLOATS.items():

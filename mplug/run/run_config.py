@@ -10,7 +10,7 @@ from typing import Sequence
 
 from mplug.model.config import MPLUGConfig
 from mplug.run.authors_options import DEFAULTS as AUTHORS_DEFAULTS, check_authors_options
-from mplug.run.config_checks import check_values, load_yaml
+from mplug.run.config_checks import DEFAULT_MAX_PIXELS, check_values, load_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TASKS = ("vqa", "caption", "retrieval", "pretrain", "ve", "nlvr", "grounding")
@@ -44,6 +44,7 @@ DEFAULTS = {
     "max_length": 10,
     "k_test": 256,
     "prompt": "",
+    "max_image_pixels": DEFAULT_MAX_PIXELS,
     **{key: None for key in PATH_KEYS},
     **AUTHORS_DEFAULTS,
 }

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mplug.run.data.augment import nlvr_swap
+from mplug.run.data.bad_images import bad_item, split_items
 from mplug.run.data.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from mplug.run.data.records import BadRecords, answer_list, image_source, read_samples
 from mplug.run.data.text import check_vocabulary
@@ -36,6 +37,7 @@ class TaskDataset(Dataset):
     def __init__(self, task: str, split: str, cfg: dict, tokenizer, skip_bad_records: bool = False):
         bad = BadRecords(skip_bad_records)
         self.task, self.split, self.tokenizer, self.epoch = task, split, tokenizer, 0
+        self.skip_bad_records = skip_bad_records
         self.seed, self.image_size, self.max_tokens = cfg["seed"], cfg["image_size"], cfg["max_tokens"]
         self.max_pixels = cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)
         self.samples = read_samples(task, split, cfg, bad)
@@ -77,10 +79,15 @@ class TaskDataset(Dataset):
         rng = self.rng(index)
         sample = self.samples[index]
         item = {key: value for key, value in sample.items() if key not in ("image", "images", "source")}
-        if "images" in sample:
-            image = torch.stack([self.load_image(index, rng, path) for path in sample["images"]])
-        else:
-            image = self.load_image(index, rng)
+        try:
+            if "images" in sample:
+                image = torch.stack([self.load_image(index, rng, path) for path in sample["images"]])
+            else:
+                image = self.load_image(index, rng)
+        except BadImage as error:
+            if not self.skip_bad_records:
+                raise
+            return bad_item(index, str(error))  # the collate drops it (mplug.run.data.bad_images)
         if self.task == "nlvr" and self.split == "train":
             image, item["sentence"] = nlvr_swap(image, item["sentence"], rng)
         item.update(image=image, index=index, file=str(sample["source"][0]), record=sample["source"][1])
@@ -94,9 +101,13 @@ class TaskDataset(Dataset):
         return encoded["input_ids"], encoded["attention_mask"].bool()
 
     def collate(self, items: List[Dict]) -> Dict:
-        """Items -> {"inputs": the model method's keyword arguments, "meta": ids}."""
+        """Items -> {"inputs": the model method's keyword arguments, "meta": ids, "dropped": the items whose image
+        could not be used (skip_bad_records)}; inputs and meta are None when every item was dropped."""
+        items, dropped = split_items(items)
+        if not items:
+            return {"inputs": None, "meta": None, "dropped": dropped}
         images = torch.stack([item["image"] for item in items])
-        return getattr(self, f"_collate_{self.task}_{self.split}")(items, images)
+        return {**getattr(self, f"_collate_{self.task}_{self.split}")(items, images), "dropped": dropped}
 
     def _collate_vqa_train(self, items, images):
         question_ids, question_mask = self.tokens([item["question"] for item in items])

@@ -7,8 +7,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-# Pillow's own default limit (MAX_IMAGE_PIXELS): the run-config key max_image_pixels defaults to it.
-DEFAULT_MAX_PIXELS = 89_478_485
+from mplug.run.config_checks import DEFAULT_MAX_PIXELS  # Pillow's own default limit; max_image_pixels' default
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
