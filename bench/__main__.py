@@ -38,19 +38,25 @@ CPU_DEFAULT_MODEL_TASKS = ("vqa_generate",)
 CPU_DEFAULT_IMAGE_SIZE = 224
 CPU_DEFAULT_MODEL_BATCH = 1
 QUICK_THREADS = 1  # the tiny model's ops are too small to share between threads; a second one only adds contention
-QUICK_EXPECTED = "about 30 s on 2 idle cores (longer on a busy machine)"
+QUICK_EXPECTED = "about 30 s on 2 idle cores (measured: 45 s wall, 19 s CPU at load average 8)"
 OTHER_KERNEL_BENCHMARKS = ("bench_concat_attention", "bench_fusion_layers")
 
 
 def parse_args(argv: Optional[Sequence[str]], device: torch.device) -> argparse.Namespace:
-    parser = benchmark_parser("python -m bench", __doc__)
+    parser = benchmark_parser(
+        "python -m bench", __doc__,
+        quick=f"smoke run of the tiny model, Lv {QUICK_VISION_LENS[0]}, both passes and model tasks: {QUICK_EXPECTED}",
+        backends=f"only these backends (default: every available; {' and '.join(CPU_DEFAULT_BACKENDS)} in the CPU default run)",
+        threads=f"CPU threads for torch (default: torch's choice; {QUICK_THREADS} with --quick)",
+    )
     parser.add_argument("--full", action="store_true", help="the whole grid (the default on a GPU)")
     parser.add_argument("--config", choices=sorted(fusion.CONFIGS), default=None, help="model size (default base; tiny with --quick)")
-    parser.add_argument("--batch", type=int, default=None, help="fusion batch (default 64 on a GPU, 1 on the CPU)")
-    parser.add_argument("--model-batch", type=int, default=None, help="full-model batch (default 32 on a GPU; on the CPU 1 in the default run, which times VQA "
-                             "generation only, and 2 with --quick or --full, since the training step's hard negatives need 2)")
+    parser.add_argument("--batch", type=int, default=None, help=f"fusion batch (default {fusion.GPU_BATCH} on a GPU, {fusion.CPU_BATCH} on the CPU)")
+    parser.add_argument("--model-batch", type=int, default=None, help=f"full-model batch (default {model_bench.GPU_BATCH} on a GPU; on the CPU {CPU_DEFAULT_MODEL_BATCH} in "
+                             f"the default run, which times VQA generation only, and {model_bench.CPU_BATCH} with --quick or "
+                             "--full, since the training step's hard negatives need 2)")
     parser.add_argument("--vision-lens", type=int, nargs="+", default=None, help="Lv values (default: by mode and device)")
-    parser.add_argument("--text-len", type=int, default=fusion.TEXT_LEN)
+    parser.add_argument("--text-len", type=int, default=fusion.TEXT_LEN, help="text tokens Lt (default %(default)s)")
     parser.add_argument("--variants", nargs="+", choices=fusion.VARIANTS, default=fusion.VARIANTS)
     parser.add_argument("--passes", nargs="+", choices=fusion.PASSES, default=fusion.PASSES)
     parser.add_argument("--no-model", action="store_true", help="skip the full-model rows")

@@ -417,17 +417,21 @@ class Grids:
         return self.gpu if device.type == "cuda" else self.cpu
 
 
-def benchmark_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """A parser holding the flags every benchmark CLI shares: --json-dir, --quick, --backends, --budget, --threads."""
+def benchmark_parser(prog: str, doc: str, **helps: str) -> argparse.ArgumentParser:
+    """A parser holding the flags every benchmark CLI shares: --json-dir, --quick, --backends, --budget, --threads
+    (helps: a CLI's own help text for quick, backends or threads, where its defaults differ)."""
     parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     parser.add_argument("--json-dir", type=Path, default=None,
                         help=f"where JSON and PNG go (default: a new folder {RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}/<UTC date-time>/ "
                              "for every run, so no run overwrites another)")
-    parser.add_argument("--quick", action="store_true", help=f"tiny grid for a smoke run (also env {QUICK_ENV_VAR}=1)")
-    parser.add_argument("--backends", nargs="+", default=None, help="only these backends (default: every available)")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="seconds of timing per cell after the minimum repeats (default 0.5 on a GPU, 0.2 on the CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true",
+                        help=helps.get("quick", "tiny grid for a smoke run") + f" (also env {QUICK_ENV_VAR}=1)")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help=helps.get("backends", "only these backends (default: every available)"))
+    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per cell after the minimum "
+                        "repeats (default 0.5 on a GPU, 0.2 on the CPU, 0 with --quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=helps.get("threads", "CPU threads for torch (default: torch's choice)"))
     return parser
 
 

@@ -29,6 +29,7 @@ VISION_LENS = (257, 577, 901, 1025)
 VIDEO_FRAMES = (8, 16)  # the video row: T frames at image 224, their tokens one vision memory (mplug.tasks.video)
 VIDEO_IMAGE_SIZE = 224
 TEXT_LEN = 25
+GPU_BATCH, CPU_BATCH = 64, 1
 PASSES = ("forward", "train")
 CONFIGS = {"base": MPLUGConfig.base, "large": MPLUGConfig.large, "tiny": MPLUGConfig.tiny}
 
@@ -223,7 +224,7 @@ def run(
     """
     config = CONFIGS[config_name]()
     dtype = bench_dtype(device)
-    batch = batch or (64 if device.type == "cuda" else 1)
+    batch = batch or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
     names, skipped = fusion_backends(device, dtype, config, backends)
     extra = {
         "benchmark": "fusion",

@@ -24,6 +24,7 @@ SETUPS = {  # rows are labelled by the attention backends that actually ran (ben
 }
 TASKS = ("train_step", "vqa_generate")
 CPU_IMAGE_SIZE = {"base": 256, "large": 224}
+GPU_BATCH, CPU_BATCH = 32, 2  # 2: the training step's ITM hard negatives need a second sample
 QUESTION_LEN = 25
 NUM_BEAMS = 5
 ANSWER_TOKENS = 10
@@ -112,7 +113,7 @@ def run(
     if device.type == "cpu" and config_name != "tiny":
         config = config.replace(image_size=image_size or CPU_IMAGE_SIZE[config_name])
     dtype = bench_dtype(device)
-    batch = batch or (32 if device.type == "cuda" else 2)
+    batch = batch or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
     model = build_model(config, device, dtype)
     inputs = make_batch(config, batch, device, dtype)
     rows, ratios = [], []

@@ -5,8 +5,12 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench import common, fusion_report, tables
+from bench import __main__ as main_job
+from bench import common, fusion_report, model_bench, tables
+
+THREADS = torch.get_num_threads()
 
 COMMITTED = Path(__file__).resolve().parent.parent / "bench" / "results" / "cpu" / "fusion.json"
 
@@ -84,3 +88,17 @@ def test_plot_has_a_ratio_panel_and_a_time_panel(committed, tmp_path, monkeypatc
     assert "paper, Figure 1: connected/skip ~4.0x" in ratio_labels and "FLOP ratio two_way/skip (same backend)" in ratio_labels
     assert not any("paper" in label for label in time_panel.get_legend_handles_labels()[1])
     assert time_panel.get_ylabel().startswith("ms/sample")
+
+
+def test_main_job_help_states_the_defaults_the_run_uses(capsys):
+    with pytest.raises(SystemExit):
+        main_job.parse_args(["--help"], torch.device("cpu"))
+    text = " ".join(capsys.readouterr().out.split())
+    default = main_job.parse_args([], torch.device("cpu"))
+    quick = main_job.parse_args(["--quick"], torch.device("cpu"))
+    torch.set_num_threads(THREADS)  # --quick set one thread for this process
+    assert default.model_batch == 1 and "on the CPU 1 in the default run" in text
+    assert quick.model_batch is None and model_bench.CPU_BATCH == 2 and "and 2 with --quick or --full" in text
+    assert (quick.threads, quick.budget) == (1, 0.0) and "1 with --quick" in text and "0 with --quick" in text
+    assert default.backends == ["reference", "sdpa"] and "reference and sdpa in the CPU default run" in text
+    assert default.json_dir.parent == common.RESULTS_DIR and default.json_dir.name[:8].isdigit()
