@@ -107,6 +107,23 @@ def test_retrieval_recall_both_ways(tmp_path):
     assert not (tmp_path / "out" / "vqa_result.json").exists()
 
 
+def test_retrieval_on_two_gloo_ranks_equals_one_process(tmp_path):
+    """Each rank re-ranks its share of the queries (the authors' retrieval_img_mplug.py:136-179; the matrices are
+    checked in tests/test_reproduce.py); the recalls of 2 ranks equal one process's. 5 images / 10 texts, k_test 2 so
+    the ITM re-rank decides the order."""
+    config = write_tiny_dataset(tmp_path / "data", "retrieval", n=5)
+    checkpoint = tiny_checkpoint(config, "retrieval", seed=3)
+    one = run_cli("retrieval", config, checkpoint, tmp_path / "one", "--set", "k_test=2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
+               "mplug.run.evaluate", "--task", "retrieval", "--config", str(config), "--checkpoint", str(checkpoint),
+               "--output", str(tmp_path / "two"), "--set", "k_test=2"]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_json(tmp_path / "two" / "metrics.json") == {**one, "checkpoint": str(checkpoint)}
+    assert (one["images"], one["texts"]) == (5, 10)
+
+
 def _iou_xywh(a, b):
     """IoU of two (cx, cy, w, h) boxes, by hand."""
     ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
@@ -192,3 +209,40 @@ def test_write_json_atomic_leaves_no_partial_file(tmp_path):
         evaluate.write_json_atomic(target, [{"question_id": 2, "answer": object()}])
     assert read_json(target) == [{"question_id": 1, "answer": "2"}]
     assert [path.name for path in tmp_path.iterdir()] == ["result.json"]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("batch_size", [2, 1], ids=["shortened-batch", "whole-batch-bad"])
+def test_undecodable_image_is_named_or_skipped_and_counted(tmp_path, batch_size):
+    """Issue 23 item 7: a truncated PNG stops the evaluation naming its file and record; with --skip-bad-records the
+    results lack exactly that record (its batch shortened, or skipped when it held only that record) and the count
+    says 1."""
+    config = write_tiny_dataset(tmp_path / "data", "vqa", n=5)
+    checkpoint = tiny_checkpoint(config, "vqa")
+    _truncate(tmp_path / "data" / "coco" / "img_2.png")  # test record 2, question 1002
+    size = f"--set=batch_size_test={batch_size}"
+    with pytest.raises(ValueError, match=r"vqa_test\.json: record 2: cannot read image .*coco/img_2\.png"):
+        run_cli("vqa", config, checkpoint, tmp_path / "strict", size)
+    scores = run_cli("vqa", config, checkpoint, tmp_path / "out", size, "--skip-bad-records")
+    assert [e["question_id"] for e in read_json(tmp_path / "out" / "vqa_result.json")] == [1000, 1001, 1003, 1004]
+    assert scores["skipped_records"] == 1 and scores["questions"] == 4
+    if batch_size == 1:  # 2 gloo ranks: rank 0 (records 0, 2, 4) skips its second batch, the gathered order holds
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                   "-m", "mplug.run.evaluate", "--task", "vqa", "--config", str(config), "--checkpoint", str(checkpoint),
+                   "--output", str(tmp_path / "two"), size, "--skip-bad-records"]
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert read_json(tmp_path / "two" / "vqa_result.json") == read_json(tmp_path / "out" / "vqa_result.json")
+        assert read_json(tmp_path / "two" / "metrics.json") == scores
+
+
+def test_retrieval_drops_an_undecodable_image_with_its_texts(tmp_path):
+    config = write_tiny_dataset(tmp_path / "data", "retrieval", n=4)
+    checkpoint = tiny_checkpoint(config, "retrieval")
+    _truncate(tmp_path / "data" / "images" / "img_1.png")
+    scores = run_cli("retrieval", config, checkpoint, tmp_path / "out", "--skip-bad-records")
+    assert (scores["images"], scores["texts"], scores["skipped_records"]) == (3, 6, 1)

@@ -314,3 +314,42 @@ def test_checkpoint_weights_and_bad_records_skipped_and_counted(tmp_path, capsys
     assert "skipped 1 bad records" in capsys.readouterr().err
     assert state["progress"]["step"] == 1
     assert_states_equal(state["model"], source)
+
+
+def test_undecodable_image_is_named_or_skipped_and_resume_stays_bit_exact(tmp_path, monkeypatch, capsys):
+    """Issue 23 item 7: a truncated PNG stops the run naming its file and record; with --skip-bad-records its batch
+    (batch 1: the record alone) takes no optimiser step and logs no line while the step counter and the data order go
+    on, the end reports 1 skipped record, and a run stopped after step 1 and resumed ends bit for bit as the
+    uninterrupted one."""
+    config = write_tiny_dataset(tmp_path / "data", "vqa", n=1)  # train: record 0 coco/img_0.png, record 1 vg/img_0.png
+    image = tmp_path / "data" / "coco" / "img_0.png"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    overrides = ["epochs=2", "batch_size_train=1", "save_every=1"]
+    with pytest.raises(ValueError, match=r"vqa_train\.json: record 0: cannot read image .*coco/img_0\.png"):
+        train(config, tmp_path / "strict", "vqa", *overrides)
+    argv = ["--task", "vqa", "--config", str(config), "--skip-bad-records"]
+    argv += [item for override in overrides + ["num_workers=1"] for item in ("--set", override)]
+    expected = torch.load(train_module.main(argv + ["--output", str(tmp_path / "straight")]), weights_only=True)
+    assert "skipped 1 bad records whose image could not be used" in capsys.readouterr().err
+    assert expected["progress"] == {"epoch": 2, "step": 4, "step_in_epoch": 0}
+    assert len(log_lines(tmp_path / "straight")) == 2, "one logged step per epoch: the other batch held only the bad record"
+
+    save = train_module.save_checkpoint
+
+    def save_then_stop(output, model, optimizer, scheduler, progress, cfg, steps=()):
+        save(output, model, optimizer, scheduler, progress, cfg, steps)
+        if progress.step == 1:
+            raise KeyboardInterrupt("stopped after step 1")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.main(argv + ["--output", str(tmp_path / "stopped")])
+    monkeypatch.undo()
+    resumed = torch.load(train_module.main(argv + ["--output", str(tmp_path / "stopped"), "--resume", str(tmp_path / "stopped")]),
+                         weights_only=True)
+    assert resumed["progress"] == expected["progress"]
+    assert_states_equal(resumed["model"], expected["model"])
+    assert_states_equal(resumed["optimizer"], expected["optimizer"])
+    assert_states_equal(resumed["scheduler"], expected["scheduler"])
+    logged = [[(line["step"], line["loss"], line["lr"]) for line in log_lines(tmp_path / run)] for run in ("stopped", "straight")]
+    assert logged[0] == logged[1]

@@ -11,7 +11,8 @@ at IoU >= 0.5 (mplug.tasks.grounding.grounding_accuracy). Scores go to ``<output
 its share of the test set;
 rank 0 gathers the outputs back into the data set's order (the sampler's padding dropped), scores them and writes
 every file at the end, each through a temporary file and os.replace, so a run that fails writes nothing.
-Retrieval scores the whole test set on rank 0 (model.retrieval_scores takes all images and texts at once).
+Retrieval: every rank embeds the whole test set and re-ranks its slice of the queries, the score matrices combined
+over ranks as the authors' retrieval_img_mplug.py (mplug.run.retrieval_shards).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from mplug.run import metrics
+from mplug.run.data.bad_images import with_placeholders, without_placeholders
+from mplug.run.retrieval_shards import sharded_retrieval_scores
 from mplug.run.output import check_result_output, finite_or_text
 from mplug.run.run_config import load_config, run_arguments
 from mplug.tasks.classification import VE_LABELS
@@ -118,28 +121,35 @@ def _progress(loader, description: str):
 
 def generate(model, loader, task: str, cfg: dict, tokenizer, device: torch.device) -> List[dict]:
     """This rank's generated text per sample in its sampler's order: the batch meta plus "answer" (vqa) or
-    "caption" (caption), by beam search with the config's num_beams / min_length / max_length."""
+    "caption" (caption), by beam search with the config's num_beams / min_length / max_length; {"skipped": reason}
+    for a record whose image could not be used (--skip-bad-records)."""
     method = model.vqa_generate if task == "vqa" else model.caption_generate
     settings = dict(num_beams=cfg["num_beams"], min_length=cfg["min_length"], max_length=cfg["max_length"])
     rows = []
     for batch in _progress(loader, f"evaluate {task}"):
-        with autocast(device):
-            output = method(**to_device(batch["inputs"], device), **settings)
-        texts = decode(tokenizer, output.sequences[:, 0], model.config.eos_token_id)
-        rows += [{**meta, GENERATED_FIELD[task]: text}
-                 for meta, text in zip(meta_rows(batch["meta"], len(texts)), texts)]
+        texts = []
+        if batch["inputs"] is not None:
+            with autocast(device):
+                output = method(**to_device(batch["inputs"], device), **settings)
+            texts = decode(tokenizer, output.sequences[:, 0], model.config.eos_token_id)
+        rows += with_placeholders([{**meta, GENERATED_FIELD[task]: text}
+                                   for meta, text in zip(meta_rows(batch["meta"] or {}, len(texts)), texts)], batch)
     return rows
 
 
 def predict(model, loader, task: str, device: torch.device) -> List[dict]:
     """This rank's prediction per sample of a ve / nlvr / grounding test loader in its sampler's order: the batch meta
-    plus "prediction" (a class index, or a normalised cx, cy, w, h box for grounding)."""
+    plus "prediction" (a class index, or a normalised cx, cy, w, h box for grounding); {"skipped": reason} for a
+    record whose image could not be used (--skip-bad-records)."""
     method = getattr(model, PREDICT_METHODS[task])
     rows = []
     for batch in _progress(loader, f"evaluate {task}"):
-        with autocast(device):
-            predictions = method(**to_device(batch["inputs"], device)).float().cpu().tolist()
-        rows += [{**meta, "prediction": prediction} for meta, prediction in zip(meta_rows(batch["meta"], len(predictions)), predictions)]
+        predictions = []
+        if batch["inputs"] is not None:
+            with autocast(device):
+                predictions = method(**to_device(batch["inputs"], device)).float().cpu().tolist()
+        rows += with_placeholders([{**meta, "prediction": prediction}
+                                   for meta, prediction in zip(meta_rows(batch["meta"] or {}, len(predictions)), predictions)], batch)
     return rows
 
 
@@ -203,25 +213,32 @@ OUTPUTS = {"vqa": vqa_outputs, "caption": caption_outputs, "grounding": groundin
            "ve": partial(classification_outputs, "ve"), "nlvr": partial(classification_outputs, "nlvr")}
 
 
-def retrieval_outputs(model, dataset, cfg: dict, device: torch.device) -> dict:
-    """Recall@1/5/10 both ways over the whole test set: every image (in order) against ``dataset.text_inputs()``
-    (call on rank 0 only)."""
+def retrieval_outputs(model, dataset, cfg: dict, device: torch.device):
+    """(recall@1/5/10 both ways over the whole test set: every usable image (in order) against its texts, the
+    reasons of the images skipped with their texts (--skip-bad-records)) (call on every rank: each re-ranks its share)."""
     from mplug.run.data import build_loader
 
     loader, _ = build_loader(dataset, cfg, train=False, rank=0, world_size=1)
-    images, order = [], []
+    images, order, dropped = [], [], []
     for batch in _progress(loader, "read retrieval images"):
-        images.append(batch["inputs"]["images"])
-        order += _plain(batch["meta"]["image_index"])
-    if order != list(range(len(dataset))):
+        dropped += batch["dropped"]
+        if batch["inputs"] is not None:
+            images.append(batch["inputs"]["images"])
+            order += _plain(batch["meta"]["image_index"])
+    if order != sorted(order) or sorted(order + [drop["index"] for drop in dropped]) != list(range(len(dataset))):
         raise RuntimeError(f"the retrieval test loader gave images {order[:8]}.. instead of 0..{len(dataset) - 1} in order")
+    if not order:
+        raise ValueError(f"no retrieval test image could be used ({len(dropped)} skipped)")
+    texts, txt2img = dataset.text_inputs(), dataset.txt2img
+    if dropped:  # the skipped images' texts go too
+        kept = [text for image in order for text in dataset.img2txt[image]]
+        texts = dict(zip(("text_ids", "text_mask"), dataset.tokens([dataset.texts[text] for text in kept])))
+        txt2img = [number for number, image in enumerate(order) for _ in dataset.img2txt[image]]
     with autocast(device):
-        scores = model.retrieval_scores(
-            torch.cat(images).to(device), **to_device(dataset.text_inputs(), device), k=cfg["k_test"],
-            batch_size=cfg["batch_size_test"],
-        )
-    recall = metrics.retrieval_recall(scores.i2t.float().cpu(), scores.t2i.float().cpu(), dataset.txt2img)
-    return {"images": len(dataset), "texts": len(dataset.txt2img), **recall}
+        scores = sharded_retrieval_scores(model, torch.cat(images).to(device), **to_device(texts, device), k=cfg["k_test"],
+                                        batch_size=cfg["batch_size_test"])
+    recall = metrics.retrieval_recall(scores.i2t.float().cpu(), scores.t2i.float().cpu(), txt2img)
+    return {"images": len(order), "texts": len(txt2img), **recall}, [drop["reason"] for drop in dropped]
 
 
 def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = False, overwrite: bool = False,
@@ -240,9 +257,9 @@ def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = 
     model.eval()
     if is_main():  # before the generation; after the checkpoint, so a bad one leaves no folder behind
         check_result_output(output, [name for name in (RESULT_FILES.get(task), METRICS_FILE) if name], overwrite)
-    results, scores = None, None
+    results, scores, bad_images = None, None, []
     if task == "retrieval":
-        scores = retrieval_outputs(model, dataset, cfg, info.device) if is_main() else None
+        scores, bad_images = retrieval_outputs(model, dataset, cfg, info.device)
     else:
         loader, sampler = build_loader(dataset, cfg, train=False, rank=info.rank, world_size=info.world_size)
         if getattr(sampler, "shuffle", False):
@@ -251,9 +268,15 @@ def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = 
                else generate(model, loader, task, cfg, tokenizer, info.device))
         rows = gather_in_dataset_order(own, len(dataset), info.world_size)
         if is_main():
+            rows, bad_images = without_placeholders(rows)
+            if not rows:
+                raise ValueError(f"no {task} test record could be used ({len(bad_images)} skipped: {bad_images[:3]})")
             results, scores = OUTPUTS[task](rows)
     if is_main():
-        scores = {"task": task, "checkpoint": os.fspath(checkpoint), "skipped_records": getattr(dataset, "skipped", 0), **scores}
+        if bad_images:
+            print(f"skipped {len(bad_images)} bad records whose image could not be used, e.g. {bad_images[:3]}", file=sys.stderr)
+        skipped = getattr(dataset, "skipped", 0) + len(bad_images)
+        scores = {"task": task, "checkpoint": os.fspath(checkpoint), "skipped_records": skipped, **scores}
         if results is not None:
             write_json_atomic(Path(output) / RESULT_FILES[task], results)
         write_json_atomic(Path(output) / METRICS_FILE, scores)

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mplug.model.checkpoint import TASK_MODULES
+from mplug.run.data.bad_images import SkippedImages
 from mplug.model.fusion import FusionEncoder
 from mplug.tasks.momentum import ramped_alpha
 from mplug.run.run_config import TASKS, load_config, run_arguments
@@ -316,21 +317,27 @@ def run_epochs(job: Job, progress: Progress, resumed: Optional[dict]) -> None:
     cfg = job.cfg
     parameters = [p for p in job.model.parameters() if p.requires_grad]
     logger = Logger(job.output, progress, job.total_steps, cfg["batch_size_train"] * job.info.world_size, job.info.device)
-    skipped = 0
+    skipped, bad_images = 0, SkippedImages(job.dataset.skip_bad_records)
     try:
         while progress.epoch < cfg["epochs"] and progress.step < job.total_steps:
             for batch in start_epoch(job, progress, resumed):
-                extra = extra_inputs(job.task, job.model, progress, job.steps_per_epoch, cfg["itc_bank"])
-                inputs = {**to_device(batch["inputs"], job.info.device), **extra}
-                losses, finite = train_step(job.step_module, inputs, job.optimizer, job.scheduler, parameters,
-                                            cfg["max_grad_norm"], job.info.device)
+                bad_images.add(batch)
+                if bad_images.empty_on_any_rank(batch, job.info.device):  # no optimiser step; the counters advance
+                    job.scheduler.step()
+                    losses, finite = None, True
+                else:
+                    extra = extra_inputs(job.task, job.model, progress, job.steps_per_epoch, cfg["itc_bank"])
+                    inputs = {**to_device(batch["inputs"], job.info.device), **extra}
+                    losses, finite = train_step(job.step_module, inputs, job.optimizer, job.scheduler, parameters,
+                                                cfg["max_grad_norm"], job.info.device)
                 skipped = 0 if finite else skipped + 1
                 progress.step += 1
                 progress.step_in_epoch += 1
                 logger.advance()
-                if progress.step % cfg["log_every"] == 0 or progress.step == job.total_steps:
+                if losses is not None and (progress.step % cfg["log_every"] == 0 or progress.step == job.total_steps):
                     logger.log(progress, mean_over_ranks(losses), job.scheduler.get_last_lr())
-                check_skipped(skipped, cfg["skip_non_finite_steps"], progress.step, losses["loss"].item())
+                if not finite:
+                    check_skipped(skipped, cfg["skip_non_finite_steps"], progress.step, losses["loss"].item())
                 if progress.step_in_epoch == job.steps_per_epoch:
                     progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
                 numbered = (progress.step,) if cfg["save_every"] and progress.step % cfg["save_every"] == 0 else ()
@@ -339,6 +346,9 @@ def run_epochs(job: Job, progress: Progress, resumed: Optional[dict]) -> None:
                 if progress.step >= job.total_steps:
                     break
             resumed = None
+        reasons = bad_images.all_ranks()
+        if is_main() and reasons:
+            print(f"skipped {len(reasons)} bad records whose image could not be used, e.g. {reasons[:3]}", file=sys.stderr)
     finally:
         logger.close()
 
