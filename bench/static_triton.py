@@ -1,6 +1,6 @@
 """Every Triton kernel the ``triton`` backend can launch, compiled ahead of time for sm_80 and sm_90 on the CPU.
 
-``triton_kernel_rows()`` builds the backend's own launches (mplug_kernels.ops.attention_triton's
+``triton_kernel_rows()`` builds the backend's own launches (mplug_kernels.ops.triton_launch's
 forward_launches / backward_launches) for mPLUG's shapes (B = 2, H = 12, keys [577 vision; 25 text] with masks,
 Lq in {25, 602} so BLOCK_M is 32 and 64) at every head dim and dtype, and compiles each kernel with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and the signature, constexprs and
@@ -92,7 +92,7 @@ def _launches(dtype_name: str, head_dim: int, q_len: int) -> List[Tuple[str, obj
     """(kernel name, Launch) of every launch the backend makes at this dtype, head dim and Lq."""
     import torch
 
-    from mplug_kernels.ops import attention_triton as at
+    from mplug_kernels.ops import triton_launch as at
 
     q, ks, vs, masks = _tensors(dtype_name, head_dim, q_len)
     out = torch.empty_like(q)
@@ -114,7 +114,7 @@ def _launches(dtype_name: str, head_dim: int, q_len: int) -> List[Tuple[str, obj
 
 def _configs(launch) -> List[dict]:
     """Keyword arguments to compile a launch with: each autotuning candidate for the tuned forward."""
-    from mplug_kernels.ops import attention_triton as at
+    from mplug_kernels.ops import triton_launch as at
 
     if not launch.tuned:
         return [dict(launch.meta)]
@@ -144,7 +144,7 @@ def _sass_facts(cubin: bytes, name: str, arch: int) -> Dict[str, object]:
 
 def _row(name: str, launch, meta: dict, arch: int, dtype_name: str, head_dim: int, memo: dict) -> dict:
     from bench import sass
-    from mplug_kernels.ops import attention_triton as at
+    from mplug_kernels.ops import triton_launch as at
 
     source, target, options = aot_source(launch.kernel, launch.args, meta, arch)
     key = (source.hash(), options.hash(), arch)

@@ -7,7 +7,7 @@ import torch
 import mplug_kernels
 from mplug_kernels import reference
 from mplug_kernels.backends.kernel_inputs import force_num_splits
-from mplug_kernels.ops import attention_triton
+from mplug_kernels.ops import triton_launch
 from attention_testing import (
     DEVICE,
     KERNEL_BACKENDS,
@@ -207,11 +207,11 @@ def test_reference_gradcheck():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="Triton autotunes only on a GPU")
-@pytest.mark.parametrize("config", range(len(attention_triton.FORWARD_CONFIGS)))
+@pytest.mark.parametrize("config", range(len(triton_launch.FORWARD_CONFIGS)))
 def test_every_triton_forward_config_matches_reference(monkeypatch, config):
     """Each autotuning candidate, run on its own (test runs may switch tuning off), over 3 splits."""
-    meta = attention_triton.config_meta(attention_triton.FORWARD_CONFIGS[config])
-    monkeypatch.setattr(attention_triton, "_forward_launcher", lambda: (attention_triton._forward_kernel, meta))
+    meta = triton_launch.config_meta(triton_launch.FORWARD_CONFIGS[config])
+    monkeypatch.setattr(triton_launch, "_forward_launcher", lambda: (triton_launch._forward_kernel, meta))
     force_num_splits(3)
     _check_forward("triton", *_inputs(25, 577, 64, torch.bfloat16, "padding", seed=config))
 

@@ -12,8 +12,8 @@ from attention_testing import reference64, skip_unless_supported
 from bench import static_triton
 from mplug_kernels.backends.kernel_inputs import force_num_splits
 from mplug_kernels.occupancy import SM_LIMITS
-from mplug_kernels.ops import attention_triton
-from mplug_kernels.ops.attention_triton import KernelFacts, prune_configs
+from mplug_kernels.ops import triton_launch
+from mplug_kernels.ops.triton_launch import KernelFacts, prune_configs
 
 SMALL = triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)
 SPILLS = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)
@@ -38,9 +38,9 @@ def test_prune_refuses_to_leave_nothing():
 
 def test_forward_candidates_per_element_size():
     for element_bytes in (2, 4):
-        candidates = attention_triton.forward_candidates(element_bytes)
-        assert candidates and all(config in attention_triton.FORWARD_CONFIGS for config in candidates)
-    assert attention_triton.forward_candidates(2) != attention_triton.forward_candidates(4)
+        candidates = triton_launch.forward_candidates(element_bytes)
+        assert candidates and all(config in triton_launch.FORWARD_CONFIGS for config in candidates)
+    assert triton_launch.forward_candidates(2) != triton_launch.forward_candidates(4)
 
 
 @pytest.mark.skipif(static_triton.aot_unavailable_reason() is not None,

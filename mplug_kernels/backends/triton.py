@@ -1,4 +1,4 @@
-"""The ``triton`` backend: the split-KV Triton kernels of mplug_kernels.ops.attention_triton."""
+"""The ``triton`` backend: the split-KV Triton kernels launched by mplug_kernels.ops.triton_launch."""
 from __future__ import annotations
 
 import os
@@ -20,7 +20,7 @@ def interpreter_on() -> bool:
 @lru_cache(maxsize=None)
 def _import_reason() -> Optional[str]:
     try:
-        import mplug_kernels.ops.attention_triton  # noqa: F401
+        import mplug_kernels.ops.triton_launch  # noqa: F401
     except Exception as error:
         return f"triton not importable ({type(error).__name__}: {error})"
     return None
@@ -66,12 +66,12 @@ class TritonBackend(Backend):
         return 10 if call.device_type == "cuda" else 95
 
     def forward(self, q, ks, vs, masks, scale):
-        from mplug_kernels.ops import attention_triton
+        from mplug_kernels.ops import triton_launch
 
-        return attention_triton.forward(dead_queries_zeroed(q, alive_batch_rows(ks, masks)), ks, vs, masks, scale)
+        return triton_launch.forward(dead_queries_zeroed(q, alive_batch_rows(ks, masks)), ks, vs, masks, scale)
 
     def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic):
-        from mplug_kernels.ops import attention_triton
+        from mplug_kernels.ops import triton_launch
 
         q = dead_queries_zeroed(q, alive_batch_rows(ks, masks))
-        return attention_triton.backward(dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic)
+        return triton_launch.backward(dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic)
