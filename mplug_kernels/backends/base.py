@@ -49,10 +49,11 @@ def resolved_unavailable_reason(backend: "Backend") -> Optional[str]:
 
 
 class Backend:
-    """Base class: subclasses set ``name``, extend ``reasons`` and implement ``attend``.
+    """Base class: subclasses set ``name`` and extend ``reasons``.
 
     Kernel backends (``uses_custom_op = True``) implement ``forward`` and ``backward``; the custom
-    op ``mplug_kernels::attention_forward`` calls them, so autograd and torch.compile see one op.
+    op ``mplug_kernels::attention_forward`` (mplug_kernels.ops.attention) calls them, so autograd and
+    torch.compile see one op. The others (``uses_custom_op = False``) implement ``attend``.
     """
 
     name = "base"
@@ -96,10 +97,10 @@ class Backend:
         return 100
 
     def attend(self, q, ks, vs, masks, scale: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """out [B, Lq, H, D] and lse [B, H, Lq] (or None) with autograd; kernel backends go through the custom op."""
-        from mplug_kernels.ops.attention import attention_op
-
-        return attention_op(q, list(ks), list(vs), list(masks), scale, self.name)
+        """Backends without the custom op: out [B, Lq, H, D] and lse [B, H, Lq] (or None) with autograd."""
+        raise NotImplementedError(
+            f"backend {self.name} runs through the custom op: mplug_kernels.ops.attention.attention_op"
+        )
 
     def forward(self, q, ks: Sequence[torch.Tensor], vs, masks, scale: float):
         """Kernel backends: (out, lse float32) without autograd."""

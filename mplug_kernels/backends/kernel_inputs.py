@@ -1,12 +1,20 @@
-"""What the Triton and CUDA kernel backends share: the split-KV override and mask preparation."""
+"""What the Triton and CUDA kernel backends and their launch code share: the split-KV override, mask preparation
+and whether Triton runs under its CPU interpreter. Imports no other mplug_kernels module, so the ops and the
+backends can both use it."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 MAX_SPLITS = 64
 _forced_num_splits: Optional[int] = None
+
+
+def interpreter_on() -> bool:
+    """True when TRITON_INTERPRET=1, so Triton kernels run on the CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def force_num_splits(num_splits: Optional[int]) -> None:

@@ -1,7 +1,6 @@
 """The ``triton`` backend: the split-KV Triton kernels launched by mplug_kernels.ops.triton_launch."""
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Optional
 
@@ -9,12 +8,8 @@ import torch
 from torch.torch_version import TorchVersion
 
 from mplug_kernels.backends.base import Backend
+from mplug_kernels.backends.kernel_inputs import interpreter_on
 from mplug_kernels.reference import alive_batch_rows, dead_queries_zeroed
-
-
-def interpreter_on() -> bool:
-    """True when TRITON_INTERPRET=1, so Triton kernels run on the CPU."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @lru_cache(maxsize=None)

@@ -134,5 +134,8 @@ def attend(
     call = AttentionCall.of(q, ks, vs, masks, return_lse)
     chosen = select_backend(backend, call)
     with nvtx_range(f"attention.{chosen.name}"):
-        out, lse = chosen.attend(q, ks, vs, masks, softmax_scale)
+        if chosen.uses_custom_op:
+            out, lse = attention_op(q, list(ks), list(vs), list(masks), softmax_scale, chosen.name)
+        else:
+            out, lse = chosen.attend(q, ks, vs, masks, softmax_scale)
     return (out, lse) if return_lse else out

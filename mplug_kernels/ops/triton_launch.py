@@ -16,8 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import triton
 
-from mplug_kernels.backends.kernel_inputs import forced_num_splits, mask_bytes
-from mplug_kernels.backends.triton import interpreter_on
+from mplug_kernels.backends.kernel_inputs import forced_num_splits, interpreter_on, mask_bytes
 from mplug_kernels.occupancy import SMLimits, ctas_per_sm, device_limits, fits_without_spills, num_splits_for_occupancy
 from mplug_kernels.ops.triton_backward import _delta_kernel, _dkdv_kernel, _dq_kernel
 from mplug_kernels.ops.triton_forward import _combine_kernel, _forward_kernel
