@@ -17,6 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from bench.common import Grids, TimingPolicy, bench_dtype, kernel_benchmark_cli, measure, paired_ratio, progress, write_results
+from bench.report import fusion_layers_table
+from bench.tables import load
 from mplug_kernels.backends import AttentionCall, select_backend
 from mplug_kernels.nn import CoAttention, CoAttentionStack, ConnectedAttention
 from mplug_kernels.nn.connected_attention import concatenated_connected_attention
@@ -152,28 +154,14 @@ def run(device, grid, policy: TimingPolicy, backend: str) -> Tuple[List[dict], L
     return rows, ratios, extra
 
 
-def table(payload: dict) -> str:
-    """Markdown table of the rows: median [min-max] ms, the ratio to the section's baseline, peak memory."""
-    from bench.report import environment_line, markdown_table, memory_cell, ratio_cell, timing_cell
-
-    ratios = {(r["section"], r["q_len"], r["k_len"], r["backend"], r["pass"]): r for r in payload["ratios"]}
-    header = ["section", "B", "Lq", "Lv", "variant", "pass", "ms median [min-max]", "ms / baseline", "peak MiB"]
-    body = [[r["section"], r["batch"], r["q_len"], r["k_len"], r["backend"], r["pass"], timing_cell(r, digits=3),
-             ratio_cell(ratios.get((r["section"], r["q_len"], r["k_len"], r["backend"], r["pass"]))), memory_cell(r)]
-            for r in payload["rows"]]
-    return f"fusion layers ({payload['dtype']}); {environment_line(payload)}\n\n{markdown_table(header, body)}"
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: run the three sections, write fusion_layers.json, print the table."""
-    from bench import report
-
     args, device, grid, run_record = kernel_benchmark_cli("bench.bench_fusion_layers", __doc__, GRIDS, argv)
     call = AttentionCall(device.type, bench_dtype(device), HIDDEN // HEADS, 2, True, True, False)
     backend = args.backends[0] if args.backends else select_backend("auto", call).name
     rows, ratios, extra = run(device, grid, run_record.policy, backend)
     path = write_results("fusion_layers", run_record, rows, args.json_dir, ratios, **extra)
-    print(table(report.load(path)))
+    print(fusion_layers_table(load(path)))
     print(f"\nwrote {path}")
     return 0
 

@@ -84,6 +84,16 @@ def plot_kernel(payload: dict, path) -> Path:
     return save_figure(figure, Path(path), environment_line(payload))
 
 
+def fusion_layers_table(payload: dict) -> str:
+    """bench.bench_fusion_layers' table: median [min-max] ms, the ratio to the section's baseline, peak memory."""
+    ratios = {(r["section"], r["q_len"], r["k_len"], r["backend"], r["pass"]): r for r in payload["ratios"]}
+    header = ["section", "B", "Lq", "Lv", "variant", "pass", "ms median [min-max]", "ms / baseline", "peak MiB"]
+    body = [[r["section"], r["batch"], r["q_len"], r["k_len"], r["backend"], r["pass"], timing_cell(r, digits=3),
+             ratio_cell(ratios.get((r["section"], r["q_len"], r["k_len"], r["backend"], r["pass"]))), memory_cell(r)]
+            for r in payload["rows"]]
+    return f"fusion layers ({payload['dtype']}); {environment_line(payload)}\n\n{markdown_table(header, body)}"
+
+
 def model_table(payload: dict) -> str:
     """Markdown table of the full-model rows (median [min-max]) and the paired fused/eager ratios."""
     header = ["task", "model", "batch", "ms median [min-max]", "per second", "peak MiB"]
@@ -106,9 +116,7 @@ def table(payload: dict) -> str:
     if kind == "model":
         return model_table(payload)
     if kind == "fusion_layers":
-        from bench import bench_fusion_layers
-
-        return bench_fusion_layers.table(payload)
+        return fusion_layers_table(payload)
     if payload["rows"] and "tflops" in payload["rows"][0]:
         return kernel_table(payload)
     header = sorted({key for row in payload["rows"] for key in row if key != "samples_ms"})
