@@ -309,6 +309,28 @@ def mma_operands_from_plain_loads(body: List[Instruction]) -> int:
     return count
 
 
+def max_loads_in_flight(instructions: List[Instruction]) -> int:
+    """The most global loads of a straight-line run issued before any of their results is used: LDG until an
+    instruction reads one of their destination registers, LDGSTS until a DEPBAR waits for them (a branch
+    target or branch ends the run, conservatively)."""
+    best, loads, ldgsts, pending = 0, 0, 0, set()
+    targets = {branch_target(instruction) for instruction in instructions}
+    for instruction in instructions:
+        if instruction.address in targets or instruction.base in BRANCH_OPCODES:
+            best, loads, ldgsts, pending = max(best, loads + ldgsts), 0, 0, set()
+        sources = {_first_register(operand.strip("[]")) for operand in instruction.operand_list()[1:]}
+        if instruction.base == "DEPBAR" and ldgsts:
+            best, ldgsts = max(best, loads + ldgsts), 0
+        if pending & sources:
+            best, loads, pending = max(best, loads + ldgsts), 0, set()
+        if instruction.base == "LDG":
+            loads += 1
+            pending |= set(_destination(instruction) or ())
+        elif instruction.base == "LDGSTS":
+            ldgsts += 1
+    return max(best, loads + ldgsts)
+
+
 def count_loop(body: List[Instruction]) -> dict:
     """Static counts of one loop: instructions, MMA, LDSM, LDGSTS, generic LD/ST, LDS/STS, BAR, per MMA."""
     bases = [instruction.base for instruction in body]
@@ -325,6 +347,7 @@ def count_loop(body: List[Instruction]) -> dict:
         "bar": bases.count("BAR"),
         "mma_operands_from_plain_loads": mma_operands_from_plain_loads(body),
         "instructions_per_mma": round(len(body) / mma, 2) if mma else None,
+        "ldsm_per_mma": round(bases.count("LDSM") / mma, 3) if mma else None,
     }
 
 

@@ -162,6 +162,7 @@ def kernel_row(arch: int, mangled: str, demangled: str, ptxas: dict, resources: 
         "static_shared_bytes": ptxas["shared"], "dynamic_shared_bytes": dynamic, "shared_bytes": shared,
         "ctas_per_sm": ctas, "warps_per_sm": None if ctas is None else ctas * -(-threads // 32),
         "launched": launch is not None, "hot_loop": sass.count_loop(loop) if loop else None,
+        "max_loads_in_flight": sass.max_loads_in_flight(instructions),
     }
 
 

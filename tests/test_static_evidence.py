@@ -264,3 +264,21 @@ def test_cuda_kernels_reach_8_warps_per_sm_on_h100(cuda_rows):
                  f"registers, {row['shared_bytes']} B shared)" for row in rows
                  if (row["warps_per_sm"] or 0) < MIN_WARPS_PER_SM_H100]
     assert offenders == []
+
+
+def _sass(lines):
+    from bench import sass
+    text = "\n".join(["\tcode for sm_90", "\t\tFunction : k"] +
+                     [f"        /*{16 * i:04x}*/                   {line} ;" for i, line in enumerate(lines)])
+    return sass.max_loads_in_flight(sass.split_functions(text, 90)[(90, "k")])
+
+
+def test_max_loads_in_flight_counts_loads_before_their_first_use():
+    # the old combine's shape: each load consumed by the next FMA (1 in flight); three independent LDG.128 before
+    # a use (3); eight LDGSTS before their DEPBAR (8)
+    assert _sass(["LDG.E R4, desc[UR4][R2.64]", "FFMA R6, R4, R5, R6", "LDG.E R4, desc[UR4][R8.64]",
+                  "FFMA R6, R4, R5, R6"]) == 1
+    assert _sass(["LDG.E.128 R4, desc[UR4][R2.64]", "LDG.E.128 R8, desc[UR4][R2.64+0x10]",
+                  "LDG.E.128 R12, desc[UR4][R2.64+0x20]", "FFMA R20, R9, R5, R20", "FFMA R20, R14, R5, R20"]) == 3
+    assert _sass([f"LDGSTS.E.BYPASS.128 [R7+{hex(0x100 * i)}], desc[UR4][R{16 + 2 * i}.64]" for i in range(8)] +
+                 ["LDGDEPBAR", "DEPBAR.LE SB0, 0x0", "LDS.128 R16, [R7]"]) == 8
