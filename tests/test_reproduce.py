@@ -244,3 +244,55 @@ def test_grounding_query_raw_lower_cased_and_the_authors_training_values(tmp_pat
         assert (cfg["batch_size_train"], cfg["epochs"], cfg["max_tokens"], cfg["max_grad_norm"]) == (24, 120, 20, 0.0)
         assert (cfg["optimizer"]["lr"], cfg["optimizer"]["lr_visual"]) == (2e-5, 5e-6)
         assert (cfg["schedule"]["warmup_steps"], cfg["schedule"]["min_lr"], cfg["schedule"]["warmup_lr"]) == (2000, 1e-6, 1e-6)
+
+
+def test_query_slice_is_the_authors_split():
+    # retrieval_img_mplug.py:138-140: step = N // num_tasks + 1; start = rank * step; end = min(N, start + step).
+    # By hand: N 5, 2 ranks: step 3 -> [0, 3), [3, 5); N 4, 2 ranks: step 3 -> [0, 3), [3, 4) (uneven);
+    # N 1, 2 ranks: step 1 -> [0, 1), [1, 1) (rank 1 has none); N 7, 1 rank: [0, 7).
+    from mplug.tasks.inference import query_slice
+
+    assert [query_slice(5, r, 2) for r in range(2)] == [range(0, 3), range(3, 5)]
+    assert [query_slice(4, r, 2) for r in range(2)] == [range(0, 3), range(3, 4)]
+    assert [query_slice(1, r, 2) for r in range(2)] == [range(0, 1), range(1, 1)]
+    assert query_slice(7, 0, 1) == range(0, 7)
+    assert [query_slice(2, r, 4) for r in range(4)] == [range(0, 1), range(1, 2), range(2, 2), range(2, 2)]
+
+
+def _retrieval_worker(rank, world_size, store_path, data, out_path):
+    import torch.distributed as dist
+
+    from mplug.run.retrieval_shards import sharded_retrieval_scores
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        model = _tiny_mplug().eval()
+        own = model.retrieval_scores(*data, k=2, batch_size=3, shard=(rank, world_size))
+        combined = sharded_retrieval_scores(model, *data, k=2, batch_size=3)
+        torch.save({"own": own._asdict(), "combined": combined._asdict()}, f"{out_path}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_retrieval_on_two_gloo_processes_equals_one_process(tmp_path):
+    # retrieval_img_mplug.py:134-179: each rank ITM-re-ranks its query_slice of images (i2t) and of texts (t2i), the
+    # matrices then combined over ranks (all_reduce). 5 images / 5 texts: rank 0 re-ranks queries 0-2, rank 1 3-4.
+    import torch.multiprocessing as mp
+    from test_model_tasks import batch
+
+    data = batch(5, seed=31, dtype=torch.float32)
+    out = str(tmp_path / "retrieval")
+    mp.spawn(_retrieval_worker, args=(2, str(tmp_path / "store"), data, out), nprocs=2, join=True)
+    with torch.no_grad():
+        alone = _tiny_mplug().eval().retrieval_scores(*data, k=2, batch_size=3)
+    for rank, rows in enumerate((range(0, 3), range(3, 5))):
+        got = torch.load(f"{out}.{rank}")
+        for way in ("i2t", "t2i"):
+            torch.testing.assert_close(got["combined"][way], getattr(alone, way), atol=1e-5, rtol=1e-5)
+            own = got["own"][way]  # this rank's share only: its rows as one process, -inf elsewhere
+            torch.testing.assert_close(own[rows.start:rows.stop], getattr(alone, way)[rows.start:rows.stop], atol=1e-5, rtol=1e-5)
+            others = [row for row in range(5) if row not in rows]
+            assert torch.isneginf(own[others]).all()
+            assert torch.isfinite(own[rows.start:rows.stop]).sum(1).tolist() == [2] * len(rows)

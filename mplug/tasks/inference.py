@@ -16,7 +16,7 @@ from mplug.tasks.pretraining import _check_batches, contrastive_features, encode
 
 class RetrievalScores(NamedTuple):
     """itc [Ni, Nt] contrastive similarities; i2t [Ni, Nt] and t2i [Nt, Ni] ITM match logits of each query's
-    ITC top-k candidates, -inf elsewhere (rank by these)."""
+    ITC top-k candidates, -inf elsewhere and in the rows of queries outside this shard (rank by these)."""
 
     itc: torch.Tensor
     i2t: torch.Tensor
@@ -93,13 +93,23 @@ def caption_generate(
     )
 
 
+def query_slice(num_queries: int, rank: int, world_size: int) -> range:
+    """The queries shard ``rank`` of ``world_size`` re-ranks, as the authors' retrieval_img_mplug.py:138-140 split
+    them: step = num_queries // world_size + 1, [rank * step, min(num_queries, rank * step + step))."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank!r}, world_size={world_size!r}")
+    step = num_queries // world_size + 1
+    return range(min(num_queries, rank * step), min(num_queries, rank * step + step))
+
+
 @torch.no_grad()
 def retrieval_scores(
-    model, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, *, k: int = 256, batch_size: int = 64
+    model, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, *, k: int = 256, batch_size: int = 64,
+    shard: tuple = (0, 1),
 ) -> RetrievalScores:
     """Image-text retrieval over images [Ni, 3, H, W] and texts [Nt, L]: ITC similarities, then each query's top-k
     candidates (k = 256, the authors' k_test) re-ranked by the ITM match logit (pairs fused ``batch_size`` at a
-    time) -> RetrievalScores."""
+    time) -> RetrievalScores. shard = (rank, world_size): only the queries of query_slice are re-ranked (both ways)."""
     if not isinstance(k, int) or k < 1 or batch_size < 1:
         raise ValueError(f"k and batch_size must be positive ints, got k={k!r}, batch_size={batch_size!r}")
     check_images("images", images)
@@ -113,18 +123,24 @@ def retrieval_scores(
     check_finite_rows("texts", text_feat)
     itc = image_feat @ text_feat.t()
     match = partial(_match_logits, model, image_embeds, text_embeds, text_mask, batch_size)
-    i2t = _rerank(itc, k, match)
-    t2i = _rerank(itc.t(), k, lambda texts, images: match(images, texts))
+    i2t = _rerank(itc, k, match, query_slice(itc.shape[0], *shard))
+    t2i = _rerank(itc.t(), k, lambda texts, images: match(images, texts), query_slice(itc.shape[1], *shard))
     return RetrievalScores(itc, i2t, t2i)
 
 
-def _rerank(similarity: torch.Tensor, k: int, score_pairs) -> torch.Tensor:
-    """similarity [Nq, Nc]: each row's top-k columns get score_pairs(rows, columns) [P], the rest -inf."""
+def _rerank(similarity: torch.Tensor, k: int, score_pairs, queries: Optional[range] = None) -> torch.Tensor:
+    """similarity [Nq, Nc]: each row in ``queries`` (default all) has its top-k columns scored by
+    score_pairs(rows, columns) [P]; every other entry is -inf."""
+    queries = range(similarity.shape[0]) if queries is None else queries
     k = min(k, similarity.shape[1])
-    columns = similarity.topk(k, dim=1).indices
-    rows = torch.arange(similarity.shape[0], device=similarity.device).repeat_interleave(k)
+    reranked = torch.full_like(similarity, float("-inf"))
+    if not queries:
+        return reranked
+    columns = similarity[queries.start:queries.stop].topk(k, dim=1).indices
+    rows = torch.arange(queries.start, queries.stop, device=similarity.device).repeat_interleave(k)
     scores = score_pairs(rows, columns.flatten()).view(-1, k)
-    return torch.full_like(similarity, float("-inf")).scatter(1, columns, scores.to(similarity.dtype))
+    reranked[queries.start:queries.stop] = reranked[queries.start:queries.stop].scatter(1, columns, scores.to(similarity.dtype))
+    return reranked
 
 
 def _match_logits(model, image_embeds, text_embeds, text_mask, batch_size, image_index, text_index) -> torch.Tensor:
