@@ -73,6 +73,25 @@ def cmake_build_dir(nvcc, archs, generator):
     return ROOT / "build" / f"cmake-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
+def stable_pybind11_include(build_dir):
+    """pybind11's headers copied into build_dir once per pybind11 version: pip's build isolation puts them in a new
+    temporary folder every install, and a changed include path would make ninja recompile every source."""
+    source = Path(pybind11_include())
+    try:
+        from importlib.metadata import version
+
+        stamp_text = f"pybind11 {version('pybind11')}"
+    except Exception:  # pybind11 bundled with torch: no distribution metadata of its own
+        stamp_text = f"headers from {source}"
+    target = build_dir / "pybind11-include"
+    stamp = target / "SOURCE"
+    if not stamp.is_file() or stamp.read_text() != stamp_text:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source / "pybind11", target / "pybind11")
+        stamp.write_text(stamp_text)
+    return target
+
+
 def compiler_launchers():
     """CMake flags that put ccache in front of nvcc and the C++ compiler, when ccache is on PATH."""
     ccache = shutil.which("ccache")
@@ -116,7 +135,7 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DPYBIND11_INCLUDE_DIR={pybind11_include()}",
+            f"-DPYBIND11_INCLUDE_DIR={stable_pybind11_include(build_dir)}",
             f"-DMPLUG_KERNELS_CUDA_ARCHS={archs}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={output_dir}",
             *compiler_launchers(),

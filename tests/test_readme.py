@@ -144,3 +144,24 @@ def test_inline_python_m_commands_answer_help():
     modules = sorted(set(re.findall(r"`python -m ([\w.]+)", prose)) - {module for _, module, _ in INVOCATIONS})
     failed = [module for module in modules if module_help(module).returncode != 0]
     assert not failed, f"python -m X --help fails for {failed}"
+
+
+def setup_extras() -> Dict[str, set]:
+    """setup.py's extras_require, package names only (version specifiers dropped)."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    extras = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "extras_require"))
+    return {name: {re.split(r"[<>=; ]", requirement)[0] for requirement in requirements} for name, requirements in extras.items()}
+
+
+def test_extras_table_lists_what_setup_installs():
+    extras = setup_extras()
+    rows = re.findall(r"^\| `\[(\w+)\]` \| (.+?) \|", README.read_text(), re.M)
+    assert sorted(name for name, _ in rows) == sorted(extras)
+    for name, listed in rows:
+        items = [item.strip() for item in listed.replace(", and", ",").split(",")]
+        included = [m.group(1) for m in (re.fullmatch(r"`\[(\w+)\]`'s", item) for item in items) if m]  # another extra's
+        named = {re.split(r"[<>= ]", item)[0] for item in items if not item.startswith("`[")}
+        assert named.union(*(extras[extra] for extra in included)) == extras[name], name
