@@ -1,7 +1,7 @@
 """Run-config keys that choose between the authors' behaviour (AliceMind mPLUG/) and ours, and their checks."""
 from __future__ import annotations
 
-from mplug.run.config_checks import as_float
+from mplug.run.config_checks import as_float, check_int
 
 ITC_BANKS = ("local", "global")  # local: the authors' (this process's batch + queue); global: every process's batch + queue
 SCHEDULE_KINDS = ("cosine", "authors")  # cosine: ours, per step; authors: scheduler/cosine_lr.py as their scripts step it
@@ -12,11 +12,13 @@ DEFAULTS = {
     "itc_bank": "local",
     "add_ocr": False,
     "add_object": False,
+    "accumulate_steps": 1,  # batches per optimiser step (mplug.run.accumulate); the authors' caption --accum_steps 4
 }
 
 
 def check_authors_options(cfg: dict) -> None:
-    """itc_bank, schedule.kind, schedule.warmup_lr, add_ocr and add_object of the allowed values (ValueError naming the key)."""
+    """itc_bank, schedule.kind, schedule.warmup_lr, add_ocr, add_object and accumulate_steps of the allowed values
+    (ValueError naming the key)."""
     for key, allowed in (("itc_bank", ITC_BANKS), ("schedule.kind", SCHEDULE_KINDS)):
         *parent, leaf = key.split(".")
         value = (cfg[parent[0]] if parent else cfg)[leaf]
@@ -25,11 +27,15 @@ def check_authors_options(cfg: dict) -> None:
     for key in ("add_ocr", "add_object"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"config key {key!r} must be true or false, got {cfg[key]!r}")
+    check_int("accumulate_steps", cfg["accumulate_steps"], 1)
     schedule = cfg["schedule"]
     schedule["warmup_lr"] = warmup_lr = as_float("schedule.warmup_lr", schedule["warmup_lr"], True)
     if schedule["kind"] == "authors":
         if warmup_lr is None:
             raise ValueError("config key 'schedule.warmup_lr' must be set when schedule.kind is 'authors' (their warmup_lr)")
+        if cfg["accumulate_steps"] > 1:
+            raise ValueError("schedule.kind 'authors' steps by batches (their scheduler.step(i // 100)) and "
+                             "accumulate_steps > 1 counts optimiser steps: set accumulate_steps 1 or schedule.kind cosine")
         if schedule["warmup_ratio"] is not None or schedule["warmup_steps"] % AUTHORS_STEP_SIZE:
             raise ValueError(f"schedule.kind 'authors' takes schedule.warmup_steps as a multiple of {AUTHORS_STEP_SIZE} "
                              f"(their warmup_epochs x {AUTHORS_STEP_SIZE} iterations) and no warmup_ratio")

@@ -26,13 +26,13 @@ from mplug.tasks.momentum import ramped_alpha
 from mplug.run.run_config import TASKS, load_config, run_arguments
 from mplug.run.schedules import build_authors_schedule
 from mplug.run.runtime import (
-    MOMENTUM_TASKS, DistInfo, atomic_write, autocast, build_model, close_distributed, init_distributed, is_main,
-    load_weights, to_device,
+    MOMENTUM_TASKS, DistInfo, atomic_write, build_model, close_distributed, init_distributed, is_main, load_weights,
 )
 from mplug.run.train_state import (
     LAST, Progress, check_same_run, check_same_world_size, read_checkpoint, restore, restore_rng, save_checkpoint,
 )
 from mplug.run.divergence import check_finite_weights, check_skipped, clip_and_check
+from mplug.run.accumulate import accumulate_gradients, group_batches, step_inputs, steps_per_epoch
 from mplug.run.output import LOG, json_line, open_run_output, read_log
 
 LOSS_METHODS = {"vqa": "vqa_loss", "caption": "caption_loss", "retrieval": "retrieval_loss", "pretrain": "pretrain_losses",
@@ -164,19 +164,15 @@ def total_steps(cfg: dict, steps_per_epoch: int) -> int:
 
 
 def train_step(step_module, inputs: dict, optimizer, scheduler, parameters, max_grad_norm: float, device):
-    """One optimiser step on one batch -> (the detached losses ("loss" = their sum, and each part for dict losses),
-    whether the step was taken: a non-finite loss or gradient on any rank skips the optimiser update)."""
-    with autocast(device):
-        out = step_module(**inputs)
-    parts = out if isinstance(out, dict) else {}
-    loss = sum(parts.values()) if parts else out
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    """One optimiser step on one batch (or a list of micro-batches, mplug.run.accumulate) -> (the detached losses
+    ("loss" = their sum, and each part for dict losses), whether the step was taken: a non-finite loss or gradient on
+    any rank skips the optimiser update)."""
+    loss, parts = accumulate_gradients(step_module, inputs, optimizer, device)
     finite = clip_and_check(loss, parameters, max_grad_norm)
     if finite:
         optimizer.step()
     scheduler.step()
-    return {"loss": loss.detach(), **{name: value.detach() for name, value in parts.items()}}, finite
+    return {"loss": loss, **parts}, finite
 
 
 def mean_over_ranks(losses: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -286,10 +282,13 @@ def setup(args: argparse.Namespace, cfg: dict, info: DistInfo) -> Job:
     model.set_gradient_checkpointing(cfg["grad_checkpointing"])
     step_module = parallel(TaskLoss(model, args.task), info.device, args.fsdp)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg["optimizer"]), betas=tuple(cfg["optimizer"]["betas"]))
-    total = total_steps(cfg, len(loader))
-    scheduler = build_schedule(optimizer, cfg["schedule"], total, cfg["epochs"], len(loader))
+    per_epoch = steps_per_epoch(len(loader), cfg["accumulate_steps"])
+    if per_epoch == 0:
+        raise ValueError(f"accumulate_steps {cfg['accumulate_steps']} is more than the {len(loader)} batches of an epoch")
+    total = total_steps(cfg, per_epoch)
+    scheduler = build_schedule(optimizer, cfg["schedule"], total, cfg["epochs"], per_epoch)
     return Job(args.task, cfg, Path(args.output), info, model, step_module, optimizer, scheduler,
-               dataset, loader, sampler, len(loader), total)
+               dataset, loader, sampler, per_epoch, total)
 
 
 def save(job: Job, progress: Progress, steps=()) -> None:
@@ -304,8 +303,8 @@ def start_epoch(job: Job, progress: Progress, resumed: Optional[dict]):
     the loader drew its worker seed (the data do not depend on that seed, the training steps do on the RNG)."""
     job.dataset.set_epoch(progress.epoch)
     job.sampler.set_epoch(progress.epoch)
-    job.sampler.skip(progress.step_in_epoch * job.cfg["batch_size_train"])
-    batches = iter(job.loader)
+    job.sampler.skip(progress.step_in_epoch * job.cfg["batch_size_train"] * job.cfg["accumulate_steps"])
+    batches = group_batches(iter(job.loader), job.cfg["accumulate_steps"])
     if resumed is not None and not restore_rng(resumed) and is_main():
         print(f"--resume: the checkpoint holds the RNG states of {len(resumed['rng'])} processes, this run has "
               f"{job.info.world_size}: random choices start afresh (seed {job.cfg['seed']} + rank)", file=sys.stderr)
@@ -316,7 +315,8 @@ def run_epochs(job: Job, progress: Progress, resumed: Optional[dict]) -> None:
     """Epochs from ``progress`` to the end (or max_steps), logging and saving as the config says."""
     cfg = job.cfg
     parameters = [p for p in job.model.parameters() if p.requires_grad]
-    logger = Logger(job.output, progress, job.total_steps, cfg["batch_size_train"] * job.info.world_size, job.info.device)
+    logger = Logger(job.output, progress, job.total_steps, cfg["batch_size_train"] * cfg["accumulate_steps"] * job.info.world_size,
+                    job.info.device)
     skipped, bad_images = 0, SkippedImages(job.dataset.skip_bad_records)
     try:
         while progress.epoch < cfg["epochs"] and progress.step < job.total_steps:
@@ -327,7 +327,7 @@ def run_epochs(job: Job, progress: Progress, resumed: Optional[dict]) -> None:
                     losses, finite = None, True
                 else:
                     extra = extra_inputs(job.task, job.model, progress, job.steps_per_epoch, cfg["itc_bank"])
-                    inputs = {**to_device(batch["inputs"], job.info.device), **extra}
+                    inputs = step_inputs(batch["inputs"], extra, job.info.device)
                     losses, finite = train_step(job.step_module, inputs, job.optimizer, job.scheduler, parameters,
                                                 cfg["max_grad_norm"], job.info.device)
                 skipped = 0 if finite else skipped + 1
