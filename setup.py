@@ -162,8 +162,10 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "matplotlib", "tqdm", "transformers>=5.0",
-                 "pyyaml", "pillow", "tokenizers"],
-        "train": ["pyyaml", "pillow", "tokenizers", "transformers>=5.0", "tqdm"],
+                 "pyyaml", "pillow", "tokenizers", "pycocoevalcap"],
+        # pycocoevalcap: the COCO caption metrics (its PTB tokenizer and METEOR need java on PATH).
+        "train": ["pyyaml", "pillow", "tokenizers", "transformers>=5.0", "tqdm", "pycocoevalcap"],
+        "video": ["av"],
         "bench": ["pytest-benchmark", "numpy", "matplotlib", "tqdm"],
         "hf": ["transformers>=5.0"],
     },

@@ -1,6 +1,7 @@
 """python -m mplug.run.evaluate on tests/tiny_dataset.py's data with a tiny random model saved as mplug.run.train saves it:
 one entry per input id (also from 2 gloo processes, equal to one process), metrics.json, clear errors, no file
 written half."""
+import importlib.util
 import json
 import os
 import socket
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from mplug import MPLUG
-from mplug.run import evaluate, metrics
+from mplug.run import caption_eval, evaluate, metrics
 from mplug.run.run_config import load_config
 from mplug.run.runtime import CHECKPOINT_FORMAT, build_model
 from tiny_dataset import write_tiny_dataset
@@ -83,7 +84,8 @@ def test_vqa_one_entry_per_question_and_two_gloo_ranks_agree(vqa_run, tmp_path):
     assert read_json(tmp_path / "two" / "metrics.json") == scores
 
 
-def test_caption_results_and_cider_bleu(tmp_path):
+@pytest.mark.skipif(caption_eval.unavailable_reason() is not None, reason=str(caption_eval.unavailable_reason()))
+def test_caption_results_and_coco_caption_metrics(tmp_path):
     config = write_tiny_dataset(tmp_path / "data", "caption", n=4)
     scores = run_cli("caption", config, tiny_checkpoint(config, "caption"), tmp_path / "out")
     results = read_json(tmp_path / "out" / "caption_result.json")
@@ -91,9 +93,22 @@ def test_caption_results_and_cider_bleu(tmp_path):
     assert [entry["image_id"] for entry in results] == [record["filename"] for record in records]
     references = [[sentence["raw"] for sentence in record["sentences"]] for record in records]
     captions = [entry["caption"] for entry in results]
-    assert scores["cider_d"] == pytest.approx(metrics.cider_d(captions, references))
-    assert scores["bleu_4"] == pytest.approx(metrics.bleu(captions, references))
+    expected = caption_eval.coco_caption_scores(captions, references)
+    assert set(caption_eval.METRIC_NAMES) <= set(scores)
+    assert {name: scores[name] for name in expected} == pytest.approx(expected)
     assert read_json(tmp_path / "out" / "metrics.json") == scores
+
+
+def test_caption_metrics_skipped_with_the_reason_when_java_is_missing(monkeypatch):
+    monkeypatch.setattr(caption_eval.shutil, "which", lambda name: None)
+    rows = [{"image_id": "a.jpg", "caption": "a dog", "references": ["a dog runs"]}]
+    results, scores = evaluate.caption_outputs(rows)
+    assert results == [{"image_id": "a.jpg", "caption": "a dog"}]
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        assert "pycocoevalcap is not installed" in scores["caption_metrics_skipped"]
+    else:
+        assert "java is not on PATH" in scores["caption_metrics_skipped"]
+    assert not set(caption_eval.METRIC_NAMES) & set(scores)
 
 
 def test_retrieval_recall_both_ways(tmp_path):

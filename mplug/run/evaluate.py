@@ -3,7 +3,8 @@
 
 VQA writes ``<output>/vqa_result.json`` = [{"question_id", "answer"}] (answers by free beam search: the model's
 vqa_generate takes no answer list to rank) and, where the test records carry answers, the VQA accuracy; caption
-writes ``<output>/caption_result.json`` = [{"image_id", "caption"}] with CIDEr-D and BLEU-4; retrieval writes
+writes ``<output>/caption_result.json`` = [{"image_id", "caption"}] with BLEU-1..4, METEOR, ROUGE-L and CIDEr-D
+(pycocoevalcap, mplug.run.caption_eval); retrieval writes
 recall@1/5/10 both ways; ve / nlvr write ``<output>/{ve,nlvr}_result.json`` = [{"file", "record", "prediction",
 "label"}] (ve labels by name, nlvr 0 = false / 1 = true) and the accuracy (fraction correct); grounding writes
 ``<output>/grounding_result.json`` = [{"file", "record", "box", "target"}] (normalised cx, cy, w, h) and the accuracy
@@ -26,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mplug.run import metrics
+from mplug.run import caption_eval, metrics
 from mplug.run.data.bad_images import with_placeholders, without_placeholders
 from mplug.run.retrieval_shards import sharded_retrieval_scores
 from mplug.run.output import check_result_output, finite_or_text
@@ -184,12 +185,15 @@ def vqa_outputs(rows: List[dict]):
 
 
 def caption_outputs(rows: List[dict]):
-    """(caption_result.json entries, metrics): CIDEr-D and BLEU-4 against the records' reference sentences."""
+    """(caption_result.json entries, metrics): the COCO caption metrics (mplug.run.caption_eval) against the records'
+    reference sentences, or the reason they could not run (no java / pycocoevalcap)."""
     _unique(rows, "image_id")
     results = [{"image_id": row["image_id"], "caption": row["caption"]} for row in rows]
     captions, references = [row["caption"] for row in rows], [row["references"] for row in rows]
-    return results, {"images": len(rows), "cider_d": metrics.cider_d(captions, references),
-                     "bleu_4": metrics.bleu(captions, references)}
+    reason = caption_eval.unavailable_reason()
+    if reason is not None:
+        return results, {"images": len(rows), "caption_metrics_skipped": reason}
+    return results, {"images": len(rows), **caption_eval.coco_caption_scores(captions, references)}
 
 
 def classification_outputs(task: str, rows: List[dict]):
