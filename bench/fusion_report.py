@@ -92,7 +92,8 @@ def fusion_table(payload: dict) -> str:
             *(fmt(flops.get(name.replace("/", "_over_"))) + "x" if flops else None for name in RATIOS),
         ])
     paper_scale = scale * payload["batch"] / 100
-    paper = ", ".join(f"{variant} {fmt(ms * paper_scale, 1)}" for variant, ms in PAPER_MS_PER_100.items())
+    digits = 0 if unit.startswith("ms/100") else 1
+    paper = ", ".join(f"{variant} {fmt(ms * paper_scale, digits)}" for variant, ms in PAPER_MS_PER_100.items())
     paper_line = (f"paper (Figure 1, approximate, the authors' hardware): {paper} {unit} -> "
                   + ", ".join(f"{name} {paper_ratio(name):.1f}x" for name in RATIOS))
     setup = (f"fusion network of mPLUG {payload.get('config')}, Lt={payload.get('text_len')}, batch {payload.get('batch')}, "

@@ -99,7 +99,8 @@ def model_table(payload: dict) -> str:
     header = ["task", "model", "batch", "ms median [min-max]", "per second", "peak MiB"]
     body = [[r["task"], model_label(r), r["batch"], timing_cell(r, digits=0), r.get("per_second"), memory_cell(r)]
             for r in payload["rows"]]
-    ratios = "\n".join(f"- {r['task']}: ms (backend auto, KV cache) / ms (eager math, no KV cache) = {ratio_cell(r)} over "
+    ratios = "\n".join(f"- {r['task']}: ms (backend auto{', KV cache' if r['task'] != 'train_step' else ''}) / ms (eager math"
+                       f"{', no KV cache' if r['task'] != 'train_step' else ''}) = {ratio_cell(r)} over "
                        f"{r['repeats']} paired rounds"
                        for r in payload.get("ratios", []))
     resolved = "; ".join(f"{setup}: {', '.join(names) or 'none seen'}" for setup, names in payload.get("resolved_backends", {}).items())

@@ -113,12 +113,12 @@ def model_label(row: dict) -> str:
     """A full-model row's name from the attention backends that actually ran (never "fused" when none of ours ran)."""
     ran: List[str] = row.get("attention_backends") or []
     names = "+".join(ran) or "no attention call seen"
-    cache = "KV cache" if row.get("setup") == "fused" else "no KV cache"
+    cache = "" if row.get("task") == "train_step" else (", KV cache" if row.get("setup") == "fused" else ", no KV cache")
     if row.get("setup") == "eager":
-        return f"eager math ({names}), {cache}"
+        return f"eager math ({names}){cache}"
     ours = [name for name in ran if name in OUR_KERNELS]
     who = f"our kernels ({names})" if ours else f"{names} (none of our kernels ran)"
-    return f"{who}, {cache}"
+    return f"{who}{cache}"
 
 
 def new_figure(panels: int, width: float = 6.0):
