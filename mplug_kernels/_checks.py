@@ -35,9 +35,10 @@ def check_attention_inputs(
     v_names: Sequence[str],
     mask_names: Sequence[str],
 ) -> None:
-    """Validate q [B, Lq, H, D] against key/value sources [B, Lk_i, H, D] and bool masks [B, Lk_i]."""
+    """Validate q [B, Lq, Hq, D] against key/value sources [B, Lk_i, Hkv, D] (Hkv divides Hq, one Hkv for all) and bool masks [B, Lk_i]."""
     check_tensor("q", q, 4)
     batch, _, heads, head_dim = q.shape
+    kv_heads = None
     if head_dim % 8 != 0 or head_dim > MAX_HEAD_DIM or head_dim == 0:
         raise ValueError(
             f"q has head dim {head_dim} ({_describe(q)}); allowed: a multiple of 8 up to {MAX_HEAD_DIM}"
@@ -50,10 +51,11 @@ def check_attention_inputs(
                 raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
             if x.device != q.device:
                 raise ValueError(f"{name} is on {x.device} but q is on {q.device}; they must match")
-            if x.shape[0] != batch or x.shape[2] != heads or x.shape[3] != head_dim:
+            if x.shape[0] != batch or x.shape[3] != head_dim:
                 raise ValueError(
-                    f"{name} must be [B={batch}, Lk, H={heads}, D={head_dim}] to match q, got {_describe(x)}"
+                    f"{name} must be [B={batch}, Lk, Hkv, D={head_dim}] to match q, got {_describe(x)}"
                 )
+            kv_heads = check_kv_heads(name, x.shape[2], heads, kv_heads)
         if k.shape[1] != v.shape[1]:
             raise ValueError(f"{k_name} ({_describe(k)}) and {v_name} ({_describe(v)}) differ in length")
         if k.shape[1] == 0:
@@ -62,6 +64,20 @@ def check_attention_inputs(
             check_mask(mask_name, mask, batch, k.shape[1], q.device)
     if q.shape[1] == 0:
         raise ValueError(f"q has no queries ({_describe(q)}); Lq must be at least 1")
+
+
+def check_kv_heads(name: str, kv_heads: int, q_heads: int, expected: Optional[int]) -> int:
+    """K/V heads of ``name``: they must divide q's Hq heads and equal every other source's (``expected``)."""
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(
+            f"{name} has {kv_heads} key/value heads but q has {q_heads} heads; the K/V heads must divide the query heads"
+        )
+    if expected is not None and kv_heads != expected:
+        raise ValueError(
+            f"{name} has {kv_heads} key/value heads but an earlier key/value tensor has {expected} (q has {q_heads} "
+            f"heads); every source must have the same K/V heads"
+        )
+    return kv_heads
 
 
 def check_mask(name: str, mask, batch: int, length: int, device: torch.device) -> None:

@@ -62,18 +62,24 @@ def _joined_inputs(q, ks, vs, masks, dtype) -> Tuple[torch.Tensor, torch.Tensor,
     return dead_queries_zeroed(q.to(dtype), keep.any(dim=1)), k.to(dtype), v.to(dtype), keep
 
 
+def grouped_heads(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """x [B, L, Hq, ...] as [B, L, Hkv, Hq // Hkv, ...] (a view): query head h belongs to K/V head h // (Hq // Hkv)."""
+    return x.unflatten(2, (kv_heads, x.shape[2] // kv_heads))
+
+
 def _probabilities(q, k, keep, scale) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities [B, H, Lq, Lk] and natural-log lse [B, H, Lq]; fully masked rows give P = 0, lse = -inf.
+    """Softmax probabilities [B, Hkv, G, Lq, Lk] of grouped q [B, Lq, Hkv, G, D] and natural-log lse [B, Hq, Lq];
+    fully masked rows give P = 0, lse = -inf.
 
     Rows with no key left are computed on zero scores and then zeroed, so gradients stay finite.
     """
-    alive = keep.any(dim=1)[:, None, None, None]
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    alive = keep.any(dim=1)[:, None, None, None, None]
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", q, k) * scale
+    scores = scores.masked_fill(~keep[:, None, None, None, :], float("-inf"))
     scores = scores.masked_fill(~alive, 0)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None]).masked_fill(~alive, 0)
-    return probs, lse.masked_fill(~alive[..., 0], float("-inf"))
+    return probs, lse.masked_fill(~alive[..., 0], float("-inf")).flatten(1, 2)
 
 
 def attention_forward(
@@ -83,10 +89,10 @@ def attention_forward(
     masks: Sequence[Optional[torch.Tensor]],
     scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """out [B, Lq, H, D] (q's dtype) and lse [B, H, Lq] of q attending to the concatenated sources."""
+    """out [B, Lq, Hq, D] (q's dtype) and lse [B, Hq, Lq] of q attending to the concatenated sources [B, Lk_i, Hkv, D]."""
     qc, k, v, keep = _joined_inputs(q, ks, vs, masks, _compute_dtype(q.dtype))
-    probs, lse = _probabilities(qc, k, keep, scale)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    probs, lse = _probabilities(grouped_heads(qc, k.shape[2]), k, keep, scale)
+    out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v).flatten(2, 3)
     return out.to(q.dtype), lse
 
 
@@ -101,19 +107,22 @@ def attention_backward(
     lse: torch.Tensor,
     scale: float,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
-    """Closed-form gradients (dq, dks, dvs) given dout [B, Lq, H, D] and dlse [B, H, Lq] (or None)."""
+    """Closed-form gradients (dq, dks, dvs) given dout [B, Lq, Hq, D] and dlse [B, Hq, Lq] (or None); dK/dV
+    [B, Lk_i, Hkv, D] sum over each K/V head's group of query heads."""
     dtype = _compute_dtype(q.dtype)
     qc, k, v, keep = _joined_inputs(q, ks, vs, masks, dtype)
-    doc = dout.to(dtype)
-    probs, _ = _probabilities(qc, k, keep, scale)
-    delta = (doc * out.to(dtype)).sum(-1).transpose(1, 2)
+    kv_heads = k.shape[2]
+    qg, doc = grouped_heads(qc, kv_heads), grouped_heads(dout.to(dtype), kv_heads)
+    probs, _ = _probabilities(qg, k, keep, scale)
+    delta = (dout.to(dtype) * out.to(dtype)).sum(-1).transpose(1, 2)
     if dlse is not None:
         delta = delta - dlse.to(dtype)
-    dprobs = torch.einsum("bqhd,bkhd->bhqk", doc, v)
+    delta = delta.unflatten(1, (kv_heads, -1))
+    dprobs = torch.einsum("bqhgd,bkhd->bhgqk", doc, v)
     dscores = probs * (dprobs - delta[..., None])
-    dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k) * scale
-    dk = torch.einsum("bhqk,bqhd->bkhd", dscores, qc) * scale
-    dv = torch.einsum("bhqk,bqhd->bkhd", probs, doc)
+    dq = torch.einsum("bhgqk,bkhd->bqhgd", dscores, k).flatten(2, 3) * scale
+    dk = torch.einsum("bhgqk,bqhgd->bkhd", dscores, qg) * scale
+    dv = torch.einsum("bhgqk,bqhgd->bkhd", probs, doc)
     hidden = ~keep[:, :, None, None]
     dk, dv = dk.masked_fill(hidden, 0), dv.masked_fill(hidden, 0)
     lengths = [x.shape[1] for x in ks]

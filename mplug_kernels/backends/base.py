@@ -18,6 +18,7 @@ class AttentionCall:
     has_mask: bool
     needs_grad: bool
     return_lse: bool
+    kv_group: int = 1  # query heads per K/V head (Hq // Hkv): 1 unless K/V heads are grouped
 
     @classmethod
     def of(cls, q: torch.Tensor, ks, vs, masks, return_lse: bool) -> "AttentionCall":
@@ -31,12 +32,14 @@ class AttentionCall:
             has_mask=any(m is not None for m in masks),
             needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
             return_lse=return_lse,
+            kv_group=q.shape[2] // ks[0].shape[2] if len(ks) else 1,
         )
 
     def describe(self) -> str:
         return (
             f"a call on {self.device_type} with dtype {self.dtype}, head dim {self.head_dim}, "
-            f"{self.num_sources} key source(s), mask={self.has_mask}, grad={self.needs_grad}, lse={self.return_lse}"
+            f"{self.num_sources} key source(s), mask={self.has_mask}, grad={self.needs_grad}, lse={self.return_lse}, "
+            f"{self.kv_group} query heads per K/V head"
         )
 
 
@@ -64,6 +67,7 @@ class Backend:
     supports_lse = True
     supports_grad = True
     supports_mask = True
+    supports_grouped_heads = False  # k/v [B, Lk, Hkv, D] with Hkv < Hq (dividing it)
     uses_custom_op = True
 
     def unavailable_reason(self) -> Optional[str]:
@@ -90,6 +94,8 @@ class Backend:
             found.append("has no backward")
         if call.has_mask and not self.supports_mask:
             found.append("takes no key padding mask")
+        if call.kv_group > 1 and not self.supports_grouped_heads:
+            found.append(f"takes no grouped K/V heads ({call.kv_group} query heads per K/V head)")
         return found
 
     def rank(self, call: AttentionCall) -> int:

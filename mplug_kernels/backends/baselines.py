@@ -30,6 +30,7 @@ class FlashAttnBackend(Backend):
     dtypes = (torch.float16, torch.bfloat16)
     supports_lse = False
     supports_mask = False
+    supports_grouped_heads = True
     uses_custom_op = False
 
     def unavailable_reason(self):

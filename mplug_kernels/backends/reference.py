@@ -11,6 +11,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     devices = ("cpu", "cuda", "mps", "xpu", "meta")
+    supports_grouped_heads = True
 
     def rank(self, call) -> int:
         return 90

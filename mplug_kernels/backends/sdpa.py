@@ -28,6 +28,7 @@ class SdpaBackend(Backend):
     name = "sdpa"
     devices = ("cpu", "cuda", "mps", "xpu")
     supports_lse = False
+    supports_grouped_heads = True
     uses_custom_op = False
 
     def rank(self, call) -> int:
@@ -38,6 +39,7 @@ class SdpaBackend(Backend):
         q = dead_queries_zeroed(q, alive)
         attn_mask = None if keep is None else keep[:, None, None, :]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale,
+            enable_gqa=k.shape[2] != q.shape[2],
         ).transpose(1, 2)
         return zero_dead_rows(out, alive), None
