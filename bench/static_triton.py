@@ -30,8 +30,8 @@ HEAD_DIMS = (32, 64, 80, 96, 128)
 DTYPES = ("float16", "bfloat16", "float32")
 Q_LENS = (25, 602)  # BLOCK_M 32 and 64
 SPLIT_Q_LEN = 25  # the combine of the split-KV forward is compiled at this Lq
-SPLIT_COUNTS = (2, 19, 64)  # SPLITS_POW2 2, 32 and 64 (64 splits over LONG_KEYS keys)
-BATCH, HEADS, KEY_LENS, LONG_KEYS = 2, 12, (577, 25), 2048
+SPLIT_COUNTS = (2, 32, 64)  # SPLITS_POW2 2, 32 and 64 (32 and 64 splits of whole key tiles over LONG_KEYS keys)
+BATCH, HEADS, KEY_LENS, LONG_KEYS = 2, 12, (577, 25), 4096
 
 
 def aot_unavailable_reason() -> Optional[str]:
@@ -97,12 +97,15 @@ def _launches(dtype_name: str, head_dim: int, q_len: int) -> List[Tuple[str, obj
     q, ks, vs, masks = _tensors(dtype_name, head_dim, q_len)
     out = torch.empty_like(q)
     lse = torch.empty(BATCH, HEADS, q_len)
-    named = [("forward", at.forward_launches(q, ks, vs, masks, 0.125, out, lse, 1)[0])]
+    unsplit = at.split_keys(sum(KEY_LENS), 1, at.SPLIT_KEYS)
+    named = [("forward", at.forward_launches(q, ks, vs, masks, 0.125, out, lse, unsplit)[0])]
     if q_len == SPLIT_Q_LEN:
         long_keys = torch.randn(BATCH, LONG_KEYS, HEADS, head_dim).to(q.dtype)
         for splits in SPLIT_COUNTS:
-            sources = (ks, vs, masks) if splits * at.SPLIT_KEYS <= sum(KEY_LENS) else ([long_keys], [long_keys], [None])
-            named.append(("combine", at.forward_launches(q, *sources, 0.125, out, lse, splits)[1]))
+            short = splits * at.SPLIT_KEYS <= sum(KEY_LENS)
+            sources = (ks, vs, masks) if short else ([long_keys], [long_keys], [None])
+            plan = at.split_keys(sum(KEY_LENS) if short else LONG_KEYS, splits, at.SPLIT_KEYS)
+            named.append(("combine", at.forward_launches(q, *sources, 0.125, out, lse, plan)[1]))
     dq_acc = torch.zeros(q.shape)
     for deterministic, dlse in ((False, lse), (True, None)):
         launches = at.backward_launches(out, dlse, q, ks, vs, masks, out, lse, 0.125, deterministic, dq_acc,

@@ -199,29 +199,6 @@ def split_plan(batch: int, heads: int, q_len: int, k_len: int, head_dim: int, el
     return chosen.num_splits, chosen.split_size
 
 
-def num_splits_for_occupancy(
-    ctas: int, ctas_per_sm: int, sm_count: int, key_tiles: int, max_splits: int = MAX_SPLITS,
-) -> int:
-    """Split-KV count for a grid of `ctas` CTAs (before splitting) whose keys come in `key_tiles` pieces.
-
-    A wave is `ctas_per_sm * sm_count` CTAs running at once (the kernel's real occupancy). Splitting the
-    keys s ways gives ctas*s CTAs of ceil(key_tiles / s) tiles each, so its modelled time is
-    ceil(ctas*s / wave) waves x ceil(key_tiles / s) tiles: an idle slot in a wave costs as much as a busy
-    one. Candidates are the counts that cut the tiles evenly (no empty split), at most `key_tiles` and
-    `max_splits`; the fewest splits within TIME_TOLERANCE of the best time win. So a grid that already
-    fills its waves well is not split, and a small one (B = 1) is split until it fills a wave or runs out
-    of key tiles.
-    """
-    if ctas <= 0 or key_tiles <= 1:
-        return 1
-    wave = max(1, ctas_per_sm) * max(1, sm_count)
-    even_counts = {_ceil_div(key_tiles, _ceil_div(key_tiles, s)) for s in range(1, min(max_splits, key_tiles) + 1)}
-    candidates = sorted(even_counts)
-    time = {s: _ceil_div(ctas * s, wave) * _ceil_div(key_tiles, s) for s in candidates}
-    best = min(time.values())
-    return next(s for s in candidates if time[s] <= TIME_TOLERANCE * best)
-
-
 def fits_without_spills(
     registers_per_thread: int, spill_bytes: int, shared_bytes: int, threads: int, arch: Union[int, SMLimits],
 ) -> bool:

@@ -1,5 +1,5 @@
-"""Mutation check of the CUDA kernel tests: plants one known bug at a time in a copy of the tree and
-runs the emulated cuda tests, which must fail for every bug. Proves the emulator and the tests can
+"""Mutation check of the CUDA kernel tests (and the Triton split tests): plants one known bug at a time in a
+copy of the tree and runs the emulated cuda tests, which must fail for every bug. Proves the emulator and the tests can
 catch dropped waits and barriers, wrong math, overruns and unwritten outputs.
 
     python tests/kernel_mutations.py            # every mutation (a few minutes on 2 cores)
@@ -23,6 +23,7 @@ KERNEL_TESTS = ["tests/test_co_attention.py", "tests/test_concat_attention.py", 
                 "-k", "cuda and not valgrind"]
 BOUNDS_TEST = ["tests/test_cuda_extension.py", "-k", "valgrind"]
 BACKWARD_TESTS = ["tests/test_cuda_extension.py", "-k", "backward"]
+TRITON_SPLIT_TESTS = ("tests/test_co_attention.py", "-k", "triton and split")
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,10 @@ MUTATIONS = [
     Mutation("forward: lse of the last row never written", "csrc/forward.cuh",
              "if (lane_in_quad(lane) == 0 && m < args.q_len) {",
              "if (lane_in_quad(lane) == 0 && m + 1 < args.q_len) {", tuple(BOUNDS_TEST)),
+    Mutation("triton forward: last split stops at split_size (the merged sliver of keys dropped)",
+             "mplug_kernels/ops/triton_forward.py",
+             "split_hi = tl.where(pid_split == num_splits - 1, L0 + L1 + L2 + L3, split_lo + split_size)",
+             "split_hi = split_lo + split_size", TRITON_SPLIT_TESTS),
 ]
 
 

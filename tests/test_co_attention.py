@@ -7,6 +7,7 @@ import torch
 import mplug_kernels
 from mplug_kernels import reference
 from mplug_kernels.backends.kernel_inputs import force_num_splits
+from mplug_kernels.occupancy import split_plan
 from mplug_kernels.ops import triton_launch
 from attention_testing import (
     DEVICE,
@@ -79,11 +80,23 @@ def test_forward_head_dims(backend, dtype, head_dim):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("num_splits", [1, 3, 10])  # 10: split_keys(577, 10) = 9 splits, the last one 65 keys
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 def test_split_kv_forced(backend, num_splits, mask_kind):
     force_num_splits(num_splits)
     _check_forward(backend, *_inputs(25, 577, 64, LOW_PRECISION_DTYPES[0], mask_kind, seed=num_splits))
+
+
+def test_triton_split_plan_is_occupancys():
+    """The Triton forward's split is occupancy.split_plan's (the interpreter's 4 SMs x 2 CTAs on the CPU):
+    B = 2, H = 2, Lq = 25 is 4 CTAs unsplit, a wave is 8, so Lk = 577 runs as 2 splits of 320 keys."""
+    q, k, v, mask = _inputs(25, 577, 64, torch.float16, "padding", seed=0)
+    out, lse = torch.empty_like(q), torch.empty(BATCH, HEADS, 25)
+    unsplit = triton_launch.forward_launches(q, [k], [v], [mask], 0.125, out, lse, (1, 640))[0]
+    plan = triton_launch.choose_split_plan(unsplit, 577)
+    assert plan == split_plan(BATCH, HEADS, 25, 577, 64, 2, backend="triton", sm_count=4, ctas_per_sm=2) == (2, 320)
+    forward, combine = triton_launch.forward_launches(q, [k], [v], [mask], 0.125, out, lse, plan)
+    assert forward.grid == (1, BATCH * HEADS, 2) and combine.grid == (BATCH * HEADS * 25,)
 
 
 def _check_backward(backend, q, k, v, mask):

@@ -74,7 +74,8 @@ def _forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     split_lo = pid_split * split_size
-    split_hi = split_lo + split_size
+    # the last split holds every key left (split_keys merges a sliver shorter than a key tile into it)
+    split_hi = tl.where(pid_split == num_splits - 1, L0 + L1 + L2 + L3, split_lo + split_size)
     lo, hi = _source_range(split_lo, split_hi, 0, L0)
     acc, m_i, l_i = _attend_source(acc, m_i, l_i, q, K0, V0, M0, ks0b, ks0n, ks0h, vs0b, vs0n, vs0h, ms0,
                                    lo, hi, b, h, offs_d, head_dim, qk_scale, HAS_M0, BLOCK_N, PRECISION)

@@ -17,7 +17,9 @@ import torch
 import triton
 
 from mplug_kernels.backends.kernel_inputs import forced_num_splits, interpreter_on, mask_bytes
-from mplug_kernels.occupancy import SMLimits, ctas_per_sm, device_limits, fits_without_spills, num_splits_for_occupancy
+from mplug_kernels.occupancy import (
+    KEY_TILE, SMLimits, ctas_per_sm, device_limits, fits_without_spills, split_keys, split_plan,
+)
 from mplug_kernels.ops.triton_backward import _delta_kernel, _dkdv_kernel, _dq_kernel
 from mplug_kernels.ops.triton_forward import _combine_kernel, _forward_kernel
 
@@ -54,9 +56,10 @@ BACKWARD_BLOCKS = {
 DELTA_META = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 COMBINE_META = {"num_warps": 4, "num_stages": 1}
 
-# Split-KV: a split holds a multiple of SPLIT_KEYS keys. Under the CPU interpreter no compiled kernel exists to
-# read the occupancy from, so the rule sees INTERPRETER_SM_COUNT SMs of INTERPRETER_CTAS_PER_SM CTAs each.
-SPLIT_KEYS = 32
+# Split-KV: a split holds a multiple of SPLIT_KEYS keys (occupancy.split_plan's key tile, as the CUDA forward's).
+# Under the CPU interpreter no compiled kernel exists to read the occupancy from, so the plan sees
+# INTERPRETER_SM_COUNT SMs of INTERPRETER_CTAS_PER_SM CTAs each.
+SPLIT_KEYS = KEY_TILE
 INTERPRETER_CTAS_PER_SM = 2
 INTERPRETER_SM_COUNT = 4
 
@@ -201,15 +204,14 @@ def _source_args(ks, vs, masks) -> Tuple[list, list, list, list]:
 
 def forward_launches(
     q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
-    softmax_scale: float, out: torch.Tensor, lse: torch.Tensor, num_splits: int,
+    softmax_scale: float, out: torch.Tensor, lse: torch.Tensor, plan: Tuple[int, int],
 ) -> List[Launch]:
     """The forward kernel (tuned) and, with several splits, the combine kernel writing out/lse; q, ks, vs with
-    a contiguous last dim, masks as mask_bytes. Partial-output buffers are allocated here."""
+    a contiguous last dim, masks as mask_bytes; plan (num_splits, split_size) from split_keys or split_plan
+    (the last split holds every key left). Partial-output buffers are allocated here."""
     batch, q_len, heads, head_dim = q.shape
     block_m, block_d = _block_m(q_len, q.element_size()), _block_d(head_dim)
-    total_keys = sum(k.shape[1] for k in ks)
-    split_size = triton.cdiv(triton.cdiv(total_keys, num_splits), SPLIT_KEYS) * SPLIT_KEYS
-    num_splits = triton.cdiv(total_keys, split_size)
+    num_splits, split_size = plan
     split = num_splits > 1
     f32 = dict(dtype=torch.float32, device=q.device)
     part_out = torch.empty((num_splits, batch * heads, q_len, block_d), **f32) if split else lse
@@ -262,17 +264,20 @@ def _forward_ctas_per_sm(launch: Launch) -> int:
     return _forward_occupancy[key]
 
 
-def choose_num_splits(unsplit: Launch, total_keys: int) -> int:
-    """Split-KV count of a forward launch: forced, or num_splits_for_occupancy with the kernel's CTAs per SM
-    compiled for the GPU (fixed INTERPRETER_* values on the CPU)."""
-    key_tiles = triton.cdiv(total_keys, SPLIT_KEYS)
+def choose_split_plan(unsplit: Launch, total_keys: int) -> Tuple[int, int]:
+    """(num_splits, split_size) of a forward launch (q [B, Lq, H, D] its first argument): the forced count's
+    key ranges (split_keys), else occupancy.split_plan with the kernel's CTAs per SM compiled for the GPU
+    (fixed INTERPRETER_* values on the CPU)."""
     if forced_num_splits() is not None:
-        return min(forced_num_splits(), max(1, key_tiles))
+        return split_keys(total_keys, forced_num_splits(), SPLIT_KEYS)
     q = unsplit.args[0]
-    ctas = unsplit.grid[0] * unsplit.grid[1]
+    batch, q_len, heads, head_dim = q.shape
+    shape = (batch, heads, q_len, total_keys, head_dim, q.element_size())
     if q.device.type != "cuda":
-        return num_splits_for_occupancy(ctas, INTERPRETER_CTAS_PER_SM, INTERPRETER_SM_COUNT, key_tiles)
-    return num_splits_for_occupancy(ctas, _forward_ctas_per_sm(unsplit), _multiprocessor_count(q.device), key_tiles)
+        return split_plan(*shape, backend="triton", sm_count=INTERPRETER_SM_COUNT, ctas_per_sm=INTERPRETER_CTAS_PER_SM)
+    major, minor = torch.cuda.get_device_capability(q.device)
+    return split_plan(*shape, backend="triton", arch=10 * major + minor, sm_count=_multiprocessor_count(q.device),
+                      ctas_per_sm=_forward_ctas_per_sm(unsplit))
 
 
 def forward(
@@ -292,8 +297,9 @@ def forward(
     if out.numel() == 0:
         return out, lse
     total_keys = sum(k.shape[1] for k in ks)
-    num_splits = choose_num_splits(forward_launches(q, ks, vs, masks, softmax_scale, out, lse, 1)[0], total_keys)
-    for launch in forward_launches(q, ks, vs, masks, softmax_scale, out, lse, num_splits):
+    unsplit = forward_launches(q, ks, vs, masks, softmax_scale, out, lse, split_keys(total_keys, 1, SPLIT_KEYS))[0]
+    plan = choose_split_plan(unsplit, total_keys)
+    for launch in forward_launches(q, ks, vs, masks, softmax_scale, out, lse, plan):
         launch.run()
     return out, lse
 
