@@ -143,8 +143,10 @@ def authors_beam_search(
         log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         log_probs = log_probs.view(batch, num_beams, -1)
         vocab = log_probs.shape[-1]
-        if position < min_length:
-            log_probs[..., eos_token_id] += -1e20
+        if position < min_length:  # out of place, so the search can run with gradients (SCST, mplug.tasks.scst)
+            ban = torch.zeros(vocab, dtype=log_probs.dtype, device=device)
+            ban[eos_token_id] = -1e20
+            log_probs = log_probs + ban
         penalty = length_penalty(position + 1, alpha)
         scores, chosen = ((live[..., None] + log_probs) / penalty).view(batch, -1).topk(num_beams, dim=1)
         live = scores * penalty
@@ -171,7 +173,7 @@ def _record(records, open_examples, scores, tokens, ending, length: int) -> None
 
 def _best_records(records, count: int, pad_token_id: int, device) -> BeamSearchOutput:
     """The ``count`` best records of every example (stable sort by score, best first) as a BeamSearchOutput."""
-    best = [sorted(example, key=lambda record: float(record[0]), reverse=True)[:count] for example in records]
+    best = [sorted(example, key=lambda record: float(record[0].detach()), reverse=True)[:count] for example in records]
     longest = max(len(tokens) for example in best for _, tokens in example)
     sequences = torch.full((len(best), count, longest), pad_token_id, dtype=torch.long, device=device)
     for example, hypotheses in enumerate(best):

@@ -13,18 +13,25 @@ DEFAULTS = {
     "add_ocr": False,
     "add_object": False,
     "accumulate_steps": 1,  # batches per optimiser step (mplug.run.accumulate); the authors' caption --accum_steps 4
+    "scst": False,  # caption only: self-critical training (mplug.run.scst), the authors' caption_mplug_scst.py
+    "scst_mode": "authors",  # authors: top beams with gradients, mean baseline; sample: ours (sampled, greedy baseline)
 }
+SCST_MODES = ("authors", "sample")
 
 
 def check_authors_options(cfg: dict) -> None:
-    """itc_bank, schedule.kind, schedule.warmup_lr, add_ocr, add_object and accumulate_steps of the allowed values
+    """itc_bank, schedule.kind, schedule.warmup_lr, add_ocr, add_object, accumulate_steps, scst and scst_mode of the allowed values
     (ValueError naming the key)."""
     for key, allowed in (("itc_bank", ITC_BANKS), ("schedule.kind", SCHEDULE_KINDS)):
         *parent, leaf = key.split(".")
         value = (cfg[parent[0]] if parent else cfg)[leaf]
         if value not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {value!r}")
-    for key in ("add_ocr", "add_object"):
+    if cfg["scst_mode"] not in SCST_MODES:
+        raise ValueError(f"config key 'scst_mode' must be one of {SCST_MODES}, got {cfg['scst_mode']!r}")
+    if cfg["scst"] is True and cfg.get("task") not in (None, "caption"):
+        raise ValueError(f"config key 'scst' is for task 'caption' only, got task {cfg.get('task')!r}")
+    for key in ("add_ocr", "add_object", "scst"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"config key {key!r} must be true or false, got {cfg[key]!r}")
     check_int("accumulate_steps", cfg["accumulate_steps"], 1)

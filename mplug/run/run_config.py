@@ -15,7 +15,7 @@ from mplug.run.config_checks import DEFAULT_MAX_PIXELS, check_values, load_yaml
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TASKS = ("vqa", "caption", "retrieval", "pretrain", "ve", "nlvr", "grounding")
 MODELS = ("tiny", "base", "large")
-SHIPPED = tuple(f"{task}_{size}" for task in TASKS for size in ("base", "large"))
+SHIPPED = tuple(f"{task}_{size}" for task in TASKS for size in ("base", "large")) + ("caption_base_scst", "caption_large_scst")
 PATH_KEYS = ("train_file", "test_file", "answer_list", "image_root", "vqa_root", "vg_root", "gqa_root", "vocab")
 
 # Every allowed key with its default; a shipped or user YAML sets any subset.

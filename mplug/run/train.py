@@ -34,6 +34,7 @@ from mplug.run.train_state import (
 from mplug.run.divergence import check_finite_weights, check_skipped, clip_and_check
 from mplug.run.accumulate import accumulate_gradients, group_batches, step_inputs, steps_per_epoch
 from mplug.run.output import LOG, json_line, open_run_output, read_log
+from mplug.run.scst import ScstLoss
 
 LOSS_METHODS = {"vqa": "vqa_loss", "caption": "caption_loss", "retrieval": "retrieval_loss", "pretrain": "pretrain_losses",
                 "ve": "ve_loss", "nlvr": "nlvr_loss", "grounding": "grounding_loss"}
@@ -280,7 +281,8 @@ def setup(args: argparse.Namespace, cfg: dict, info: DistInfo) -> Job:
                   f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:5]}, {len(result.ignored_keys)} "
                   f"dropped (not in this task's model) {result.ignored_keys[:5]}", file=sys.stderr)
     model.set_gradient_checkpointing(cfg["grad_checkpointing"])
-    step_module = parallel(TaskLoss(model, args.task), info.device, args.fsdp)
+    loss = ScstLoss(model, cfg, dataset.tokenizer) if cfg["scst"] else TaskLoss(model, args.task)
+    step_module = parallel(loss, info.device, args.fsdp)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg["optimizer"]), betas=tuple(cfg["optimizer"]["betas"]))
     per_epoch = steps_per_epoch(len(loader), cfg["accumulate_steps"])
     if per_epoch == 0:

@@ -45,6 +45,7 @@ class TaskDataset(Dataset):
         if not self.samples:
             raise ValueError(f"the {task} {split} data has no usable records ({self.skipped} skipped)")
         self.prompt = " ".join(cfg["prompt"].lower().split()) if task == "caption" else ""
+        self.scst = bool(cfg.get("scst", False)) and task == "caption"
         self.prompt_ids = self.tokenizer(self.prompt, add_special_tokens=False)["input_ids"]
         if len(self.prompt_ids) + 2 >= self.max_tokens:
             raise ValueError(f"prompt {cfg['prompt']!r} is {len(self.prompt_ids)} tokens; max_tokens = {self.max_tokens} "
@@ -124,6 +125,11 @@ class TaskDataset(Dataset):
         return {"inputs": dict(images=images, question_ids=question_ids, question_mask=question_mask), "meta": meta}
 
     def _collate_caption_train(self, items, images):
+        if self.scst:  # mplug.run.scst.ScstLoss: the images, each one's reference sentences, the prompt
+            inputs = dict(images=images, references=[item["references"] for item in items])
+            if self.prompt_ids:
+                inputs["prompt_ids"] = torch.tensor([[self.tokenizer.cls_token_id, *self.prompt_ids]] * len(items))
+            return {"inputs": inputs, "meta": _indices(items)}
         caption_ids, caption_mask = self.tokens([f"{self.prompt} {item['caption']}".strip() for item in items])
         inputs = dict(images=images, caption_ids=caption_ids, caption_mask=caption_mask, prompt_length=len(self.prompt_ids))
         return {"inputs": inputs, "meta": _indices(items)}

@@ -180,7 +180,10 @@ def caption_parser(cfg: dict, split: str) -> Callable[[dict], List[dict]]:
         if split == "test":
             return [{"image": path, "image_id": image_id, "references": raw}]
         # raw and lower-cased, punctuation kept: the authors' dataset/caption_dataset.py:185 (no pre_caption)
-        return [{"image": path, "image_id": image_id, "caption": text.lower()} for text in raw]
+        # each sample also carries every lower-cased sentence of its image, the SCST reward's references
+        # (the authors' gold_caption, dataset/caption_dataset.py coco_dataset)
+        references = [text.lower() for text in raw]
+        return [{"image": path, "image_id": image_id, "caption": text.lower(), "references": references} for text in raw]
 
     return parse
 
