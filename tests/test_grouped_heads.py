@@ -131,6 +131,17 @@ def test_fully_masked_rows_give_zero_and_minus_inf(backend, dtype, heads):
     _check(backend, dtype, heads, (7, 40), "one_row_fully_masked", seed=7, backward=True)
 
 
+@pytest.mark.parametrize("backend,dtype", [pair for pair in BACKEND_DTYPES if pair[0] in ("triton", "cuda")])
+@pytest.mark.parametrize("heads", [(4, 1), (14, 2)])
+def test_deterministic_dq_kernel(backend, dtype, heads):
+    """The dQ kernel without atomics (deterministic algorithms) maps query heads to K/V heads too."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        _check(backend, dtype, heads, (13, 1, 70), "padding", seed=11, backward=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 @pytest.mark.parametrize("backend", ["reference", "sdpa", "triton", "cuda"])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 3), (7, 2), (2, 4)])
 def test_non_dividing_kv_heads_raise_naming_both_counts(backend, q_heads, kv_heads):

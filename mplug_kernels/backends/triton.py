@@ -37,6 +37,7 @@ def _interpreter_reason() -> Optional[str]:
 
 class TritonBackend(Backend):
     name = "triton"
+    supports_grouped_heads = True
 
     @property
     def devices(self):

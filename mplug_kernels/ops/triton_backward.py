@@ -47,34 +47,38 @@ def _dkdv_kernel(
     stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_mb,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
     stride_ab, stride_am, stride_ah,
-    num_heads, q_len, k_len, head_dim, softmax_scale,
+    num_heads, kv_group, q_len, k_len, head_dim, softmax_scale,
     HAS_MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dK, dV of one key tile of one source, looping over every query tile; dQ by atomics if asked."""
-    pid_bh, b, h, offs_n, offs_d = _program_tile(num_heads, BLOCK_N, BLOCK_D)
+    """dK, dV of one key tile of K/V head hk of one source (grid axis 1: batch * K/V heads), summed over every
+    query tile of the kv_group query heads hk * kv_group.. that read it (no atomics); dQ by atomics if asked."""
+    _, b, hk, offs_n, offs_d = _program_tile(num_heads // kv_group, BLOCK_N, BLOCK_D)
     d_ok = offs_d[None, :] < head_dim
     in_range = offs_n < k_len
-    k, v, key_ok = _load_key_tile(K, V, MASK, b, h, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+    k, v, key_ok = _load_key_tile(K, V, MASK, b, hk, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
                                   stride_vh, stride_mb, offs_n, in_range, offs_d, head_dim, HAS_MASK)
     qk_scale = softmax_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, q_len, BLOCK_M):
-        offs_m = (start_m + tl.arange(0, BLOCK_M)).to(tl.int64)
-        q, do, lse, delta, row_ok = _load_query_tile(
-            Q, DO, LSE, DELTA, b, h, pid_bh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
-            offs_m, q_len, offs_d, head_dim,
-        )
-        p, ds = _probs_and_dscores(q, do, k, v, lse, delta, key_ok, row_ok, qk_scale, PRECISION)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-        if ATOMIC_DQ:
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * softmax_scale
-            a_ptrs = _tile_ptrs(DQ_ACC, b, h, stride_ab, stride_ah, offs_m, stride_am, offs_d)
-            tl.atomic_add(a_ptrs, dq, mask=row_ok[:, None] & d_ok)
-    dk_ptrs = _tile_ptrs(DK, b, h, stride_dkb, stride_dkh, offs_n, stride_dkn, offs_d)
-    dv_ptrs = _tile_ptrs(DV, b, h, stride_dvb, stride_dvh, offs_n, stride_dvn, offs_d)
+    for g in range(0, kv_group):
+        h = hk * kv_group + g
+        pid_bh = b * num_heads + h
+        for start_m in range(0, q_len, BLOCK_M):
+            offs_m = (start_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+            q, do, lse, delta, row_ok = _load_query_tile(
+                Q, DO, LSE, DELTA, b, h, pid_bh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom,
+                stride_doh, offs_m, q_len, offs_d, head_dim,
+            )
+            p, ds = _probs_and_dscores(q, do, k, v, lse, delta, key_ok, row_ok, qk_scale, PRECISION)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+            if ATOMIC_DQ:
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * softmax_scale
+                a_ptrs = _tile_ptrs(DQ_ACC, b, h, stride_ab, stride_ah, offs_m, stride_am, offs_d)
+                tl.atomic_add(a_ptrs, dq, mask=row_ok[:, None] & d_ok)
+    dk_ptrs = _tile_ptrs(DK, b, hk, stride_dkb, stride_dkh, offs_n, stride_dkn, offs_d)
+    dv_ptrs = _tile_ptrs(DV, b, hk, stride_dvb, stride_dvh, offs_n, stride_dvn, offs_d)
     store_mask = in_range[:, None] & d_ok
     tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=store_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_mask)
@@ -86,12 +90,14 @@ def _dq_kernel(
     stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
     stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_mb,
     stride_ab, stride_am, stride_ah,
-    num_heads, q_len, k_len, head_dim, softmax_scale,
+    num_heads, kv_group, q_len, k_len, head_dim, softmax_scale,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Deterministic dQ of one query tile: adds this source's contribution to the float32 accumulator."""
+    """Deterministic dQ of one query tile of head h (K/V head h // kv_group): adds this source's contribution to
+    the float32 accumulator."""
     pid_bh, b, h, offs_m, offs_d = _program_tile(num_heads, BLOCK_M, BLOCK_D)
+    hk = h // kv_group
     q, do, lse, delta, row_ok = _load_query_tile(
         Q, DO, LSE, DELTA, b, h, pid_bh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
         offs_m, q_len, offs_d, head_dim,
@@ -101,7 +107,7 @@ def _dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, k_len, BLOCK_N):
         offs_n = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
-        k, v, key_ok = _load_key_tile(K, V, MASK, b, h, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+        k, v, key_ok = _load_key_tile(K, V, MASK, b, hk, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
                                       stride_vh, stride_mb, offs_n, offs_n < k_len, offs_d, head_dim, HAS_MASK)
         p, ds = _probs_and_dscores(q, do, k, v, lse, delta, key_ok, row_ok, qk_scale, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)

@@ -18,7 +18,7 @@ def _attend_source(
     lo, hi, b, h, offs_d, head_dim, qk_scale,
     HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Fold keys [lo, hi) of one source into the running (acc, m_i, l_i); scores in log2 units."""
+    """Fold keys [lo, hi) of K/V head h of one source into the running (acc, m_i, l_i); scores in log2 units."""
     for start in range(lo, hi, BLOCK_N):
         offs_n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
         k, v, key_ok = _load_key_tile(K, V, MASK, b, h, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
@@ -53,7 +53,7 @@ def _forward_kernel(
     ks2b, ks2n, ks2h, vs2b, vs2n, vs2h, ms2,
     ks3b, ks3n, ks3h, vs3b, vs3n, vs3h, ms3,
     L0, L1, L2, L3,
-    num_heads, q_len, head_dim, split_size, num_splits, qk_scale, keys_bucket,
+    num_heads, kv_group, q_len, head_dim, split_size, num_splits, qk_scale, keys_bucket,
     NUM_SOURCES: tl.constexpr, HAS_M0: tl.constexpr, HAS_M1: tl.constexpr, HAS_M2: tl.constexpr,
     HAS_M3: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -65,6 +65,7 @@ def _forward_kernel(
     pid_split = tl.program_id(2)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
+    hk = h // kv_group  # the K/V head of query head h: grouped heads read K/V in place
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < q_len
@@ -78,19 +79,19 @@ def _forward_kernel(
     split_hi = tl.where(pid_split == num_splits - 1, L0 + L1 + L2 + L3, split_lo + split_size)
     lo, hi = _source_range(split_lo, split_hi, 0, L0)
     acc, m_i, l_i = _attend_source(acc, m_i, l_i, q, K0, V0, M0, ks0b, ks0n, ks0h, vs0b, vs0n, vs0h, ms0,
-                                   lo, hi, b, h, offs_d, head_dim, qk_scale, HAS_M0, BLOCK_N, PRECISION)
+                                   lo, hi, b, hk, offs_d, head_dim, qk_scale, HAS_M0, BLOCK_N, PRECISION)
     if NUM_SOURCES > 1:
         lo, hi = _source_range(split_lo, split_hi, L0, L1)
         acc, m_i, l_i = _attend_source(acc, m_i, l_i, q, K1, V1, M1, ks1b, ks1n, ks1h, vs1b, vs1n, vs1h, ms1,
-                                       lo, hi, b, h, offs_d, head_dim, qk_scale, HAS_M1, BLOCK_N, PRECISION)
+                                       lo, hi, b, hk, offs_d, head_dim, qk_scale, HAS_M1, BLOCK_N, PRECISION)
     if NUM_SOURCES > 2:
         lo, hi = _source_range(split_lo, split_hi, L0 + L1, L2)
         acc, m_i, l_i = _attend_source(acc, m_i, l_i, q, K2, V2, M2, ks2b, ks2n, ks2h, vs2b, vs2n, vs2h, ms2,
-                                       lo, hi, b, h, offs_d, head_dim, qk_scale, HAS_M2, BLOCK_N, PRECISION)
+                                       lo, hi, b, hk, offs_d, head_dim, qk_scale, HAS_M2, BLOCK_N, PRECISION)
     if NUM_SOURCES > 3:
         lo, hi = _source_range(split_lo, split_hi, L0 + L1 + L2, L3)
         acc, m_i, l_i = _attend_source(acc, m_i, l_i, q, K3, V3, M3, ks3b, ks3n, ks3h, vs3b, vs3n, vs3h, ms3,
-                                       lo, hi, b, h, offs_d, head_dim, qk_scale, HAS_M3, BLOCK_N, PRECISION)
+                                       lo, hi, b, hk, offs_d, head_dim, qk_scale, HAS_M3, BLOCK_N, PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

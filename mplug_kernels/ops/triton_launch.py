@@ -220,7 +220,7 @@ def forward_launches(
     forward = Launch(
         _forward_kernel, (triton.cdiv(q_len, block_m), batch * heads, num_splits),
         (q, out, lse, part_out, part_lse, *pointers, *_strides3(q), *_strides3(out), *strides, *lengths,
-         heads, q_len, head_dim, split_size, num_splits, softmax_scale * LOG2E,
+         heads, heads // ks[0].shape[2], q_len, head_dim, split_size, num_splits, softmax_scale * LOG2E,
          triton.next_power_of_2(triton.cdiv(split_size, 64))),
         dict(NUM_SOURCES=len(ks), HAS_M0=has_mask[0], HAS_M1=has_mask[1], HAS_M2=has_mask[2], HAS_M3=has_mask[3],
              PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_D=block_d),
@@ -324,12 +324,13 @@ def backward_launches(
     )]
     meta = dict(PRECISION=_precision(q.dtype), **backward_meta(q.element_size(), head_dim, q_len))
     common = (*_strides3(q), *_strides3(dout))
+    kv_heads = ks[0].shape[2]  # grouped heads: dK/dV programs per K/V head, each summing its group
     for k, v, mask, dk, dv in zip(ks, vs, masks, dks, dvs):
         source = (*_strides3(k), *_strides3(v), mask.stride(0) if mask is not None else 0)
         mask_arg = mask if mask is not None else k
-        shape = (heads, q_len, k.shape[1], head_dim, softmax_scale)
+        shape = (heads, heads // kv_heads, q_len, k.shape[1], head_dim, softmax_scale)
         launches.append(Launch(
-            _dkdv_kernel, (triton.cdiv(k.shape[1], meta["BLOCK_N"]), batch * heads),
+            _dkdv_kernel, (triton.cdiv(k.shape[1], meta["BLOCK_N"]), batch * kv_heads),
             (q, dout, k, v, mask_arg, lse, delta, dk, dv, dq_acc, *common, *source, *_strides3(dk), *_strides3(dv),
              *_strides3(dq_acc), *shape),
             dict(HAS_MASK=mask is not None, ATOMIC_DQ=not deterministic, **meta),
