@@ -6,7 +6,10 @@ import torch
 import mplug_kernels
 from attention_testing import low_precision_baseline, assert_within_budget, reference64, skip_unless_supported
 from mplug import MPLUG, MPLUGConfig
-from mplug.tasks.video import encode_video, video_caption_generate, video_qa_generate, video_retrieval_scores
+from mplug.tasks.video import (
+    answer_list_inputs, encode_video, rank_answers, vatex_caption, video_caption_generate, video_qa_generate, video_qa_rank,
+    video_retrieval_scores,
+)
 
 CLS, SEP = 101, 102
 
@@ -75,7 +78,88 @@ def test_video_tasks_run_end_to_end(model):
     for v in range(2):
         t = int(best[v])
         fused = model.fusion_encoder(video.embeds[v:v + 1], video.mask[v:v + 1], model.text_encoder(ids[t:t + 1], mask[t:t + 1]), mask[t:t + 1])[1]
-        torch.testing.assert_close(scores.i2t[v, t], model.itm_head(fused[:, 0])[0, 1])
+        # their score of a candidate is ITM + ITC (retrieval_vid_mplug.py:97, 117: score + topk_sim)
+        torch.testing.assert_close(scores.i2t[v, t], model.itm_head(fused[:, 0])[0, 1] + scores.itc[v, t])
+
+
+class FixedDecoder:
+    """A decoder whose next-token distribution is the same at every position: p(SEP) .4, p(x) .1, p(y) .3, p(z) .2."""
+
+    PROBS = torch.tensor([1e-30, 0.4, 0.1, 0.3, 0.2], dtype=torch.float64)  # ids 0 [CLS], 1 [SEP], 2 x, 3 y, 4 z
+
+    def __call__(self, ids, mask, memory, memory_masks):
+        assert memory[0].shape[0] == ids.shape[0] and memory_masks[0].shape[0] == ids.shape[0]
+        return self.PROBS.log().expand(ids.shape[0], ids.shape[1], 5)
+
+
+class FixedModel:
+    text_decoder = FixedDecoder()
+
+
+def test_rank_answers_hand_worked():
+    # model_vqa_mplug.py:185-242: score = log p(first token) + the answer's summed token log-probs, whose first term
+    # is the first token again (labels = ids[:, 1:]). A = "x [SEP]": .1 * (.1 * .4) = .004; B = "y z [SEP]":
+    # .3 * (.3 * .2 * .4) = .0072. Counted once A would win (.04 > .024); their double count makes it B, with
+    # softmax probabilities .0072 / .0112 = 0.642857 and .004 / .0112 = 0.357143.
+    answer_ids = torch.tensor([[0, 2, 1, 1], [0, 3, 4, 1]])
+    answer_mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    memory = (torch.zeros(2, 3, 4, dtype=torch.float64),)
+    masks = (torch.ones(2, 3, dtype=torch.bool),)
+    ranked = rank_answers(FixedModel(), memory, masks, answer_ids, answer_mask, k=128)
+    assert ranked.ids.tolist() == [[1, 0], [1, 0]]
+    torch.testing.assert_close(ranked.probs, torch.tensor([[0.0072 / 0.0112, 0.004 / 0.0112]] * 2, dtype=torch.float64))
+    # k = 1 keeps the likeliest first token only (y, .3 > .1): B with probability 1
+    one = rank_answers(FixedModel(), memory, masks, answer_ids, answer_mask, k=1)
+    assert one.ids.tolist() == [[1], [1]] and one.probs.tolist() == [[1.0], [1.0]]
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        rank_answers(FixedModel(), memory, masks, answer_ids, answer_mask, k=0)
+
+
+def test_video_qa_rank_scores_each_answer_on_the_fused_video_and_question(model):
+    clips, ids, mask = video_batch(seed=3)
+    answers = torch.tensor([[CLS, 120, SEP, 0], [CLS, 130, 131, SEP], [CLS, 140, SEP, 0]])
+    answer_mask = answers != 0
+    ranked = video_qa_rank(model, clips, ids, mask, answers, answer_mask, k=3)
+    assert ranked.ids.shape == (2, 3) and sorted(ranked.ids[0].tolist()) == [0, 1, 2]
+    video = encode_video(model, clips)
+    for b in range(2):
+        fused = model.fusion_encoder(video.embeds[b:b + 1], video.mask[b:b + 1], model.text_encoder(ids[b:b + 1], mask[b:b + 1]), mask[b:b + 1])
+        scores = []
+        for a in range(3):
+            length = int(answer_mask[a].sum())
+            logits = model.text_decoder(answers[a:a + 1, :length], answer_mask[a:a + 1, :length], memory=fused,
+                                        memory_masks=(video.mask[b:b + 1], mask[b:b + 1]))
+            log_probs = logits[0].log_softmax(-1)
+            tokens = sum(log_probs[t - 1, answers[a, t]] for t in range(1, length))
+            scores.append(log_probs[0, answers[a, 1]] + tokens)
+        expected = torch.stack(scores).softmax(0)
+        torch.testing.assert_close(ranked.probs[b], expected[ranked.ids[b]], rtol=1e-8, atol=1e-10)
+        assert bool((ranked.probs[b][:-1] >= ranked.probs[b][1:]).all())
+
+
+def test_answer_list_and_vatex_caption_as_theirs():
+    # videoqa_mplug.py:39: answer + "[SEP]" through the tokenizer, which adds its own [CLS] ... [SEP]
+    class Tokenizer:
+        def __call__(self, texts, padding, return_tensors):
+            assert texts == ["yes[SEP]", "red car[SEP]"] and padding == "longest" and return_tensors == "pt"
+            return {"input_ids": torch.tensor([[CLS, 7, SEP, SEP, 0], [CLS, 8, 9, SEP, SEP]]),
+                    "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])}
+
+    ids, mask = answer_list_inputs(Tokenizer(), ["yes", "red car"])
+    assert ids.shape == (2, 5) and mask.dtype == torch.bool and mask[0].tolist() == [True] * 4 + [False]
+    assert vatex_caption(" a man is cooking ") == "a man is cooking ."  # videocap_mplug.py:59
+
+
+def test_video_caption_starts_from_the_prompt(model):
+    clips, _, _ = video_batch(seed=4)
+    prompt = torch.tensor([[CLS, 150, 151, 152]] * 2)  # "[CLS] a picture of" (videocap_mplug.py:46)
+    captions = video_caption_generate(model, clips, prompt_ids=prompt, num_beams=2, min_length=1, max_length=3)
+    assert captions.sequences.shape[:2] == (2, 1)
+    # the first generated token is the greedy-best continuation of the prompt over the frame tokens
+    video = encode_video(model, clips)
+    logits = model.text_decoder(prompt, torch.ones_like(prompt, dtype=torch.bool), memory=(video.embeds,), memory_masks=(video.mask,))
+    greedy = video_caption_generate(model, clips, prompt_ids=prompt, num_beams=1, min_length=0, max_length=1)
+    assert greedy.sequences[:, 0, 0].tolist() == logits[:, -1].argmax(-1).tolist()
 
 
 def test_bad_frames_are_rejected(model):

@@ -128,6 +128,12 @@ class MPLUG(nn.Module):
 
         return video.video_qa_generate(self, frames, question_ids, question_mask, frame_mask, **kw)
 
+    def video_qa_rank(self, frames, question_ids, question_mask, answer_ids, answer_mask, frame_mask=None, **kw):
+        """The answer list ranked for questions about videos, the authors' video QA (mplug.tasks.video.video_qa_rank)."""
+        from mplug.tasks import video
+
+        return video.video_qa_rank(self, frames, question_ids, question_mask, answer_ids, answer_mask, frame_mask, **kw)
+
     def video_caption_generate(self, frames, frame_mask=None, **kw):
         """Beam-searched captions of videos (mplug.tasks.video.video_caption_generate)."""
         from mplug.tasks import video

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from mplug.model.generation import BeamSearchOutput
+from mplug.tasks.finetune import sequence_log_probs
 from mplug.tasks.inference import RetrievalScores, _generate, _rerank
+from mplug.tasks.objectives import upcast
 from mplug.tasks.pretraining import itm_logits
 from mplug.model.validation import check_generation, describe
 
@@ -94,24 +96,79 @@ def video_qa_generate(model, frames, question_ids, question_mask=None, frame_mas
     )
 
 
+class RankedAnswers(NamedTuple):
+    """ids long [B, k]: answer-list indices, best first; probs [B, k]: their softmax over the k re-scored answers."""
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+
+
 @torch.no_grad()
-def video_caption_generate(model, frames, frame_mask=None, *, num_beams: int = 5, min_length: int = 8,
+def rank_answers(model, memory, memory_masks, answer_ids, answer_mask, k: int = 128) -> RankedAnswers:
+    """Rank a fixed answer list [N, La] ("[CLS] answer.. [SEP]", bool mask) for each question's decoder memory (sources
+    [B, L_i, hidden]) as the authors' rank_answer (model_vqa_mplug.py:185-242): the k answers whose first token is
+    likeliest after [CLS], each re-scored log p(first token) + its summed token log-probabilities (which count the
+    first token again, as theirs do), softmax over the k -> RankedAnswers (k capped at N)."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    batch, k = memory[0].shape[0], min(k, answer_ids.shape[0])
+    start = answer_ids[:1, :1].expand(batch, 1)
+    first_logits = model.text_decoder(start, torch.ones_like(start, dtype=torch.bool), memory=memory, memory_masks=memory_masks)
+    first_probs = torch.softmax(upcast(first_logits[:, 0]), dim=-1)[:, answer_ids[:, 1]]
+    top_probs, top_ids = first_probs.topk(k, dim=1)
+    ids, mask = answer_ids[top_ids.flatten()], answer_mask[top_ids.flatten()]
+    tiled = tuple(source.repeat_interleave(k, 0) for source in memory)
+    tiled_masks = tuple(source_mask.repeat_interleave(k, 0) for source_mask in memory_masks)
+    logits = model.text_decoder(ids, mask, memory=tiled, memory_masks=tiled_masks)
+    scores = top_probs.log() + sequence_log_probs(logits, ids, mask).view(batch, k).to(top_probs.dtype)
+    probs, order = torch.softmax(scores, dim=-1).topk(k, dim=1)
+    return RankedAnswers(top_ids.gather(1, order), probs)
+
+
+@torch.no_grad()
+def video_qa_rank(model, frames, question_ids, question_mask, answer_ids, answer_mask, frame_mask=None, *,
+                  k: int = 128) -> RankedAnswers:
+    """Video QA as the authors evaluate it (videoqa_mplug.py:45-70, k_test 128): the fused [video; question] of each
+    question ranks the answer list (rank_answers); the answer is ids[:, 0]."""
+    question_mask = default_mask(question_ids, question_mask)
+    _check_batch(frames, "question_ids", question_ids)
+    video = encode_video(model, frames, frame_mask)
+    question_embeds = model.text_encoder(question_ids, question_mask)
+    video_out, question_out = model.fusion_encoder(video.embeds, video.mask, question_embeds, question_mask)
+    return rank_answers(model, (video_out, question_out), (video.mask, question_mask), answer_ids, answer_mask, k)
+
+
+def answer_list_inputs(tokenizer, answers):
+    """The answer list tokenised as videoqa_mplug.py:39-40 does: each answer + "[SEP]" -> (ids, bool mask) [N, La]."""
+    encoded = tokenizer([answer + "[SEP]" for answer in answers], padding="longest", return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"].bool()
+
+
+def vatex_caption(text: str) -> str:
+    """A decoded video caption as their VATEX evaluation writes it: stripped, " ." appended (videocap_mplug.py:59)."""
+    return text.strip() + " ."
+
+
+@torch.no_grad()
+def video_caption_generate(model, frames, frame_mask=None, *, prompt_ids=None, num_beams: int = 5, min_length: int = 8,
                            max_length: int = 25, num_return_sequences: int = 1, use_cache: bool = True,
                            mode: str = "authors") -> BeamSearchOutput:
-    """Captions of videos [B, T, 3, S, S]: the decoder reads the frame tokens only (as MPLUG.caption_generate)."""
-    check_generation(model.config, None, num_beams, max_length, num_return_sequences)
+    """Captions of videos [B, T, 3, S, S]: the decoder reads the frame tokens only (as MPLUG.caption_generate);
+    prompt_ids [B, P] ("[CLS] a picture of", VATEX's prompt, videocap_mplug.py:46) start every caption."""
+    check_generation(model.config, prompt_ids, num_beams, max_length, num_return_sequences)
     video = encode_video(model, frames, frame_mask)
     return _generate(
-        model, (video.embeds,), (video.mask,), None, num_beams, use_cache,
+        model, (video.embeds,), (video.mask,), prompt_ids, num_beams, use_cache,
         min_length=min_length, max_length=max_length, num_return_sequences=num_return_sequences, mode=mode,
     )
 
 
 @torch.no_grad()
-def video_retrieval_scores(model, frames, text_ids, text_mask=None, frame_mask=None, *, k: int = 256,
+def video_retrieval_scores(model, frames, text_ids, text_mask=None, frame_mask=None, *, k: int = 128,
                            batch_size: int = 16) -> RetrievalScores:
     """Text-video retrieval over videos [Nv, T, 3, S, S] and texts [Nt, L]: ITC similarities of video_features and
-    the text [CLS] features, then each query's top-k candidates re-ranked by the ITM match logit -> RetrievalScores."""
+    the text [CLS] features, then each query's top-k candidates (k_test 128) re-ranked by ITM match logit + ITC
+    similarity, as retrieval_vid_mplug.py:97,117 score them -> RetrievalScores."""
     if not isinstance(k, int) or k < 1 or batch_size < 1:
         raise ValueError(f"k and batch_size must be positive ints, got k={k!r}, batch_size={batch_size!r}")
     text_mask = default_mask(text_ids, text_mask)
@@ -122,9 +179,10 @@ def video_retrieval_scores(model, frames, text_ids, text_mask=None, frame_mask=N
 
     def match(video_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
         pairs = zip(video_index.split(batch_size), text_index.split(batch_size))
-        return torch.cat([
+        itm = torch.cat([
             itm_logits(model, video.embeds[v], video.mask[v], text_embeds[t], text_mask[t])[:, 1] for v, t in pairs
         ])
+        return itm + itc[video_index, text_index].to(itm.dtype)
 
     return RetrievalScores(itc, _rerank(itc, k, match), _rerank(itc.t(), k, lambda texts, videos: match(videos, texts)))
 
