@@ -14,6 +14,7 @@ from mplug.run.data.loader import ResumableDistributedSampler
 from mplug.run.data.text import clean_answer
 from mplug.run.data.transforms import AUGMENT_OPS, augment_op, crop_box
 from mplug.model.mplug import MPLUG
+from mplug.run.authors_options import check_authors_options
 from mplug.run.run_config import build_model_config, load_config
 from test_images import write_bomb, write_png
 from tiny_dataset import write_tiny_dataset
@@ -418,15 +419,40 @@ def test_test_batch_feeds_the_tiny_models_inference(tiny, task):
 
 
 def test_caption_prompt_is_in_the_ids_and_not_predicted(tiny):
+    # prompt_mode vatex (model_caption_mplug_vatex.py:32,66-68): "prompt caption", the prompt's tokens masked out
     cfg, tokenizer = tiny["caption"]
-    cfg = {**cfg, "prompt": "A picture of"}
+    cfg = {**cfg, "prompt": "A picture of", "prompt_mode": "vatex"}
     train = build_dataset("caption", "train", cfg, tokenizer)
-    inputs = first_batch(train, cfg, True)["inputs"]
+    batch = first_batch(train, cfg, True)
+    inputs = batch["inputs"]
     assert inputs["prompt_length"] == 3
     assert tokenizer.decode(inputs["caption_ids"][0][1:4]) == "a picture of"
+    index = batch["meta"]["index"][0]
+    spaced = tokenizer("a picture of " + train.samples[index]["caption"])["input_ids"]
+    assert inputs["caption_ids"][0][inputs["caption_mask"][0]].tolist() == spaced
     test = build_dataset("caption", "test", cfg, tokenizer)
     batch = first_batch(test, cfg, False)
     assert tokenizer.decode(batch["inputs"]["prompt_ids"][0]) == "[CLS] a picture of"
     assert batch["meta"]["references"][0][0].startswith("A picture of"), "references stay raw"
     with pytest.raises(ValueError, match="max_tokens = 4 must exceed it by 2"):
         build_dataset("caption", "train", {**cfg, "max_tokens": 4}, tokenizer)
+
+
+def test_caption_prompt_the_authors_way_is_joined_and_learnt(tiny):
+    # prompt_mode authors (the default; caption_mplug.py:50-51): config['prompt'] + caption + eos with no space
+    # between, and model_caption_mplug.py masks only padding, so the prompt's tokens are predicted (prompt_length 0).
+    # By hand: "a picture of" + "a picture of three yellow circles." -> "a picture ofa picture ..." ("ofa" is [UNK]).
+    cfg, tokenizer = tiny["caption"]
+    cfg = {**cfg, "prompt": "A picture of"}
+    assert cfg["prompt_mode"] == "authors"
+    train = build_dataset("caption", "train", cfg, tokenizer)
+    batch = first_batch(train, cfg, True)
+    inputs = batch["inputs"]
+    assert inputs["prompt_length"] == 0
+    for row, index in enumerate(batch["meta"]["index"]):
+        joined = tokenizer("a picture of" + train.samples[index]["caption"])["input_ids"]
+        assert inputs["caption_ids"][row][inputs["caption_mask"][row]].tolist() == joined
+    assert tokenizer.decode(tokenizer("a picture of" + "a picture of three yellow circles.")["input_ids"]) == \
+        "[CLS] a picture [UNK] picture of three yellow circles [UNK] [SEP]"
+    with pytest.raises(ValueError, match="'prompt_mode' must be one of"):
+        check_authors_options({**cfg, "prompt_mode": "spaced"})

@@ -46,6 +46,7 @@ class TaskDataset(Dataset):
             raise ValueError(f"the {task} {split} data has no usable records ({self.skipped} skipped)")
         self.prompt = " ".join(cfg["prompt"].lower().split()) if task == "caption" else ""
         self.scst = bool(cfg.get("scst", False)) and task == "caption"
+        self.prompt_mode = cfg.get("prompt_mode", "authors")
         self.prompt_ids = self.tokenizer(self.prompt, add_special_tokens=False)["input_ids"]
         if len(self.prompt_ids) + 2 >= self.max_tokens:
             raise ValueError(f"prompt {cfg['prompt']!r} is {len(self.prompt_ids)} tokens; max_tokens = {self.max_tokens} "
@@ -130,8 +131,11 @@ class TaskDataset(Dataset):
             if self.prompt_ids:
                 inputs["prompt_ids"] = torch.tensor([[self.tokenizer.cls_token_id, *self.prompt_ids]] * len(items))
             return {"inputs": inputs, "meta": _indices(items)}
-        caption_ids, caption_mask = self.tokens([f"{self.prompt} {item['caption']}".strip() for item in items])
-        inputs = dict(images=images, caption_ids=caption_ids, caption_mask=caption_mask, prompt_length=len(self.prompt_ids))
+        vatex = self.prompt_mode == "vatex"  # authors_options.PROMPT_MODES: where the prompt joins and if it is learnt
+        texts = [f"{self.prompt}{' ' if vatex else ''}{item['caption']}".strip() for item in items]
+        caption_ids, caption_mask = self.tokens(texts)
+        prompt_length = len(self.prompt_ids) if vatex else 0
+        inputs = dict(images=images, caption_ids=caption_ids, caption_mask=caption_mask, prompt_length=prompt_length)
         return {"inputs": inputs, "meta": _indices(items)}
 
     def _collate_caption_test(self, items, images):
