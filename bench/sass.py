@@ -309,6 +309,24 @@ def mma_operands_from_plain_loads(body: List[Instruction]) -> int:
     return count
 
 
+def _source_registers(instruction: Instruction) -> set:
+    """Registers an instruction reads: every register named in its operands but its destination's."""
+    operands = instruction.operand_list()
+    read = operands[1:] if _destination(instruction) is not None else operands
+    return {int(register) for operand in read for register in re.findall(r"\bR(\d+)\b", operand)}
+
+
+def loads_used_before_first_mma(body: List[Instruction]) -> int:
+    """How many LDG/LD of one loop iteration (address order) have their result read before the iteration's
+    first MMA: global round trips the tile's MMAs wait behind (LDG -> FSETP -> @P LDGSTS counts)."""
+    first_mma = next((i for i, instruction in enumerate(body) if is_mma(instruction)), len(body))
+    count = 0
+    for i, load in enumerate(body[:first_mma]):
+        written = set(_destination(load) or ()) if load.base in ("LD", "LDG") else set()
+        count += any(written & _source_registers(later) for later in body[i + 1:first_mma])
+    return count
+
+
 def max_loads_in_flight(instructions: List[Instruction]) -> int:
     """The most global loads of a straight-line run issued before any of their results is used: LDG until an
     instruction reads one of their destination registers, LDGSTS until a DEPBAR waits for them (a branch
@@ -332,7 +350,8 @@ def max_loads_in_flight(instructions: List[Instruction]) -> int:
 
 
 def count_loop(body: List[Instruction]) -> dict:
-    """Static counts of one loop: instructions, MMA, LDSM, LDGSTS, generic LD/ST, LDS/STS, BAR, per MMA."""
+    """Static counts of one loop: instructions, MMA, LDSM, LDGSTS, generic LD/ST, LDS/STS, BAR, CALL, loads
+    used before the first MMA, per MMA."""
     bases = [instruction.base for instruction in body]
     mma = sum(base in MMA_OPCODES for base in bases)
     return {
@@ -346,6 +365,8 @@ def count_loop(body: List[Instruction]) -> dict:
         "sts": bases.count("STS"),
         "bar": bases.count("BAR"),
         "mma_operands_from_plain_loads": mma_operands_from_plain_loads(body),
+        "calls": bases.count("CALL"),
+        "loads_used_before_mma": loads_used_before_first_mma(body),
         "instructions_per_mma": round(len(body) / mma, 2) if mma else None,
         "ldsm_per_mma": round(bases.count("LDSM") / mma, 3) if mma else None,
     }

@@ -20,7 +20,10 @@ Writes bench/results/static/kernels.json: {"benchmark": "static", "environment",
   launched      whether the probe saw the kernel launched (False: compiled but never launched)
   hot_loop      None without MMA in a loop, else bench.sass.count_loop of the loop with the most MMA
                 instructions: instructions, mma (HMMA/HGMMA), ldsm, ldgsts, generic_ld (LD + LDG),
-                generic_st (ST + STG), lds, sts, bar, mma_operands_from_plain_loads, instructions_per_mma
+                generic_st (ST + STG), lds, sts, bar, mma_operands_from_plain_loads, calls (CALL),
+                loads_used_before_mma (LDG/LD read before the iteration's first MMA), instructions_per_mma,
+                ldsm_per_mma
+  max_loads_in_flight  bench.sass.max_loads_in_flight of the whole function (CUDA rows)
 ``--readme`` also rewrites the README's table between the static-evidence markers.
 """
 from __future__ import annotations
@@ -240,13 +243,14 @@ def _cell(value) -> str:
 
 def readme_table(report: dict) -> str:
     """The README block: one line per kernel family, arch and dtype at D = 64 (and kernels without a head dim);
-    a family with several configs shows its worst case; then a line of totals over every row."""
+    a family with several configs shows its worst case (loads in flight: the fewest); then a line of totals."""
     groups: Dict[tuple, List[dict]] = {}
     for row in report["rows"]:
         if row.get("head_dim") in TABLE_HEAD_DIMS and row.get("dtype") in ("bfloat16", None):
             groups.setdefault((row["backend"], row["kernel"], row["arch"], row.get("head_dim")), []).append(row)
     header = ["backend", "kernel", "arch", "D", "configs", "regs", "spill B", "local B", "smem KB", "CTAs/SM",
-              "warps/SM", "loop instr", "MMA", "instr/MMA", "LDSM", "LDGSTS", "LD+LDG", "LDS", "BAR"]
+              "warps/SM", "loop instr", "MMA", "instr/MMA", "LDSM", "LDGSTS", "LD+LDG", "LDS", "BAR",
+              "loads in flight", "ldmatrix:MMA"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (backend, kernel, arch, head_dim), rows in sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))):
         loops = [row["hot_loop"] for row in rows if row.get("hot_loop")]
@@ -257,7 +261,9 @@ def readme_table(report: dict) -> str:
                  min((row["ctas_per_sm"] for row in rows if row["ctas_per_sm"] is not None), default=None),
                  min((row["warps_per_sm"] for row in rows if row["warps_per_sm"] is not None), default=None),
                  *(worst.get(key) for key in ("instructions", "mma", "instructions_per_mma", "ldsm", "ldgsts",
-                                              "generic_ld", "lds", "bar"))]
+                                              "generic_ld", "lds", "bar")),
+                 min((row["max_loads_in_flight"] for row in rows if row.get("max_loads_in_flight") is not None),
+                     default=None), worst.get("ldsm_per_mma")]
         lines.append("| " + " | ".join(map(_cell, cells)) + " |")
     rows = report["rows"]
     over = [row for row in rows if row["shared_bytes"] > SM_LIMITS[row["arch"]].max_shared_per_cta]
