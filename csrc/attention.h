@@ -7,6 +7,8 @@
 #include <utility>
 #include <vector>
 
+#include "host_device.h"
+
 namespace mplug {
 
 constexpr int kMaxSources = 4;
@@ -45,6 +47,7 @@ struct AttentionArgs {
   ElementType dtype = ElementType::float16;
   int64_t batch = 0;
   int64_t heads = 0;
+  int64_t kv_heads = 0;        // K/V heads [B, S, kv_heads, D], dividing heads; 0: as many as heads
   int64_t q_len = 0;
   int64_t head_dim = 0;
   float scale = 1.0f;
@@ -65,6 +68,10 @@ struct AttentionArgs {
   const float* dlse = nullptr; // [B, H, Lq] contiguous, optional
   float* delta = nullptr;      // workspace [B, H, Lq]
   void* stream = nullptr;      // cudaStream_t
+
+  // Query heads per K/V head: query head h reads K/V head h / kv_group(); dK/dV of a K/V head sum its group.
+  MPLUG_HD int64_t kv_group() const { return kv_heads > 0 ? heads / kv_heads : 1; }
+  MPLUG_HD int64_t kv_head_count() const { return heads / kv_group(); }
 };
 
 // Split-KV key ranges come from mplug_kernels.occupancy (split_plan, split_keys): split i holds keys

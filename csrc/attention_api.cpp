@@ -19,6 +19,8 @@ void require(bool condition, const std::string& message) {
 
 void check_common(const AttentionArgs& args) {
   require(args.batch >= 0 && args.heads > 0 && args.q_len >= 0, "batch, heads and q_len must be >= 0 (heads > 0)");
+  require(args.kv_heads >= 0 && (args.kv_heads == 0 || args.heads % args.kv_heads == 0),
+          "kv_heads (" + std::to_string(args.kv_heads) + ") must divide heads (" + std::to_string(args.heads) + ")");
   require(args.num_sources >= 1 && args.num_sources <= kMaxSources,
           "num_sources must be in 1.." + std::to_string(kMaxSources) + ", got " + std::to_string(args.num_sources));
   require(args.batch * args.heads <= kMaxGridX, "batch * heads exceeds the CUDA grid limit");

@@ -368,8 +368,9 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const AttentionArgs arg
   if (lane == 0) args.delta[row] = sum - (args.dlse != nullptr ? args.dlse[row] : 0.0f);
 }
 
-// grid (key tiles of all sources x B*H, key tiles of one head adjacent): dK, dV of one key tile
-// over every query tile, and dQ by atomics when args.dq_accum is set.
+// grid (key tiles of all sources x B*Hkv, key tiles of one K/V head adjacent): dK, dV of one key tile
+// over every query tile of each query head of the K/V head's group in turn (summed here, no atomics
+// between heads), and dQ by atomics when args.dq_accum is set.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs args) {
   using namespace backward;
@@ -378,34 +379,39 @@ __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs a
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const TileWalk walk = TileWalk::over(args, 0, INT64_MAX);
-  const int64_t bh = blockIdx.x / walk.total;
-  const int64_t b = bh / args.heads;
-  const int64_t h = bh % args.heads;
+  const int64_t group = args.kv_group();
+  const int64_t bkv = blockIdx.x / walk.total;
+  const int64_t b = bkv / args.kv_head_count();
+  const int64_t kv_h = bkv % args.kv_head_count();
   const KeyTile tile = walk.at(blockIdx.x % walk.total);
   const int key0 = warp * kMmaM;
   const SourceView& source = args.sources[tile.source];
   const bool visible[2] = {key_visible(source, tile, b, key0 + acc_row(lane, 0)),
                            key_visible(source, tile, b, key0 + acc_row(lane, 2))};
 
-  issue_key_tile<T, D>(args, tile, b, h, smem + Smem::keys, smem + Smem::values);
-  issue_query_tile<T, D>(args, smem, 0, b, h, 0);
+  issue_key_tile<T, D>(args, tile, b, kv_h, smem + Smem::keys, smem + Smem::values);
+  issue_query_tile<T, D>(args, smem, 0, b, kv_h * group, 0);
   __pipeline_commit();
   float dk[D / kMmaN][4];
   float dv[D / kMmaN][4];
   zero_accumulators(dk);
   zero_accumulators(dv);
   const int64_t query_tiles = (args.q_len + kBackwardQueries - 1) / kBackwardQueries;
+  // step t: query tile t % query_tiles of the group's query head kv_h * group + t / query_tiles
+  const int64_t steps = group * query_tiles;
+  const auto head_of = [&](int64_t t) { return kv_h * group + t / query_tiles; };
   const auto issue_queries = [&](int64_t next, int stage) {
-    issue_query_tile<T, D>(args, smem, stage, b, h, next * kBackwardQueries);
+    issue_query_tile<T, D>(args, smem, stage, b, head_of(next), (next % query_tiles) * kBackwardQueries);
   };
-  for (int64_t t = 0; t < query_tiles; ++t) {
-    const int stage = pipeline_step(t, query_tiles, issue_queries);
+  for (int64_t t = 0; t < steps; ++t) {
+    const int stage = pipeline_step(t, steps, issue_queries);
     uint32_t ds_frags[kQueryTiles / 2][4];
     dkdv_stage<T, D>(args, smem, stage, key0, visible, dk, dv, ds_frags);
     if (args.dq_accum != nullptr) {
       stage_dscores(smem + Smem::dscores, key0, ds_frags);
       __syncthreads();
-      accumulate_dq_atomic<T, D>(args, smem + Smem::dscores, smem + Smem::keys, b, h, t * kBackwardQueries);
+      accumulate_dq_atomic<T, D>(args, smem + Smem::dscores, smem + Smem::keys, b, head_of(t),
+                                 (t % query_tiles) * kBackwardQueries);
     }
   }
   __pipeline_wait_prior(0);
@@ -415,9 +421,9 @@ __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs a
   stage_accumulator<T, D, D / kMmaN>(smem + Smem::values, key0, 0, dv, 1.0f);
   __syncthreads();
   const int64_t valid = tile.end - tile.start;
-  store_swizzled<T, D, kBackwardKeys>(element<T>(source.dk, b, tile.start, h), source.dk.stride_s, smem + Smem::keys,
-                                      valid);
-  store_swizzled<T, D, kBackwardKeys>(element<T>(source.dv, b, tile.start, h), source.dv.stride_s,
+  store_swizzled<T, D, kBackwardKeys>(element<T>(source.dk, b, tile.start, kv_h), source.dk.stride_s,
+                                      smem + Smem::keys, valid);
+  store_swizzled<T, D, kBackwardKeys>(element<T>(source.dv, b, tile.start, kv_h), source.dv.stride_s,
                                       smem + Smem::values, valid);
 }
 
@@ -434,6 +440,7 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
   const int64_t bh = blockIdx.x / query_tiles;
   const int64_t b = bh / args.heads;
   const int64_t h = bh % args.heads;
+  const int64_t kv_h = h / args.kv_group();
   const int64_t m0 = static_cast<int64_t>(blockIdx.x % query_tiles) * kDqQueries;
   const int row0 = warp * kMmaM;
   const TileWalk walk = TileWalk::over(args, 0, INT64_MAX);
@@ -443,7 +450,7 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
                                         live);
   load_swizzled_async<T, D, kDqQueries>(smem + Smem::douts, element<const T>(args.dout, b, m0, h),
                                         args.dout.stride_s, live);
-  if (walk.total > 0) issue_dq_key_tile<T, D>(args, walk, 0, smem, 0, b, h);
+  if (walk.total > 0) issue_dq_key_tile<T, D>(args, walk, 0, smem, 0, b, kv_h);
   __pipeline_commit();
   // lse and delta of the lane's rows g and g + 8; rows past the end or without keys get lse -inf
   float lse[2];
@@ -458,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
   zero_accumulators(dq);
   const float scale_log2 = args.scale * kLog2e;
   const auto issue_keys = [&](int64_t next, int stage) {
-    issue_dq_key_tile<T, D>(args, walk, next, smem, stage, b, h);
+    issue_dq_key_tile<T, D>(args, walk, next, smem, stage, b, kv_h);
   };
   for (int64_t t = 0; t < walk.total; ++t) {
     const int stage = pipeline_step(t, walk.total, issue_keys);
@@ -498,13 +505,14 @@ void backward_for_type(const AttentionArgs& args) {
     launch(delta_kernel<T>, "delta_kernel", dim3(static_cast<unsigned>((rows + kWarps - 1) / kWarps)), 0, args);
   }
   const int64_t num_bh = args.batch * args.heads;
+  const int64_t num_bkv = args.batch * args.kv_head_count();  // dK/dV CTAs: one per K/V head, summing its group
   const int64_t key_tiles = total_key_tiles(args);
   const int64_t query_tiles = (args.q_len + kDqQueries - 1) / kDqQueries;
   dispatch_head_dim(args.head_dim, [&](auto head_dim) {
     constexpr int D = decltype(head_dim)::value;
     if (key_tiles > 0) {
-      launch(dkdv_kernel<T, D>, "dkdv_kernel", dim3(static_cast<unsigned>(key_tiles * num_bh)), DkdvSmem<D>::bytes,
-             args);
+      launch(dkdv_kernel<T, D>, "dkdv_kernel", dim3(static_cast<unsigned>(key_tiles * num_bkv)),
+             DkdvSmem<D>::bytes, args);
     }
     if (args.dq_accum == nullptr && query_tiles > 0) {
       launch(dq_kernel<T, D>, "dq_kernel", dim3(static_cast<unsigned>(query_tiles * num_bh)), DqSmem<D>::bytes, args);

@@ -16,7 +16,7 @@ namespace {
 using View = std::tuple<uintptr_t, int64_t, int64_t, int64_t>;
 // (k, v, mask data_ptr or 0, mask stride_b, length, dk, dv)
 using Source = std::tuple<View, View, uintptr_t, int64_t, int64_t, View, View>;
-// (batch, q_len, heads, head_dim)
+// (batch, q_len, heads, head_dim); the K/V heads come separately (kv_heads, dividing heads)
 using Shape = std::tuple<int64_t, int64_t, int64_t, int64_t>;
 
 mplug::TensorView to_view(const View& view) {
@@ -31,7 +31,8 @@ mplug::ElementType to_dtype(const std::string& name) {
 }
 
 mplug::AttentionArgs make_args(const std::string& dtype, const Shape& shape, double scale, const View& q,
-                               const View& out, uintptr_t lse, const std::vector<Source>& sources, uintptr_t stream) {
+                               const View& out, uintptr_t lse, const std::vector<Source>& sources, uintptr_t stream,
+                               int64_t kv_heads) {
   if (sources.empty() || sources.size() > mplug::kMaxSources) {
     throw std::invalid_argument("sources must hold 1.." + std::to_string(mplug::kMaxSources) + " entries, got " +
                                 std::to_string(sources.size()));
@@ -39,6 +40,7 @@ mplug::AttentionArgs make_args(const std::string& dtype, const Shape& shape, dou
   mplug::AttentionArgs args;
   args.dtype = to_dtype(dtype);
   std::tie(args.batch, args.q_len, args.heads, args.head_dim) = shape;
+  args.kv_heads = kv_heads;
   args.scale = static_cast<float>(scale);
   args.q = to_view(q);
   args.out = to_view(out);
@@ -55,8 +57,8 @@ mplug::AttentionArgs make_args(const std::string& dtype, const Shape& shape, dou
 
 void forward(const std::string& dtype, const Shape& shape, double scale, const View& q, const View& out,
              uintptr_t lse, const std::vector<Source>& sources, int num_splits, int64_t split_size,
-             uintptr_t part_out, uintptr_t part_lse, uintptr_t stream) {
-  mplug::AttentionArgs args = make_args(dtype, shape, scale, q, out, lse, sources, stream);
+             uintptr_t part_out, uintptr_t part_lse, uintptr_t stream, int64_t kv_heads) {
+  mplug::AttentionArgs args = make_args(dtype, shape, scale, q, out, lse, sources, stream, kv_heads);
   args.num_splits = num_splits;
   args.split_size = split_size;
   args.part_out = reinterpret_cast<float*>(part_out);
@@ -66,8 +68,8 @@ void forward(const std::string& dtype, const Shape& shape, double scale, const V
 
 void backward(const std::string& dtype, const Shape& shape, double scale, const View& q, const View& out,
               uintptr_t lse, const std::vector<Source>& sources, const View& dout, const View& dq,
-              uintptr_t dq_accum, uintptr_t dlse, uintptr_t delta, uintptr_t stream) {
-  mplug::AttentionArgs args = make_args(dtype, shape, scale, q, out, lse, sources, stream);
+              uintptr_t dq_accum, uintptr_t dlse, uintptr_t delta, uintptr_t stream, int64_t kv_heads) {
+  mplug::AttentionArgs args = make_args(dtype, shape, scale, q, out, lse, sources, stream, kv_heads);
   args.dout = to_view(dout);
   args.dq = to_view(dq);
   args.dq_accum = reinterpret_cast<float*>(dq_accum);
@@ -96,12 +98,15 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "CUDA C++ attention kernels of mplug_kernels (layout [B, S, H, D], float16/bfloat16)";
   m.def("attention_forward", &forward, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"), py::arg("shape"),
         py::arg("scale"), py::arg("q"), py::arg("out"), py::arg("lse"), py::arg("sources"), py::arg("num_splits"),
-        py::arg("split_size"), py::arg("part_out"), py::arg("part_lse"), py::arg("stream"),
-        "out [B, Lq, H, D] and lse [B, H, Lq] of q over the concatenated sources (split-KV when num_splits > 1)");
+        py::arg("split_size"), py::arg("part_out"), py::arg("part_lse"), py::arg("stream"), py::arg("kv_heads") = 0,
+        "out [B, Lq, H, D] and lse [B, H, Lq] of q over the concatenated sources [B, Lk_i, kv_heads, D] (split-KV "
+        "when num_splits > 1; kv_heads 0 means H)");
   m.def("attention_backward", &backward, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"),
         py::arg("shape"), py::arg("scale"), py::arg("q"), py::arg("out"), py::arg("lse"), py::arg("sources"),
         py::arg("dout"), py::arg("dq"), py::arg("dq_accum"), py::arg("dlse"), py::arg("delta"), py::arg("stream"),
-        "dq, and every source's dk and dv; dQ by atomics into dq_accum when it is set, else deterministic");
+        py::arg("kv_heads") = 0,
+        "dq, and every source's dk and dv (summed over each K/V head's query heads); dQ by atomics into dq_accum "
+        "when it is set, else deterministic");
   m.def(
       "forward_launch",
       [](const std::string& dtype, int64_t head_dim, int64_t q_len) {

@@ -414,6 +414,7 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const __grid_const
   const int64_t bh = blockIdx.x / query_tiles;
   const int64_t b = bh / args.heads;
   const int64_t h = bh % args.heads;
+  const int64_t kv_h = h / args.kv_group();  // grouped heads: K/V read in place, no copies
   const int warp_index = threadIdx.x / 32;
   const int64_t row0 = (blockIdx.x % query_tiles) * (kWarps * kForwardWarpRows) + warp_index * kForwardWarpRows;
   const SourceStarts starts = source_starts(args);
@@ -444,7 +445,7 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const __grid_const
   store_flags<kThreadsHere>(flags, flags_at(buffer));
   bool next_visible = __syncthreads_and(flags == all_flags<kThreadsHere>());
   if (tiles > 0) {
-    issue_tile<T, D, kThreadsHere>(args, b, h, lo, next_visible, flags_at(buffer), stage_of(0), cursor);
+    issue_tile<T, D, kThreadsHere>(args, b, kv_h, lo, next_visible, flags_at(buffer), stage_of(0), cursor);
   }
   __pipeline_commit();
   flags = key_flags<kThreadsHere>(args, masked, b, lo + kBlockN, hi);
@@ -455,8 +456,8 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const __grid_const
     store_flags<kThreadsHere>(flags, flags_at(next_buffer));
     next_visible = __syncthreads_and(flags == all_flags<kThreadsHere>());
     if (t + 1 < tiles) {
-      issue_tile<T, D, kThreadsHere>(args, b, h, lo + int64_t{t + 1} * kBlockN, next_visible, flags_at(next_buffer),
-                                     stage_of(t + 1), cursor);
+      issue_tile<T, D, kThreadsHere>(args, b, kv_h, lo + int64_t{t + 1} * kBlockN, next_visible,
+                                     flags_at(next_buffer), stage_of(t + 1), cursor);
       flags = key_flags<kThreadsHere>(args, masked, b, lo + int64_t{t + 2} * kBlockN, hi);
     }
     __pipeline_commit();

@@ -24,6 +24,9 @@ KERNEL_TESTS = ["tests/test_co_attention.py", "tests/test_concat_attention.py", 
 BOUNDS_TEST = ["tests/test_cuda_extension.py", "-k", "valgrind"]
 BACKWARD_TESTS = ["tests/test_cuda_extension.py", "-k", "backward"]
 TRITON_SPLIT_TESTS = ("tests/test_co_attention.py", "-k", "triton and split")
+GROUPED_CUDA_TESTS = ("tests/test_grouped_heads.py", "-k", "cuda")
+# the (Hq, Hkv) = (14, 2) cases (heads4) on the Triton interpreter
+GROUPED_TRITON_TESTS = ("tests/test_grouped_heads.py", "-k", "triton and heads4 and not deterministic")
 
 
 @dataclass(frozen=True)
@@ -79,11 +82,11 @@ MUTATIONS = [
              "csrc/backward.cuh", "  __pipeline_wait_prior(0);\n  __syncthreads();\n  if (t + 1 < count)",
              "  __syncthreads();\n  if (t + 1 < count)", tuple(BACKWARD_TESTS)),
     Mutation("backward: dQ kernel's next K/V tile loaded into the stage being read", "csrc/backward.cuh",
-             "issue_dq_key_tile<T, D>(args, walk, next, smem, stage, b, h);",
-             "issue_dq_key_tile<T, D>(args, walk, next, smem, 1 - stage, b, h);", tuple(BACKWARD_TESTS)),
+             "issue_dq_key_tile<T, D>(args, walk, next, smem, stage, b, kv_h);",
+             "issue_dq_key_tile<T, D>(args, walk, next, smem, 1 - stage, b, kv_h);", tuple(BACKWARD_TESTS)),
     Mutation("backward: dK/dV kernel's next query stage loaded into the stage being read", "csrc/backward.cuh",
-             "issue_query_tile<T, D>(args, smem, stage, b, h, next * kBackwardQueries);",
-             "issue_query_tile<T, D>(args, smem, 1 - stage, b, h, next * kBackwardQueries);", tuple(BACKWARD_TESTS)),
+             "issue_query_tile<T, D>(args, smem, stage, b, head_of(next),",
+             "issue_query_tile<T, D>(args, smem, 1 - stage, b, head_of(next),", tuple(BACKWARD_TESTS)),
     Mutation("backward: dlse ignored in delta", "csrc/backward.cuh",
              "sum - (args.dlse != nullptr ? args.dlse[row] : 0.0f)", "sum"),
     Mutation("backward: dropped barrier of the two-stage pipeline (before a stage is read or refilled)",
@@ -106,6 +109,24 @@ MUTATIONS = [
     Mutation("forward: lse of the last row never written", "csrc/forward.cuh",
              "if (lane_in_quad(lane) == 0 && m < args.q_len) {",
              "if (lane_in_quad(lane) == 0 && m + 1 < args.q_len) {", tuple(BOUNDS_TEST)),
+    Mutation("grouped heads: CUDA forward maps query head h to K/V head h % Hkv (not h / group)", "csrc/forward.cuh",
+             "const int64_t kv_h = h / args.kv_group();", "const int64_t kv_h = h % args.kv_head_count();",
+             GROUPED_CUDA_TESTS),
+    Mutation("grouped heads: CUDA dQ kernel maps query head h to K/V head h % Hkv", "csrc/backward.cuh",
+             "const int64_t kv_h = h / args.kv_group();", "const int64_t kv_h = h % args.kv_head_count();",
+             GROUPED_CUDA_TESTS),
+    Mutation("grouped heads: CUDA dK/dV group sum drops the group's last query head", "csrc/backward.cuh",
+             "const int64_t steps = group * query_tiles;",
+             "const int64_t steps = (group > 1 ? group - 1 : group) * query_tiles;", GROUPED_CUDA_TESTS),
+    Mutation("grouped heads: CUDA dK/dV of a K/V head summed over the next head's group", "csrc/backward.cuh",
+             "return kv_h * group + t / query_tiles;", "return ((kv_h + 1) * group + t / query_tiles) % args.heads;",
+             GROUPED_CUDA_TESTS),
+    Mutation("grouped heads: Triton forward maps query head h to K/V head h % Hkv",
+             "mplug_kernels/ops/triton_forward.py",
+             "hk = h // kv_group", "hk = h % (num_heads // kv_group)", GROUPED_TRITON_TESTS),
+    Mutation("grouped heads: Triton dK/dV group sum drops the group's last query head",
+             "mplug_kernels/ops/triton_backward.py", "for g in range(0, kv_group):",
+             "for g in range(0, kv_group - (kv_group > 1)):", GROUPED_TRITON_TESTS),
     Mutation("triton forward: last split stops at split_size (the merged sliver of keys dropped)",
              "mplug_kernels/ops/triton_forward.py",
              "split_hi = tl.where(pid_split == num_splits - 1, L0 + L1 + L2 + L3, split_lo + split_size)",

@@ -170,7 +170,7 @@ def forward(
         extension.attention_forward(
             dtype=DTYPE_NAMES[q.dtype], shape=tuple(q.shape), scale=softmax_scale, q=_view(q), out=_view(out),
             lse=lse.data_ptr(), sources=_sources(ks, vs, masks), num_splits=num_splits, split_size=split_size,
-            part_out=_pointer(part_out), part_lse=_pointer(part_lse), stream=_stream(q.device),
+            part_out=_pointer(part_out), part_lse=_pointer(part_lse), stream=_stream(q.device), kv_heads=ks[0].shape[2],
         )
     return out, lse
 
@@ -197,6 +197,7 @@ def backward(
             dtype=DTYPE_NAMES[q.dtype], shape=tuple(q.shape), scale=softmax_scale, q=_view(q), out=_view(out),
             lse=lse.data_ptr(), sources=_sources(ks, vs, masks, dks, dvs), dout=_view(dout), dq=_view(dq),
             dq_accum=_pointer(dq_accum), dlse=_pointer(dlse), delta=delta.data_ptr(), stream=_stream(q.device),
+            kv_heads=ks[0].shape[2],
         )
     return (dq if deterministic else dq_accum.to(q.dtype)), dks, dvs
 
@@ -205,6 +206,7 @@ class CudaBackend(Backend):
     name = "cuda"
     dtypes = tuple(DTYPE_NAMES)
     head_dims = HEAD_DIMS
+    supports_grouped_heads = True
 
     @property
     def devices(self) -> Tuple[str, ...]:
