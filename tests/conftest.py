@@ -4,6 +4,7 @@ with the skip reasons grouped and counted."""
 import os
 from collections import Counter
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -21,6 +22,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     if cuda_emulator.host_compiler() is not None and not os.environ.get("MPLUG_KERNELS_CUDA_EMULATOR"):
         os.environ["MPLUG_KERNELS_CUDA_EMULATOR"] = str(cuda_emulator.build())
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: the tiny model's many small matmuls thrash with two threads on a loaded
+    2-core machine (use with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _skip_reason(report) -> str:

@@ -12,16 +12,11 @@ from mplug.run.accumulate import accumulate_gradients, group_batches, steps_per_
 from mplug.run.run_config import load_config
 from test_classification import inputs
 from mplug.run.train_state import LAST
-from test_train import assert_states_equal, assert_tensors_close, log_lines, subprocess_env, train
+from test_train import assert_states_equal, assert_tensors_close, log_lines, stop_after_step_one, subprocess_env, train
 from tiny_dataset import write_tiny_dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_micro_batches_of_b_give_the_gradient_of_one_batch_of_2b():
@@ -71,14 +66,7 @@ def test_accumulated_run_counts_optimiser_steps_and_resumes_bit_exactly(tmp_path
     assert expected["progress"] == {"epoch": 2, "step": 4, "step_in_epoch": 0}
     assert expected["scheduler"]["last_epoch"] == 4 and all(int(s["step"]) == 4 for s in expected["optimizer"]["state"].values())
     assert [line["step"] for line in log_lines(tmp_path / "straight")] == [1, 2, 3, 4]
-    save = train_module.save_checkpoint
-
-    def save_then_stop(output, model, optimizer, scheduler, progress, cfg, steps=()):
-        save(output, model, optimizer, scheduler, progress, cfg, steps)
-        if progress.step == 1:
-            raise KeyboardInterrupt("stopped after step 1")
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    stop_after_step_one(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(config, tmp_path / "stopped", "vqa", *overrides)
     monkeypatch.undo()

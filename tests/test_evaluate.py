@@ -21,13 +21,7 @@ from tiny_dataset import write_tiny_dataset
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's many small matmuls thrash with two threads on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_checkpoint(config_path: Path, task: str, seed: int = 0) -> Path:

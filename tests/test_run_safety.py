@@ -20,12 +20,7 @@ from test_checkpoint import authors_layout, random_state
 from tiny_dataset import write_tiny_dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

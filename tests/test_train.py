@@ -66,13 +66,19 @@ def test_load_weights_names_a_checkpoint_of_another_model(tmp_path):
         load_weights(MPLUG(MPLUGConfig.tiny()), path, "caption")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second thread, and OpenMP's barriers crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def stop_after_step_one(monkeypatch):
+    """Make mplug.run.train raise KeyboardInterrupt right after it saved step 1 (a run killed after that save)."""
+    save = train_module.save_checkpoint
+
+    def save_then_stop(output, model, optimizer, scheduler, progress, cfg, steps=()):
+        save(output, model, optimizer, scheduler, progress, cfg, steps)
+        if progress.step == 1:
+            raise KeyboardInterrupt("stopped after step 1")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
 
 
 def train(config, output, task="vqa", *overrides, resume=False):
@@ -334,14 +340,7 @@ def test_undecodable_image_is_named_or_skipped_and_resume_stays_bit_exact(tmp_pa
     assert expected["progress"] == {"epoch": 2, "step": 4, "step_in_epoch": 0}
     assert len(log_lines(tmp_path / "straight")) == 2, "one logged step per epoch: the other batch held only the bad record"
 
-    save = train_module.save_checkpoint
-
-    def save_then_stop(output, model, optimizer, scheduler, progress, cfg, steps=()):
-        save(output, model, optimizer, scheduler, progress, cfg, steps)
-        if progress.step == 1:
-            raise KeyboardInterrupt("stopped after step 1")
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    stop_after_step_one(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_module.main(argv + ["--output", str(tmp_path / "stopped")])
     monkeypatch.undo()

@@ -6,21 +6,13 @@ ValueError("<file>: images: record <i>: <what>") or, with a BadRecords that skip
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Dict, List, Optional
 
-from mplug.run.data.records import BadRecord, BadRecords, field, image_file, text_field
+from mplug.run.data.records import BadRecord, BadRecords, field, image_file, load_json, text_field
 
 
 def _load(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: nocaps annotation file does not exist")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: nocaps annotation file is not valid JSON ({error})") from None
+    data = load_json(path, "nocaps annotation file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{path}: a nocaps annotation file is a JSON object with an 'images' list")
     if not isinstance(data.get("annotations", []), list):

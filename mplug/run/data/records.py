@@ -61,17 +61,22 @@ def annotation_files(cfg: dict, key: str, task: str, split: str) -> List[str]:
     return files
 
 
-def load_json_list(path: str, what: str = "annotation file") -> list:
-    """The JSON list in path (ValueError naming the file when it is missing, not JSON, or not a list)."""
+def load_json(path: str, what: str = "annotation file"):
+    """The JSON value in path (ValueError naming the file when it is missing, not JSON, or nested too deeply)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: {what} does not exist")
     try:
         with open(path, encoding="utf-8") as handle:
-            records = json.load(handle)
+            return json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: {what} is not valid JSON ({error})") from None
     except RecursionError:
         raise ValueError(f"{path}: {what} nests its JSON too deeply to read (no annotation file nests that deep)") from None
+
+
+def load_json_list(path: str, what: str = "annotation file") -> list:
+    """The JSON list in path (ValueError naming the file when it is missing, not JSON, or not a list)."""
+    records = load_json(path, what)
     if not isinstance(records, list):
         raise ValueError(f"{path}: {what} must hold a JSON list of records, got a {type(records).__name__}")
     return records
