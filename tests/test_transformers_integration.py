@@ -355,6 +355,37 @@ def test_fallback_gives_transformers_answer(case, kernel_calls):
     assert len(fallback_messages(caught)) == 1 and kernel_calls == []
 
 
+@pytest.mark.parametrize("combo", FEW_COMBOS, ids=combo_id)
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_llama_grouped_heads_decode_matches_eager(combo, kv_heads, kernel_calls):
+    """A tiny Llama with 4 query heads and 1 (MQA) or 2 (GQA) K/V heads: the one-query decode step runs on our
+    kernels without repeating K/V (the causal prefix falls back), logits within 2x of eager's error."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    backend, dtype = combo
+    skip_unless_backend_runs(backend, dtype, head_dim=32)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=99, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=32,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    master = LlamaForCausalLM(config).eval().double()
+    ids = torch.randint(5, 99, (2, 7), generator=torch.Generator().manual_seed(3))
+
+    def decode_logits(model):
+        with torch.no_grad():
+            cache = model(ids[:, :-1], use_cache=True).past_key_values
+            return model(ids[:, -1:], past_key_values=cache).logits
+
+    ref = decode_logits(with_attention(master, torch.float64, "eager"))
+    base = decode_logits(with_attention(master, dtype, "eager"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = decode_logits(with_attention(master, dtype, attn_name(backend)))
+    assert kernel_calls == [backend] * 2  # the decode step of both layers
+    assert not any("grouped" in message for message in fallback_messages(caught))
+    assert_within_budget("decode logits", ours, ref, base, 2.0)
+
+
 def test_key_padding_mask_conversion():
     keep = torch.tensor([[True, True, False], [True, False, False]])
     additive = torch.zeros(2, 1, 1, 3).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)

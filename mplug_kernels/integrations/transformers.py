@@ -104,8 +104,6 @@ def _call_reason(module, query, key, attention_mask, dropout, is_causal, kwargs)
     given = [name for name in UNSUPPORTED_KWARGS if kwargs.get(name) is not None]
     if given:
         return f"argument {given[0]}"
-    if key.shape[1] != query.shape[1]:
-        return f"grouped-query attention ({query.shape[1]} query heads, {key.shape[1]} key/value heads)"
     if attention_mask is None and query.shape[2] > 1:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if causal:
@@ -130,8 +128,11 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
 
 def attention_forward(backend, module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       **kwargs):
-    """transformers' attention signature: query/key/value [B, H, L, D] -> (out [B, Lq, H, D], None) on our kernels."""
+    """transformers' signature: query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> (out [B, Lq, Hq, D], None), ours."""
     reason = _call_reason(module, query, key, attention_mask, dropout, is_causal, kwargs)
+    if reason is None and key.shape[1] != query.shape[1] and backend != "auto":
+        if not get_backend(backend).supports_grouped_heads:
+            reason = f"grouped-query attention ({query.shape[1]} query heads, {key.shape[1]} key/value heads) on {backend}"
     keep = None
     if reason is None:
         keep, reason = key_padding_mask(attention_mask, query.shape[0])
