@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out/gpu_check}"
 PYTHON="${PYTHON:-python}"
 BUDGET="${GPU_CHECK_SECONDS:-570}"
-STEPS=" ${GPU_CHECK_STEPS:-environment install info kernel_tests main_job co_attention concat_attention fusion_layers model_tests bench_tests} "
+STEPS=" ${GPU_CHECK_STEPS:-environment install info kernel_tests main_job estimate co_attention concat_attention fusion_layers model_tests bench_tests} "
 mkdir -p "$OUT"
 declare -A RESULTS=()
 
@@ -62,6 +62,8 @@ PYTEST_ONE_FILE='name=$(basename "$1" .py); MPLUG_KERNELS_TRITON_AUTOTUNE=0 "$PY
 run_step kernel_tests 200 sh -c 'printf "%s\n" "$@" | xargs -P 8 -I{} sh -c "$0" _ {}' "$PYTEST_ONE_FILE" "${KERNEL_TESTS[@]}"
 # The benchmarks time each cell for at most --budget seconds after its 5 repeats (bench.common.measure).
 run_step main_job 240 "$PYTHON" -m bench --budget 0.2 --json-dir "$OUT"
+# The split plan's modelled time (ESTIMATE, no GPU needed) next to the measured logs, to compare with them.
+run_step estimate 30 "$PYTHON" -m bench.static --estimate --json "$OUT/estimate.json"
 for module in bench.bench_co_attention bench.bench_concat_attention bench.bench_fusion_layers; do
   run_step "${module#bench.bench_}" 90 "$PYTHON" -m "$module" --budget 0.2 --json-dir "$OUT"
 done

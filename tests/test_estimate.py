@@ -1,0 +1,22 @@
+"""bench/estimate.py's ESTIMATE arithmetic on one shape worked by hand."""
+import pytest
+
+from bench.estimate import estimate, estimate_rows
+
+
+def test_old_plan_at_b1_by_hand():
+    # H100, B = 1, H = 12, Lq = 25 (one 32-row tile), Lk = 577, old plan 10 x 64 keys: 120 CTAs in one wave of
+    # 6 x 132; one tile per CTA at max(0.4 us, 120 x 16384 B / 3.35 TB/s = 0.5869 us); K/V 1,772,544 B, partials
+    # 2 x 10 x 12 x 25 x 65 x 4 = 1,560,000 B, output 38,400 B (Q the same):
+    # 1 us + 0.5869 us + 1.5 us + (1,560,000 + 38,400) B / 3.35 TB/s = 3.564 us; 3,409,344 B / 3.564 us = 28.6 %
+    row = estimate("H100", 1, 25, 577, (10, 64))
+    assert (row["ctas"], row["waves"], row["tiles_per_cta"], row["bytes"]) == (120, 1, 1, 3_409_344)
+    assert row["estimate_us"] == pytest.approx(3.56, abs=0.01)
+    assert row["estimate_hbm_percent"] == pytest.approx(28.6, abs=0.1)
+
+
+def test_rows_label_every_estimate_and_put_the_old_plan_beside_the_new():
+    rows = estimate_rows()
+    assert all(row["label"].startswith("ESTIMATE") for row in rows)
+    b1 = [(row["gpu"], row["plan"]) for row in rows if (row["batch"], row["q_len"]) == (1, 25)]
+    assert b1 == [("H100", "old"), ("H100", "split_plan"), ("H200", "old"), ("H200", "split_plan")]
