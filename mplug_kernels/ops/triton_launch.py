@@ -50,7 +50,7 @@ AUTOTUNE_ENV = "MPLUG_KERNELS_TRITON_AUTOTUNE"
 # Backward blocks per (element size, BLOCK_D): (largest BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV
 # and dQ kernels, chosen so that neither spills nor exceeds sm_80's shared memory (bench/static_triton.py).
 BACKWARD_BLOCKS = {
-    (2, 16): (64, 32, 4, 2), (2, 32): (64, 32, 4, 2), (2, 64): (64, 32, 8, 2), (2, 128): (32, 32, 8, 2),
+    (2, 16): (64, 32, 4, 2), (2, 32): (64, 32, 4, 2), (2, 64): (64, 32, 8, 1), (2, 128): (32, 32, 8, 2),
     (4, 16): (32, 32, 8, 1), (4, 32): (32, 32, 8, 1), (4, 64): (16, 16, 4, 1), (4, 128): (16, 16, 8, 1),
 }
 DELTA_META = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
