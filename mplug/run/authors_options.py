@@ -13,25 +13,30 @@ DEFAULTS = {
     "add_ocr": False,
     "add_object": False,
     "accumulate_steps": 1,  # batches per optimiser step (mplug.run.accumulate); the authors' caption --accum_steps 4
+    "accumulate_last_group": "carry",  # an epoch's last len(loader) % accumulate_steps batches (mplug.run.accumulate)
     "scst": False,  # caption only: self-critical training (mplug.run.scst), the authors' caption_mplug_scst.py
     "scst_mode": "authors",  # authors: top beams with gradients, mean baseline; sample: ours (sampled, greedy baseline)
     "prompt_mode": "authors",  # caption prompt: authors (caption_mplug.py) or vatex (model_caption_mplug_vatex.py)
 }
 SCST_MODES = ("authors", "sample")
+# carry: the authors' caption_mplug.py:66-79 (no zero_grad at an epoch's start: the next epoch's first step takes them);
+# drop: ours before, never drawn.
+LAST_GROUP_MODES = ("carry", "drop")
 # authors: caption_mplug.py:50-51, prompt + caption joined without a space, the prompt's tokens in the loss;
 # vatex: model_caption_mplug_vatex.py:32,66-68, "prompt caption", the prompt's tokens not predicted.
 PROMPT_MODES = ("authors", "vatex")
 
 
 def check_authors_options(cfg: dict) -> None:
-    """itc_bank, schedule.kind, schedule.warmup_lr, add_ocr, add_object, accumulate_steps, scst, scst_mode and prompt_mode of the allowed values
+    """itc_bank, schedule.kind, schedule.warmup_lr, add_ocr, add_object, accumulate_steps, accumulate_last_group, scst,
+    scst_mode and prompt_mode of the allowed values
     (ValueError naming the key)."""
     for key, allowed in (("itc_bank", ITC_BANKS), ("schedule.kind", SCHEDULE_KINDS)):
         *parent, leaf = key.split(".")
         value = (cfg[parent[0]] if parent else cfg)[leaf]
         if value not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {value!r}")
-    for key, allowed in (("scst_mode", SCST_MODES), ("prompt_mode", PROMPT_MODES)):
+    for key, allowed in (("scst_mode", SCST_MODES), ("prompt_mode", PROMPT_MODES), ("accumulate_last_group", LAST_GROUP_MODES)):
         if cfg[key] not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {cfg[key]!r}")
     if cfg["scst"] is True and cfg.get("task") not in (None, "caption"):
