@@ -8,9 +8,8 @@ when the config has a prompt), retrieval -> the images of retrieval_scores (the 
 ``dataset.text_inputs()``), ve / nlvr / grounding -> ve_predict / nlvr_predict / ground (images, text_ids, text_mask).
 meta: train {"index"}; test vqa {"question_id", "answers" (raw, None where a record has none)}, caption {"image_id",
 "references" (raw sentences)}, retrieval {"image_index", "text_ids" (indices into dataset.texts of each image)},
-ve / nlvr {"file", "record", "label"}, grounding {"file", "record", "box" (the target, normalised cx, cy, w, h)}.
-Grounding images are only resized, in training too (a crop or flip would move the box; ours, not the authors' box-aware
-augmentation).
+ve / nlvr {"file", "record", "label"}, grounding {"file", "record", "box" (the target, normalised cx, cy, w, h in the
+letterboxed image)}. Grounding images are letterboxed as the authors' (GroundingDataset).
 """
 from __future__ import annotations
 
@@ -21,7 +20,9 @@ import torch
 from torch.utils.data import Dataset
 
 from mplug.run.data.augment import nlvr_swap
-from mplug.run.data.bad_images import bad_item, split_items
+from mplug.run.data.bad_images import BAD, bad_item, split_items
+from mplug.run.data.grounding_augment import augment_train
+from mplug.run.data.grounding_transforms import letterbox_eval, pixel_box
 from mplug.run.data.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from mplug.run.data.records import BadRecords, answer_list, image_source, read_samples
 from mplug.run.data.text import check_vocabulary
@@ -64,18 +65,20 @@ class TaskDataset(Dataset):
         return random.Random(f"{self.seed}:{self.epoch}:{index}")
 
     def load_image(self, index: int, rng: random.Random, path=None) -> torch.Tensor:
-        """Sample index's image (or its image at ``path``) -> [3, S, S] (training: augmented by rng; test and
-        grounding: resized)."""
-        sample = self.samples[index]
-        path = sample["image"] if path is None else path
-        try:
-            image = open_rgb(path, self.max_pixels)
-        except BadImage as error:
-            raise BadImage(f"{image_source(sample)}: {error}") from None
-        if self.split == "test" or self.task == "grounding":
+        """Sample index's image (or its image at ``path``) -> [3, S, S] (training: augmented by rng; test: resized)."""
+        image = self.open_image(index, path)
+        if self.split == "test":
             return eval_transform(image, self.image_size)
         scale = PRETRAIN_SCALE if self.task == "pretrain" else FINETUNE_SCALE
         return train_transform(image, self.image_size, rng, scale)
+
+    def open_image(self, index: int, path=None):
+        """Sample index's image (or its image at ``path``) decoded as RGB; BadImage names the record."""
+        sample = self.samples[index]
+        try:
+            return open_rgb(sample["image"] if path is None else path, self.max_pixels)
+        except BadImage as error:
+            raise BadImage(f"{image_source(sample)}: {error}") from None
 
     def __getitem__(self, index: int) -> Dict:
         rng = self.rng(index)
@@ -191,6 +194,31 @@ def _indices(items) -> Dict:
     return {"index": [item["index"] for item in items]}
 
 
+class GroundingDataset(TaskDataset):
+    """Grounding samples letterboxed as the authors' (grounding_dataset.py:345-384): training augmented
+    (mplug.run.data.grounding_augment.augment_train: the box and, after a flip, the query move with the image), test
+    by letterbox_eval; item "box" is the normalised (cx, cy, w, h) in the square. The padding mask is not passed on:
+    MPLUG.grounding_loss / ground attend to every visual token, as the authors' model_grounding_mplug.py:122 does
+    (image_atts all ones), so padding is seen as the zero (mean-coloured) pixels it is."""
+
+    def load_image(self, index: int, rng: random.Random, path=None):
+        """Sample index's decoded RGB image (__getitem__ letterboxes it with its box and query)."""
+        return self.open_image(index, path)
+
+    def __getitem__(self, index: int) -> Dict:
+        item = super().__getitem__(index)
+        if BAD in item:
+            return item
+        image = item["image"]
+        box = pixel_box(item["box"], image.width, image.height)
+        if self.split == "train":
+            letterboxed, item["text"] = augment_train(image, box, item["text"], self.image_size, self.rng(index))
+        else:
+            letterboxed = letterbox_eval(image, box, self.image_size)
+        item.update(image=letterboxed.image, box=letterboxed.box.tolist())
+        return item
+
+
 class RetrievalTrainDataset(TaskDataset):
     """Retrieval training pairs; ``image_numbers`` maps each image id to 0, 1, .. in order of first appearance."""
 
@@ -236,5 +264,6 @@ def build_dataset(task: str, split: str, cfg: dict, tokenizer, skip_bad_records:
         raise ValueError(f"task must be one of {TASKS} and split one of {SPLITS} (pretrain has no test split), got {task!r}, {split!r}")
     check_vocabulary(tokenizer, build_model_config(cfg))
     kind = {("retrieval", "train"): RetrievalTrainDataset, ("retrieval", "test"): RetrievalTestDataset,
-            ("vqa", "test"): VQATestDataset}.get((task, split), TaskDataset)
+            ("vqa", "test"): VQATestDataset, ("grounding", "train"): GroundingDataset,
+            ("grounding", "test"): GroundingDataset}.get((task, split), TaskDataset)
     return kind(task, split, cfg, tokenizer, skip_bad_records)
