@@ -114,6 +114,8 @@ def check_values(cfg: dict, tasks, models, path_keys) -> None:
                          f"images over twice its default limit {DEFAULT_MAX_PIXELS} itself), got {cfg['max_image_pixels']!r}")
     if cfg["max_steps"] is not None:
         check_int("max_steps", cfg["max_steps"], 1)
+    if cfg["num_frames"] is not None:
+        check_int("num_frames", cfg["num_frames"], 1)
     for key, (optional, high) in FLOATS.items():
         put(cfg, key, as_float(key, get(cfg, key), optional, high))
     if cfg["schedule"]["warmup_ratio"] is not None and cfg["schedule"]["warmup_steps"]:

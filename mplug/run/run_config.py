@@ -44,6 +44,7 @@ DEFAULTS = {
     "max_length": 10,
     "k_test": 256,
     "prompt": "",
+    "num_frames": None,  # video evaluation: frames per video (null = the authors' count, mplug.run.data.video)
     "max_image_pixels": DEFAULT_MAX_PIXELS,
     **{key: None for key in PATH_KEYS},
     **AUTHORS_DEFAULTS,
