@@ -151,7 +151,10 @@ def test_grounding_boxes_are_normalised_centre_size_and_clipped_to_the_image(tin
     cfg_boxes, _ = _write_records(tmp_path, cfg, "test_file", records)
     dataset = build_dataset("grounding", "test", cfg_boxes, tokenizer)
     assert [sample["box"] for sample in dataset.samples] == [[8 / 48, 25 / 40, 16 / 48, 30 / 40], [12 / 48, 8 / 40, 12 / 48, 8 / 40]]
-    assert first_batch(dataset, cfg, False)["meta"]["box"] == [sample["box"] for sample in dataset.samples]
+    # letterboxed to 32 (their grounding_dataset.py:379-383): ratio 2/3, 32 x 27 at top round(2.5 - 0.1) = 2; pixel
+    # boxes (0, 10, 16, 40), (6, 4, 18, 12) -> (0, 8.67, 10.67, 28.67), (4, 4.67, 12, 10) -> (cx, cy, w, h) / 32
+    expected = [[16 / 3 / 32, 56 / 3 / 32, 32 / 3 / 32, 20 / 32], [8 / 32, 22 / 3 / 32, 8 / 32, 16 / 3 / 32]]
+    assert first_batch(dataset, cfg, False)["meta"]["box"] == [pytest.approx(box, abs=1e-6) for box in expected]
 
 
 @pytest.mark.parametrize("task", BAD_RECORDS)
