@@ -24,6 +24,7 @@ from mplug.run.data.bad_images import BAD, bad_item, split_items
 from mplug.run.data.grounding_augment import augment_train
 from mplug.run.data.grounding_transforms import letterbox_eval, pixel_box
 from mplug.run.data.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
+from mplug.run.data.prompt import generation_prompt_ids, training_prompt
 from mplug.run.data.records import BadRecords, answer_list, image_source, read_samples
 from mplug.run.data.text import check_vocabulary
 from mplug.run.data.transforms import FINETUNE_SCALE, PRETRAIN_SCALE, eval_transform, train_transform
@@ -45,10 +46,12 @@ class TaskDataset(Dataset):
         self.skipped, self.skipped_reasons = len(bad.reasons), bad.reasons
         if not self.samples:
             raise ValueError(f"the {task} {split} data has no usable records ({self.skipped} skipped)")
-        self.prompt = " ".join(cfg["prompt"].lower().split()) if task == "caption" else ""
+        self.prompt = training_prompt(cfg["prompt"]) if task == "caption" else ""
         self.scst = bool(cfg.get("scst", False)) and task == "caption"
         self.prompt_mode = cfg.get("prompt_mode", "authors")
         self.prompt_ids = self.tokenizer(self.prompt, add_special_tokens=False)["input_ids"]
+        # generation (test, SCST) starts from the prompt ids every training caption of the mode starts with
+        self.generation_ids = [tokenizer.cls_token_id, *generation_prompt_ids(tokenizer, self.prompt, self.prompt_mode)]
         if len(self.prompt_ids) + 2 >= self.max_tokens:
             raise ValueError(f"prompt {cfg['prompt']!r} is {len(self.prompt_ids)} tokens; max_tokens = {self.max_tokens} "
                              "must exceed it by 2 or more")
@@ -132,7 +135,7 @@ class TaskDataset(Dataset):
         if self.scst:  # mplug.run.scst.ScstLoss: the images, each one's reference sentences, the prompt
             inputs = dict(images=images, references=[item["references"] for item in items])
             if self.prompt_ids:
-                inputs["prompt_ids"] = torch.tensor([[self.tokenizer.cls_token_id, *self.prompt_ids]] * len(items))
+                inputs["prompt_ids"] = torch.tensor([self.generation_ids] * len(items))
             return {"inputs": inputs, "meta": _indices(items)}
         vatex = self.prompt_mode == "vatex"  # authors_options.PROMPT_MODES: where the prompt joins and if it is learnt
         texts = [f"{self.prompt}{' ' if vatex else ''}{item['caption']}".strip() for item in items]
@@ -144,8 +147,7 @@ class TaskDataset(Dataset):
     def _collate_caption_test(self, items, images):
         inputs = {"images": images}
         if self.prompt_ids:
-            row = [self.tokenizer.cls_token_id, *self.prompt_ids]
-            inputs["prompt_ids"] = torch.tensor([row] * len(items), dtype=torch.long)
+            inputs["prompt_ids"] = torch.tensor([self.generation_ids] * len(items), dtype=torch.long)
         meta = {"image_id": [item["image_id"] for item in items], "references": [item["references"] for item in items]}
         return {"inputs": inputs, "meta": meta}
 
