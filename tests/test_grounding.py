@@ -1,11 +1,17 @@
 """Visual grounding on the tiny model: box quantisation, GIoU and the weighted coordinate loss by hand, greedy
-restricted decoding, bad boxes refused."""
+restricted decoding, bad boxes refused; the data set's letterboxed train and test items and the 20-token query."""
+import json
 import math
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 from mplug import MPLUG, MPLUGConfig
+from mplug.run.data import build_dataset, load_tokenizer
+from mplug.run.data.grounding_transforms import IMAGENET_MEAN, IMAGENET_STD
+from mplug.run.data.transforms import CLIP_MEAN, CLIP_STD
+from mplug.run.run_config import load_config
 from mplug.tasks.grounding import (
     box_iou_giou,
     dequantize_boxes,
@@ -14,6 +20,7 @@ from mplug.tasks.grounding import (
     quantize_boxes,
     weighted_coordinate_loss,
 )
+from tiny_dataset import write_tiny_dataset
 
 CLS, SEP = 101, 102
 
@@ -172,3 +179,57 @@ def test_bad_boxes_are_rejected(model):
         model.grounding_loss(images, ids, mask, outside)
     with pytest.raises(ValueError, match=r"boxes must be a float tensor \[B, 4\]"):
         model.grounding_loss(images, ids, mask, boxes[:, :3])
+
+
+# ---- the data set: items letterboxed as the authors' make_transforms (AliceMind mPLUG/dataset/grounding_dataset.py:345-384)
+def red_box_dataset(tmp_path, split, bbox, text, max_tokens=16):
+    """A grounding data set of one 64 x 48 blue image with a red [x, y, w, h] box (the tiny config: image_size 32)."""
+    cfg = load_config(str(write_tiny_dataset(tmp_path / "tiny", "grounding", n=1)))
+    image = Image.new("RGB", (64, 48), (0, 0, 255))
+    x, y, w, h = bbox
+    ImageDraw.Draw(image).rectangle((x, y, x + w - 1, y + h - 1), fill=(255, 0, 0))
+    image.save(tmp_path / "red.png")
+    (tmp_path / "records.json").write_text(json.dumps([{"image": "red.png", "text": text, "bbox": list(bbox)}]))
+    cfg = {**cfg, f"{split}_file": str(tmp_path / "records.json"), "image_root": str(tmp_path), "max_tokens": max_tokens}
+    return build_dataset("grounding", split, cfg, load_tokenizer(cfg["vocab"]))
+
+
+def test_test_item_is_letterboxed_with_imagenet_statistics(tmp_path):
+    # box x 16..48, y 8..40 of 64 x 48; size 32 (grounding_dataset.py:379-383): ratio 0.5 -> 32 x 24, box (8, 4, 24,
+    # 20); top = round(4 - 0.1) = 4, left 0 -> (8, 8, 24, 24) -> (cx, cy, w, h) = (16, 16, 16, 16) / 32
+    dataset = red_box_dataset(tmp_path, "test", (16, 8, 32, 32), "the red square")
+    item = dataset[0]
+    assert item["box"] == pytest.approx([0.5, 0.5, 0.5, 0.5])
+    assert bool((item["image"][:, :4] == 0).all()) and bool((item["image"][:, 28:] == 0).all())
+    red = torch.tensor([(1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], -IMAGENET_MEAN[1] / IMAGENET_STD[1], -IMAGENET_MEAN[2] / IMAGENET_STD[2]])
+    torch.testing.assert_close(item["image"][:, 10:22, 10:22], red.view(3, 1, 1).expand(3, 12, 12), atol=0.05, rtol=0)
+    batch = dataset.collate([item])
+    assert batch["meta"]["box"] == [item["box"]] and set(batch["inputs"]) == {"images", "text_ids", "text_mask"}
+
+
+def test_train_items_are_augmented_with_box_and_query_following_the_image(tmp_path):
+    # box x 4..24 of 64 (centre 14 / 64 = 0.22 of the width); 'left' in the query: never cropped (vg_transforms.py:
+    # 225-228); long side s in 26..32 (train_scales(32)) at left offset in [0, 32 - s]: unflipped cx <= 0.22 s + 32 - s
+    # <= 11.7 px of 32, flipped cx >= 0.78 s >= 20.3 px: the query says 'right' exactly when the box is on the right
+    dataset = red_box_dataset(tmp_path, "train", (4, 8, 20, 32), "the red square on the left")
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    sides = set()
+    for epoch in range(8):
+        dataset.set_epoch(epoch)
+        item = dataset[0]
+        cx, cy, w, h = (torch.tensor(item["box"]) * 32).tolist()
+        side = "right" if cx > 16 else "left"
+        assert item["text"] == f"the red square on the {side}" and item["image"].shape == (3, 32, 32)
+        inner = (item["image"] * std + mean)[:, round(cy - h / 2) + 2:round(cy + h / 2) - 2, round(cx - w / 2) + 2:round(cx + w / 2) - 2]
+        assert inner.numel() and bool((inner[0] > inner[2]).all()), epoch  # red inside the box, after colour jitter
+        sides.add(side)
+    assert sides == {"left", "right"}
+    batch = dataset.collate([dataset[0]])
+    torch.testing.assert_close(batch["inputs"]["boxes"], torch.tensor([dataset[0]["box"]]))
+
+
+def test_queries_are_cut_at_twenty_tokens(tmp_path):
+    # grounding_mplug_large.yaml max_query_len 20: [CLS] + 18 word pieces + [SEP] (grounding_dataset.py:91-100)
+    dataset = red_box_dataset(tmp_path, "train", (4, 8, 20, 32), "the red square on the left " * 5, max_tokens=20)
+    ids = dataset.collate([dataset[0]])["inputs"]["text_ids"]
+    assert ids.shape == (1, 20) and ids[0, 0] == CLS and ids[0, -1] == SEP and SEP not in ids[0, :-1]
