@@ -3,6 +3,8 @@
 samples {"image", "image_id", "domain", "references"} in the file's image order, as records.caption_parser's test
 samples (references None for the test split, which has no annotations). A bad image entry or annotation raises
 ValueError("<file>: images: record <i>: <what>") or, with a BadRecords that skips, is dropped and reported.
+The caption test reader (records.read_samples) takes a test_file whose JSON is an object (not the Karpathy list) as
+nocaps (``is_nocaps_file``).
 """
 from __future__ import annotations
 
@@ -50,3 +52,13 @@ def read_nocaps(path: str, image_root: str, bad: Optional[BadRecords] = None) ->
             continue
         samples.append({**sample, "source": (path, index)})
     return samples
+
+
+def is_nocaps_file(path: str) -> bool:
+    """Whether path holds a JSON object (a nocaps file) rather than a list (Karpathy): its first non-space character."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            start = handle.read(4096).lstrip()[:1]
+    except (OSError, UnicodeDecodeError):
+        return False  # the Karpathy reader names the problem
+    return start == "{"
