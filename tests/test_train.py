@@ -3,7 +3,6 @@ resume (then evaluate), atomic checkpoints, parameter groups, the schedule, clea
 tests/tiny_dataset.py's data with the tiny model at image size 32."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -20,10 +19,9 @@ from mplug.run.runtime import (
     CHECKPOINT_FORMAT, all_gather_objects, autocast, build_model, init_distributed, is_main, load_weights,
 )
 from mplug.run.train_state import LAST, Progress, atomic_save, read_checkpoint, save_checkpoint
+from distributed import subprocess_env, train_two_processes
 from test_checkpoint import authors_layout, random_state
 from tiny_dataset import write_tiny_dataset
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_one_process_runtime_without_torchrun(monkeypatch):
@@ -69,14 +67,14 @@ def test_load_weights_names_a_checkpoint_of_another_model(tmp_path):
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def stop_after_step_one(monkeypatch):
-    """Make mplug.run.train raise KeyboardInterrupt right after it saved step 1 (a run killed after that save)."""
+def stop_after_step(monkeypatch, step: int = 1):
+    """Make mplug.run.train raise KeyboardInterrupt right after it saved ``step`` (a run killed after that save)."""
     save = train_module.save_checkpoint
 
     def save_then_stop(output, model, optimizer, scheduler, progress, cfg, steps=()):
         save(output, model, optimizer, scheduler, progress, cfg, steps)
-        if progress.step == 1:
-            raise KeyboardInterrupt("stopped after step 1")
+        if progress.step == step:
+            raise KeyboardInterrupt(f"stopped after step {step}")
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
 
@@ -91,13 +89,6 @@ def train(config, output, task="vqa", *overrides, resume=False):
 
 def log_lines(output):
     return [json.loads(line) for line in (Path(output) / "log.jsonl").read_text().splitlines()]
-
-
-def subprocess_env():
-    """The same thread count as this process, so the CPU reductions (and so the weights) are bit-identical."""
-    threads = str(torch.get_num_threads())
-    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONPATH": path}
 
 
 def assert_states_equal(state, expected, what="state"):
@@ -143,13 +134,8 @@ def test_two_gloo_processes_equal_one_process_on_the_combined_batch(tmp_path, sh
     VQA: the same losses, weights and AdamW moments (float tolerance: the gradient sum runs in another order). The
     moments carry the gradients' scale, which AdamW's update itself would hide."""
     config = write_tiny_dataset(tmp_path / "data", "vqa", n=2)
-    common = ["--task", "vqa", "--config", str(config), "--set", "epochs=2"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mplug.run.train",
-               *common, *sharding, "--set", "batch_size_train=2", "--output", str(tmp_path / "ddp")]
-    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    distributed = torch.load(tmp_path / "ddp" / LAST, weights_only=True)
+    distributed = train_two_processes(tmp_path / "ddp", "--task", "vqa", "--config", str(config), "--set", "epochs=2",
+                                      *sharding, "--set", "batch_size_train=2")
     single = train(config, tmp_path / "one", "vqa", "epochs=2", "batch_size_train=4")
     assert distributed["progress"] == single["progress"] == {"epoch": 2, "step": 2, "step_in_epoch": 0}
     for line, expected in zip(log_lines(tmp_path / "ddp"), log_lines(tmp_path / "one")):
@@ -340,7 +326,7 @@ def test_undecodable_image_is_named_or_skipped_and_resume_stays_bit_exact(tmp_pa
     assert expected["progress"] == {"epoch": 2, "step": 4, "step_in_epoch": 0}
     assert len(log_lines(tmp_path / "straight")) == 2, "one logged step per epoch: the other batch held only the bad record"
 
-    stop_after_step_one(monkeypatch)
+    stop_after_step(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_module.main(argv + ["--output", str(tmp_path / "stopped")])
     monkeypatch.undo()

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ from mplug.run.train_state import (
     LAST, Progress, check_same_run, check_same_world_size, read_checkpoint, restore, restore_rng, save_checkpoint,
 )
 from mplug.run.divergence import check_finite_weights, check_skipped, clip_and_check
-from mplug.run.accumulate import accumulate_gradients, group_batches, step_inputs, steps_per_epoch
+from mplug.run.accumulate import accumulate_gradients, carried_batches, group_batches, step_inputs, steps_per_epoch
 from mplug.run.output import LOG, json_line, open_run_output, read_log
 from mplug.run.scst import ScstLoss
 
@@ -164,11 +164,12 @@ def total_steps(cfg: dict, steps_per_epoch: int) -> int:
     return steps if cfg["max_steps"] is None else min(steps, cfg["max_steps"])
 
 
-def train_step(step_module, inputs: dict, optimizer, scheduler, parameters, max_grad_norm: float, device):
+def train_step(step_module, inputs: dict, optimizer, scheduler, parameters, max_grad_norm: float, device,
+               accumulate_steps: int = 1):
     """One optimiser step on one batch (or a list of micro-batches, mplug.run.accumulate) -> (the detached losses
     ("loss" = their sum, and each part for dict losses), whether the step was taken: a non-finite loss or gradient on
     any rank skips the optimiser update)."""
-    loss, parts = accumulate_gradients(step_module, inputs, optimizer, device)
+    loss, parts = accumulate_gradients(step_module, inputs, optimizer, device, accumulate_steps)
     finite = clip_and_check(loss, parameters, max_grad_norm)
     if finite:
         optimizer.step()
@@ -300,16 +301,36 @@ def save(job: Job, progress: Progress, steps=()) -> None:
     save_checkpoint(job.output, job.model, job.optimizer, job.scheduler, progress, job.cfg, steps)
 
 
-def start_epoch(job: Job, progress: Progress, resumed: Optional[dict]):
-    """The batches of progress.epoch from progress.step_in_epoch on; a resumed run's RNG states are restored after
-    the loader drew its worker seed (the data do not depend on that seed, the training steps do on the RNG)."""
-    job.dataset.set_epoch(progress.epoch)
-    job.sampler.set_epoch(progress.epoch)
-    job.sampler.skip(progress.step_in_epoch * job.cfg["batch_size_train"] * job.cfg["accumulate_steps"])
-    batches = group_batches(iter(job.loader), job.cfg["accumulate_steps"])
-    if resumed is not None and not restore_rng(resumed) and is_main():
+def restore_run_rng(job: Job, resumed: dict) -> None:
+    """The resumed run's RNG states, or a warning that a run of another number of processes starts them afresh."""
+    if not restore_rng(resumed) and is_main():
         print(f"--resume: the checkpoint holds the RNG states of {len(resumed['rng'])} processes, this run has "
               f"{job.info.world_size}: random choices start afresh (seed {job.cfg['seed']} + rank)", file=sys.stderr)
+
+
+def epoch_batches(job: Job, epoch: int, skip_batches: int) -> Iterator[dict]:
+    """The loader's batches of ``epoch`` on this rank after its first skip_batches (each iter draws a worker seed from
+    torch's RNG; the data do not depend on it)."""
+    job.dataset.set_epoch(epoch)
+    job.sampler.set_epoch(epoch)
+    job.sampler.skip(skip_batches * job.cfg["batch_size_train"])
+    return iter(job.loader)
+
+
+def start_epoch(job: Job, progress: Progress, resumed: Optional[dict]):
+    """The steps of progress.epoch from progress.step_in_epoch on, the first one opened by the previous epoch's carried
+    batches (mplug.run.accumulate). A run resumed at an epoch's start restores its RNG states before the loaders draw
+    their worker seeds, as the uninterrupted run drew them after its checkpoint; one resumed inside an epoch, after."""
+    steps = job.cfg["accumulate_steps"]
+    at_start = progress.step_in_epoch == 0
+    if resumed is not None and at_start:
+        restore_run_rng(job, resumed)
+    carried = carried_batches(len(job.loader), steps, job.cfg["accumulate_last_group"]) if at_start and progress.epoch else 0
+    tail = list(epoch_batches(job, progress.epoch - 1, len(job.loader) - carried)) if carried else []
+    batches = group_batches(epoch_batches(job, progress.epoch, progress.step_in_epoch * steps), steps,
+                            job.steps_per_epoch - progress.step_in_epoch, tail)
+    if resumed is not None and not at_start:
+        restore_run_rng(job, resumed)
     return batches
 
 
@@ -331,7 +352,7 @@ def run_epochs(job: Job, progress: Progress, resumed: Optional[dict]) -> None:
                     extra = extra_inputs(job.task, job.model, progress, job.steps_per_epoch, cfg["itc_bank"])
                     inputs = step_inputs(batch["inputs"], extra, job.info.device)
                     losses, finite = train_step(job.step_module, inputs, job.optimizer, job.scheduler, parameters,
-                                                cfg["max_grad_norm"], job.info.device)
+                                                cfg["max_grad_norm"], job.info.device, cfg["accumulate_steps"])
                 skipped = 0 if finite else skipped + 1
                 progress.step += 1
                 progress.step_in_epoch += 1
