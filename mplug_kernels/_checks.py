@@ -102,3 +102,33 @@ def default_scale(head_dim: int, softmax_scale: Optional[float]) -> float:
     if not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale!r}")
     return float(softmax_scale)
+
+
+def check_positions(key_positions, query_positions, q: torch.Tensor, ks: Sequence[torch.Tensor],
+                    key_names: Sequence[str], query_name: str = "query_positions") -> bool:
+    """Validate int32 key positions [B, Lk_i] (None per source allowed) and query positions [B, Lq]: both or neither;
+    True when positional visibility applies."""
+    given = [p for p in key_positions if p is not None]
+    if not given and query_positions is None:
+        return False
+    if query_positions is None:
+        raise ValueError(f"{key_names[0].split('[')[0]} is given but {query_name} is None; positional visibility needs both")
+    if not given:
+        raise ValueError(f"{query_name} is given but no source has key positions; give them or leave both None")
+    check_position_tensor(query_name, query_positions, (q.shape[0], q.shape[1]), q.device)
+    for position, k, name in zip(key_positions, ks, key_names):
+        if position is not None:
+            check_position_tensor(name, position, (k.shape[0], k.shape[1]), q.device)
+    return True
+
+
+def check_position_tensor(name: str, x, shape, device: torch.device) -> None:
+    """A position tensor must be int32 with ``shape`` on ``device``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor or None, got {type(x).__name__}")
+    if x.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {x.dtype}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape [B, L] = {tuple(shape)}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but q is on {device}; they must match")

@@ -34,7 +34,11 @@ def test_custom_op_passes_opcheck():
     k = random_tensor(1, 5, 2, 16, dtype=torch.float32, generator=generator, requires_grad=True)
     v = random_tensor(1, 5, 2, 16, dtype=torch.float32, generator=generator, requires_grad=True)
     mask = make_mask("padding", 1, 5, generator)
-    torch.library.opcheck(torch.ops.mplug_kernels.attention_forward.default, (q, [k], [v], [mask], 1, 0.25, "reference"))
+    op = torch.ops.mplug_kernels.attention_forward.default
+    torch.library.opcheck(op, (q, [k], [v], [mask], 1, [], 0, None, 0.25, "reference"))
+    key_positions = torch.tensor([[0, 0, 1, 2, 3]], dtype=torch.int32)
+    query_positions = torch.tensor([[1, 2, 3]], dtype=torch.int32)
+    torch.library.opcheck(op, (q, [k], [v], [mask], 1, [key_positions], 1, query_positions, 0.25, "reference"))
 
 
 def _fullgraph_matches_eager(fn, *args):
@@ -50,6 +54,19 @@ def test_compile_fullgraph_default_auto_co_attention():
     v = random_tensor(1, 5, 2, 16, dtype=torch.float32, generator=generator)
     _fullgraph_matches_eager(lambda q, k, v, mask: mplug_kernels.co_attention(q, k, v, mask), q, k, v,
                              make_mask("padding", 1, 5, generator))
+
+
+def test_compile_fullgraph_default_auto_concat_attention_with_positions():
+    generator = torch.Generator().manual_seed(4)
+    q = random_tensor(1, 3, 2, 16, dtype=torch.float32, generator=generator)
+    ks = [random_tensor(1, n, 2, 16, dtype=torch.float32, generator=generator) for n in (4, 3)]
+    vs = [random_tensor(1, n, 2, 16, dtype=torch.float32, generator=generator) for n in (4, 3)]
+    text_positions = torch.arange(3, dtype=torch.int32)[None]
+    image_positions = torch.full((1, 4), 1, dtype=torch.int32)
+    _fullgraph_matches_eager(
+        lambda q, k0, k1, v0, v1: mplug_kernels.concat_attention(
+            q, [k0, k1], [v0, v1], key_positions=[image_positions, text_positions], query_positions=text_positions),
+        q, *ks, *vs)
 
 
 def test_compile_fullgraph_default_auto_concat_attention():

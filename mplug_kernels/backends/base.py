@@ -2,9 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+
+
+class Positions(NamedTuple):
+    """Positional visibility: key j of source i is visible to query t of batch row b iff
+    keys[i][b, j] <= queries[b, t] (keys: int32 [B, Lk_i] or None = visible to every query, per source;
+    queries: int32 [B, Lq])."""
+
+    keys: Tuple[Optional[torch.Tensor], ...]
+    queries: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -19,10 +28,11 @@ class AttentionCall:
     needs_grad: bool
     return_lse: bool
     kv_group: int = 1  # query heads per K/V head (Hq // Hkv): 1 unless K/V heads are grouped
+    has_positions: bool = False  # key/query positions decide visibility (Positions)
 
     @classmethod
-    def of(cls, q: torch.Tensor, ks, vs, masks, return_lse: bool) -> "AttentionCall":
-        """Describe q attending to the sources ks/vs under masks."""
+    def of(cls, q: torch.Tensor, ks, vs, masks, return_lse: bool, positions: Optional[Positions] = None) -> "AttentionCall":
+        """Describe q attending to the sources ks/vs under masks (and positions, or None)."""
         tensors = [q, *ks, *vs]
         return cls(
             device_type=q.device.type,
@@ -33,13 +43,14 @@ class AttentionCall:
             needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
             return_lse=return_lse,
             kv_group=q.shape[2] // ks[0].shape[2] if len(ks) else 1,
+            has_positions=positions is not None,
         )
 
     def describe(self) -> str:
         return (
             f"a call on {self.device_type} with dtype {self.dtype}, head dim {self.head_dim}, "
             f"{self.num_sources} key source(s), mask={self.has_mask}, grad={self.needs_grad}, lse={self.return_lse}, "
-            f"{self.kv_group} query heads per K/V head"
+            f"{self.kv_group} query heads per K/V head, positions={self.has_positions}"
         )
 
 
@@ -68,6 +79,7 @@ class Backend:
     supports_grad = True
     supports_mask = True
     supports_grouped_heads = False  # k/v [B, Lk, Hkv, D] with Hkv < Hq (dividing it)
+    supports_positions = False  # positional visibility (Positions)
     uses_custom_op = True
 
     def unavailable_reason(self) -> Optional[str]:
@@ -96,22 +108,25 @@ class Backend:
             found.append("takes no key padding mask")
         if call.kv_group > 1 and not self.supports_grouped_heads:
             found.append(f"takes no grouped K/V heads ({call.kv_group} query heads per K/V head)")
+        if call.has_positions and not self.supports_positions:
+            found.append("takes no key/query positions")
         return found
 
     def rank(self, call: AttentionCall) -> int:
         """Lower is preferred by ``auto``."""
         return 100
 
-    def attend(self, q, ks, vs, masks, scale: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def attend(self, q, ks, vs, masks, scale: float, positions: Optional[Positions] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Backends without the custom op: out [B, Lq, H, D] and lse [B, H, Lq] (or None) with autograd."""
         raise NotImplementedError(
             f"backend {self.name} runs through the custom op: mplug_kernels.ops.attention.attention_op"
         )
 
-    def forward(self, q, ks: Sequence[torch.Tensor], vs, masks, scale: float):
+    def forward(self, q, ks: Sequence[torch.Tensor], vs, masks, scale: float, positions: Optional[Positions] = None):
         """Kernel backends: (out, lse float32) without autograd."""
         raise NotImplementedError(f"backend {self.name} has no kernel forward")
 
-    def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale: float, deterministic: bool):
+    def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale: float, deterministic: bool,
+                 positions: Optional[Positions] = None):
         """Kernel backends: (dq, dks, dvs)."""
         raise NotImplementedError(f"backend {self.name} has no kernel backward")

@@ -39,7 +39,7 @@ class FlashAttnBackend(Backend):
     def rank(self, call) -> int:
         return 20
 
-    def attend(self, q, ks, vs, masks, scale):
+    def attend(self, q, ks, vs, masks, scale, positions=None):
         from flash_attn import flash_attn_func
 
         k, v, _ = joined_sources(ks, vs, masks)
@@ -59,7 +59,7 @@ class XFormersBackend(Backend):
     def rank(self, call) -> int:
         return 30
 
-    def attend(self, q, ks, vs, masks, scale):
+    def attend(self, q, ks, vs, masks, scale, positions=None):
         import xformers.ops as xops
 
         k, v, keep, alive = masked_sources(ks, vs, masks)

@@ -233,8 +233,8 @@ class CudaBackend(Backend):
         # CPU emulator is a correctness tool, the last choice of `auto`
         return 15 if call.device_type == "cuda" else 99
 
-    def forward(self, q, ks, vs, masks, scale):
+    def forward(self, q, ks, vs, masks, scale, positions=None):
         return forward(dead_queries_zeroed(q, alive_batch_rows(ks, masks)), ks, vs, masks, scale)
 
-    def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic):
+    def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic, positions=None):
         return backward(dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic)

@@ -12,12 +12,13 @@ class ReferenceBackend(Backend):
     dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     devices = ("cpu", "cuda", "mps", "xpu", "meta")
     supports_grouped_heads = True
+    supports_positions = True
 
     def rank(self, call) -> int:
         return 90
 
-    def forward(self, q, ks, vs, masks, scale):
-        return reference.attention_forward(q, ks, vs, masks, scale)
+    def forward(self, q, ks, vs, masks, scale, positions=None):
+        return reference.attention_forward(q, ks, vs, masks, scale, positions)
 
-    def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic):
-        return reference.attention_backward(dout, dlse, q, ks, vs, masks, out, lse, scale)
+    def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic, positions=None):
+        return reference.attention_backward(dout, dlse, q, ks, vs, masks, out, lse, scale, positions)

@@ -61,12 +61,12 @@ class TritonBackend(Backend):
     def rank(self, call) -> int:
         return 10 if call.device_type == "cuda" else 95
 
-    def forward(self, q, ks, vs, masks, scale):
+    def forward(self, q, ks, vs, masks, scale, positions=None):
         from mplug_kernels.ops import triton_launch
 
         return triton_launch.forward(dead_queries_zeroed(q, alive_batch_rows(ks, masks)), ks, vs, masks, scale)
 
-    def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic):
+    def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic, positions=None):
         from mplug_kernels.ops import triton_launch
 
         q = dead_queries_zeroed(q, alive_batch_rows(ks, masks))

@@ -5,7 +5,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from mplug_kernels._checks import check_attention_inputs, check_tensor, default_scale
+from mplug_kernels._checks import check_attention_inputs, check_positions, check_tensor, default_scale
+from mplug_kernels.backends.base import Positions
 from mplug_kernels.ops.attention import attend
 
 MAX_SOURCES = 4
@@ -20,17 +21,25 @@ def _as_sources(name: str, sources) -> Tuple:
     return tuple(sources)
 
 
-def _as_masks(key_padding_masks, num_sources: int) -> Tuple:
-    if key_padding_masks is None:
+def _per_source(name: str, what: str, values, num_sources: int) -> Tuple:
+    """values (None, or a tuple with one ``what`` or None per source) as a tuple of num_sources entries."""
+    if values is None:
         return (None,) * num_sources
-    if not isinstance(key_padding_masks, (tuple, list)):
-        raise TypeError(
-            f"key_padding_masks must be None or a tuple with one bool [B, Lk_i] mask or None per source, "
-            f"got {type(key_padding_masks).__name__}"
-        )
-    if len(key_padding_masks) != num_sources:
-        raise ValueError(f"key_padding_masks has {len(key_padding_masks)} entries but there are {num_sources} key sources")
-    return tuple(key_padding_masks)
+    if not isinstance(values, (tuple, list)):
+        raise TypeError(f"{name} must be None or a tuple with one {what} or None per source, got {type(values).__name__}")
+    if len(values) != num_sources:
+        raise ValueError(f"{name} has {len(values)} entries but there are {num_sources} key sources")
+    return tuple(values)
+
+
+def _query_positions(query_positions, queries: Tuple, is_tuple: bool) -> Tuple:
+    """One query_positions entry per query tensor: a tuple when q is a tuple, else the one tensor (or None)."""
+    if not is_tuple or query_positions is None:
+        return (query_positions,) * len(queries)
+    if not isinstance(query_positions, (tuple, list)) or len(query_positions) != len(queries):
+        raise ValueError(f"q is a tuple of {len(queries)} tensors, so query_positions must be a tuple of as many int32 "
+                         f"[B, Lq_i] tensors, got {type(query_positions).__name__}")
+    return tuple(query_positions)
 
 
 def _check_queries(queries: Sequence[torch.Tensor]) -> None:
@@ -48,32 +57,49 @@ def _check_queries(queries: Sequence[torch.Tensor]) -> None:
             raise ValueError(f"q[{i}] has no queries (shape {tuple(query.shape)}); Lq must be at least 1")
 
 
+def _positions(query: torch.Tensor, ks, key_positions: Tuple, query_positions) -> Optional[Positions]:
+    names = [f"key_positions[{i}]" for i in range(len(ks))]
+    return Positions(key_positions, query_positions) if check_positions(key_positions, query_positions, query, ks, names) else None
+
+
 def concat_attention(
     q: Tensors,
     ks: Sequence[torch.Tensor],
     vs: Sequence[torch.Tensor],
     key_padding_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
     *,
+    key_positions: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    query_positions=None,
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
     backend: str = "auto",
 ):
-    """q [B, Lq, H, D] (or a tuple of them) attends to cat(ks), cat(vs) ([B, Lk_i, H, D] each, masks bool [B, Lk_i]) -> out (, lse [B, H, Lq]), tuples when q is."""
+    """q [B, Lq, H, D] (or a tuple of them) attends to cat(ks), cat(vs) ([B, Lk_i, H, D] each, masks bool [B, Lk_i]) -> out (, lse [B, H, Lq]), tuples when q is.
+
+    Positional visibility: key j of source i is visible to query t iff key_positions[i][b, j] <= query_positions[b, t]
+    (int32 [B, Lk_i], None = visible to every query; int32 [B, Lq], a tuple when q is) and its padding mask allows it.
+    Causal text: both positions are the token index. mPLUG-Owl3 images: an image's keys carry the text position of
+    the image, text keys their index. Prefix-LM: prefix keys carry position 0, the rest their index. A query that sees
+    no key gets zeros and lse -inf.
+    """
     queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
     if not queries:
         raise ValueError("q must be a tensor [B, Lq, H, D] or a non-empty tuple of them")
     ks, vs = _as_sources("ks", ks), _as_sources("vs", vs)
     if len(ks) != len(vs):
         raise ValueError(f"ks has {len(ks)} sources but vs has {len(vs)}; they must match")
-    masks = _as_masks(key_padding_masks, len(ks))
+    masks = _per_source("key_padding_masks", "bool [B, Lk_i] mask", key_padding_masks, len(ks))
+    key_positions = _per_source("key_positions", "int32 [B, Lk_i] tensor", key_positions, len(ks))
     _check_queries(queries)
     indices = range(len(ks))
     check_attention_inputs(
         queries[0], ks, vs, masks, [f"ks[{i}]" for i in indices], [f"vs[{i}]" for i in indices],
         [f"key_padding_masks[{i}]" for i in indices],
     )
+    per_query = _query_positions(query_positions, queries, isinstance(q, (tuple, list)))
+    positions = [_positions(query, ks, key_positions, query_pos) for query, query_pos in zip(queries, per_query)]
     scale = default_scale(queries[0].shape[-1], softmax_scale)
-    results = tuple(attend(query, ks, vs, masks, scale, return_lse, backend) for query in queries)
+    results = tuple(attend(query, ks, vs, masks, scale, return_lse, backend, pos) for query, pos in zip(queries, positions))
     if not isinstance(q, (tuple, list)):
         return results[0]
     if return_lse:
