@@ -129,6 +129,8 @@ def test_random_size_crop_tests_the_centre_against_top_and_left_as_written():
     assert region.size == (384, 384) and cropped.tolist() == [0.0, 280.0, 0.0, 320.0]
     never = Scripted(randints=[400, 400, 40, 0] * 20)  # 20 tries, each failing: the image and box unchanged
     assert random_size_crop(image, box, never) == (image, box) and not never.randints
+    with pytest.raises(ValueError, match="image must be at least 384 px on each side"):
+        random_size_crop(Image.new("RGB", (600, 383)), box, Scripted())
 
 
 def test_colour_jitter_by_hand_on_a_grey_image():

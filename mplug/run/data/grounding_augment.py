@@ -59,6 +59,8 @@ def random_size_crop(image: Image.Image, box: torch.Tensor, rng: random.Random):
     384..600 (at most the image's) at a random place, kept when the box centre's x > the crop's top and its y > the
     crop's left (their comparison of box x with region[0] = top, as written); else the image unchanged."""
     check_box(box)
+    if min(image.size) < CROP_MIN:
+        raise ValueError(f"image must be at least {CROP_MIN} px on each side (resize its short side first), got {image.size}")
     centre_x, centre_y = float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2
     for _ in range(CROP_TRIES):
         width = rng.randint(CROP_MIN, min(image.width, CROP_MAX))
