@@ -157,6 +157,16 @@ def test_grounding_boxes_are_normalised_centre_size_and_clipped_to_the_image(tin
     assert first_batch(dataset, cfg, False)["meta"]["box"] == [pytest.approx(box, abs=1e-6) for box in expected]
 
 
+def test_grounding_pixel_boxes_are_truncated_to_ints_as_the_authors_do(tiny, tmp_path):
+    """np.array(bbox, dtype=int) then x2 = x + w (AliceMind mPLUG/dataset/grounding_dataset.py:290-292):
+    [6.9, 4.5, 12.99, 8.2] -> [6, 4, 12, 8] -> x 6..18, y 4..12 in the 48 x 40 image."""
+    cfg, tokenizer = tiny["grounding"]
+    records = [{"image": "img_0.png", "text": "the box", "bbox": [6.9, 4.5, 12.99, 8.2]}]
+    cfg_boxes, _ = _write_records(tmp_path, cfg, "test_file", records)
+    dataset = build_dataset("grounding", "test", cfg_boxes, tokenizer)
+    assert dataset.samples[0]["box"] == [12 / 48, 8 / 40, 12 / 48, 8 / 40]
+
+
 @pytest.mark.parametrize("task", BAD_RECORDS)
 def test_bad_records_raise_naming_file_and_record_or_are_skipped_and_counted(tiny, tmp_path, task):
     cfg, tokenizer = tiny[task]

@@ -12,6 +12,7 @@ its message kept in BadRecords.reasons.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -259,9 +260,13 @@ def nlvr_parser(cfg: dict, split: str) -> Callable[[dict], List[dict]]:
 
 def normalised_box(bbox, width: int, height: int) -> List[float]:
     """Pixel [x, y, w, h] in a width x height image -> (cx, cy, w, h) normalised to [0, 1], clipped to the image
-    (BadRecord when it is not four numbers, or nothing of it lies inside the image)."""
+    (BadRecord when it is not four numbers, or nothing of it lies inside the image). Each number is first truncated
+    to an int as the authors' np.array(bbox, dtype=int) does (dataset/grounding_dataset.py:290-292)."""
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
         raise BadRecord(f"key 'bbox' must be four numbers [x, y, w, h] in pixels, got {bbox!r:.60}")
+    if not all(math.isfinite(v) for v in bbox):
+        raise BadRecord(f"key 'bbox' must be finite numbers, got {bbox!r:.60}")
+    bbox = [int(v) for v in bbox]
     x0, y0 = max(float(bbox[0]), 0.0), max(float(bbox[1]), 0.0)
     x1, y1 = min(float(bbox[0] + bbox[2]), width), min(float(bbox[1] + bbox[3]), height)
     if not (x1 > x0 and y1 > y0):
