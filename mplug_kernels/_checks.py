@@ -132,3 +132,17 @@ def check_position_tensor(name: str, x, shape, device: torch.device) -> None:
         raise ValueError(f"{name} must have shape [B, L] = {tuple(shape)}, got {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but q is on {device}; they must match")
+
+
+def check_key_lengths(name: str, lengths, batch: int, device: torch.device) -> None:
+    """Key lengths must be None or an int32 tensor [B] on q's device (values are not read: that would sync the host)."""
+    if lengths is None:
+        return
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor [B] or None, got {type(lengths).__name__}")
+    if lengths.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {lengths.dtype}")
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"{name} must have shape [B] = ({batch},), got {tuple(lengths.shape)}")
+    if lengths.device != device:
+        raise ValueError(f"{name} is on {lengths.device} but q is on {device}; they must match")

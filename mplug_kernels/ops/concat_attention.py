@@ -8,6 +8,7 @@ import torch
 from mplug_kernels._checks import check_attention_inputs, check_positions, check_tensor, default_scale
 from mplug_kernels.backends.base import Positions
 from mplug_kernels.ops.attention import attend
+from mplug_kernels.ops.co_attention import padding_with_lengths
 
 MAX_SOURCES = 4
 Tensors = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -70,6 +71,7 @@ def concat_attention(
     *,
     key_positions: Optional[Sequence[Optional[torch.Tensor]]] = None,
     query_positions=None,
+    key_lengths: Optional[Sequence[Optional[torch.Tensor]]] = None,
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
     backend: str = "auto",
@@ -81,6 +83,9 @@ def concat_attention(
     Causal text: both positions are the token index. mPLUG-Owl3 images: an image's keys carry the text position of
     the image, text keys their index. Prefix-LM: prefix keys carry position 0, the rest their index. A query that sees
     no key gets zeros and lse -inf.
+
+    key_lengths (one int32 [B] tensor or None per source) keeps key j of source i only if j < key_lengths[i][b]
+    (a decode cache's valid length per batch row, clamped to [0, Lk_i]; combined with its padding mask).
     """
     queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
     if not queries:
@@ -90,12 +95,14 @@ def concat_attention(
         raise ValueError(f"ks has {len(ks)} sources but vs has {len(vs)}; they must match")
     masks = _per_source("key_padding_masks", "bool [B, Lk_i] mask", key_padding_masks, len(ks))
     key_positions = _per_source("key_positions", "int32 [B, Lk_i] tensor", key_positions, len(ks))
+    lengths = _per_source("key_lengths", "int32 [B] tensor", key_lengths, len(ks))
     _check_queries(queries)
     indices = range(len(ks))
     check_attention_inputs(
         queries[0], ks, vs, masks, [f"ks[{i}]" for i in indices], [f"vs[{i}]" for i in indices],
         [f"key_padding_masks[{i}]" for i in indices],
     )
+    masks = tuple(padding_with_lengths(f"key_lengths[{i}]", masks[i], lengths[i], queries[0], ks[i]) for i in indices)
     per_query = _query_positions(query_positions, queries, isinstance(q, (tuple, list)))
     positions = [_positions(query, ks, key_positions, query_pos) for query, query_pos in zip(queries, per_query)]
     scale = default_scale(queries[0].shape[-1], softmax_scale)
