@@ -185,7 +185,7 @@ def test_accumulated_run_counts_optimiser_steps_and_resumes_bit_exactly(tmp_path
 
 
 def test_accumulate_steps_checked_and_caption_configs_carry_the_authors_4():
-    # caption_mplug.py:337 --accum_steps default 4; caption_mplug.py train() clips no gradient; :47,77-79 carry
+    # caption_mplug.py:337 --accum_steps default 4; its train() (:31-97) clips no gradient; :47,77-79 carry
     for name in ("caption_base", "caption_large"):
         cfg = load_config(name)
         assert (cfg["accumulate_steps"], cfg["max_grad_norm"], cfg["accumulate_last_group"]) == (4, 0.0, "carry")

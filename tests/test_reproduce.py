@@ -211,8 +211,9 @@ def test_vqa_question_raw_with_ocr_and_object_tags(tmp_path):
     assert questions[True] == "What's on the Sign? [SEP] stop main st [SEP] sign pole"
     assert questions[False] == "What's on the Sign?"
     assert tokenizer(questions[True])["input_ids"].count(tokenizer.sep_token_id) == 3  # "[SEP]" read as the token
-    shipped = load_config("vqa_base")  # scripts/vqa_mplug_base.sh: --add_ocr --add_object --max_input_length 80
-    assert (shipped["add_ocr"], shipped["add_object"], shipped["max_tokens"]) == (True, True, 80)
+    for size in ("base", "large"):  # scripts/vqa_mplug_{base,large}.sh: --add_ocr --add_object --max_input_length 80
+        shipped = load_config(f"vqa_{size}")
+        assert (shipped["add_ocr"], shipped["add_object"], shipped["max_tokens"]) == (True, True, 80)
 
 
 def test_caption_training_text_raw_lower_cased_with_punctuation(tmp_path):

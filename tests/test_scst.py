@@ -62,7 +62,7 @@ def test_batch_reference_cider_reward_by_hand_and_as_the_authors_repeat_referenc
     unigram_only = 10 / math.sqrt(2) / 4 * math.exp(-1 / 72)  # "cats" vs "cats sleep": unigram cosine 1/sqrt 2
     assert rewards.flatten().tolist() == pytest.approx([5.0, 0.0, unigram_only, 0.0], rel=1e-12)
     cider_scorer = pytest.importorskip("pycocoevalcap.cider.cider_scorer", reason="pycocoevalcap is not installed")
-    theirs = cider_scorer.CiderScorer(n=4, sigma=6.0)  # the authors' caps_gt: each image's references once per beam
+    theirs = cider_scorer.CiderScorer(n=4, sigma=6.0)  # caption_mplug_scst.py:79-80 caps_gt: references once per beam
     for b, row in enumerate(candidates):
         for candidate in row:
             theirs += (" ".join(candidate), [" ".join(ref) for ref in references[b]])
@@ -79,6 +79,7 @@ def test_ptb_reward_tokenises_candidates_and_references():
 @pytest.mark.parametrize("size, batch", [("base", 32), ("large", 64)])
 def test_shipped_scst_configs_carry_the_authors_values(size, batch):
     cfg = load_config(f"caption_{size}_scst")  # caption_mplug_{size}_scst.yaml: lr1 = lr2 = 1e-6, min_lr 8e-8
+    # caption_mplug_scst.py:412 --beam_size default 5, :63 out_size=beam_size: the top-5 beams are the samples
     assert (cfg["scst"], cfg["scst_mode"], cfg["batch_size_train"], cfg["accumulate_steps"]) == (True, "authors", batch, 1)
     assert (cfg["optimizer"]["lr"], cfg["optimizer"]["lr_visual"], cfg["schedule"]["min_lr"]) == (1e-6, 1e-6, 8e-8)
     assert (cfg["num_beams"], cfg["min_length"], cfg["max_length"]) == (5, 8, 25)
