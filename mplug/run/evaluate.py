@@ -1,10 +1,12 @@
-"""``python -m mplug.run.evaluate --task {vqa,caption,retrieval,ve,nlvr,grounding} --config NAME_OR_FILE [--set key=value ...]
---checkpoint FILE --output DIR [--skip-bad-records]``, one process or under torchrun (gloo on the CPU).
+"""``python -m mplug.run.evaluate --task {vqa,caption,retrieval,ve,nlvr,grounding,videoqa,video_caption,video_retrieval}
+--config NAME_OR_FILE [--set key=value ...] --checkpoint FILE --output DIR [--skip-bad-records]``, one process or under
+torchrun (gloo on the CPU).
 
 VQA writes ``<output>/vqa_result.json`` = [{"question_id", "answer"}] (answers by free beam search: the model's
 vqa_generate takes no answer list to rank) and, where the test records carry answers, the VQA accuracy; caption
 writes ``<output>/caption_result.json`` = [{"image_id", "caption"}] with BLEU-1..4, METEOR, ROUGE-L and CIDEr-D
-(pycocoevalcap, mplug.run.caption_eval); retrieval writes
+(pycocoevalcap, mplug.run.caption_eval), per nocaps domain when the test_file is a nocaps file (mplug.run.evaluate_nocaps);
+retrieval writes
 recall@1/5/10 both ways; ve / nlvr write ``<output>/{ve,nlvr}_result.json`` = [{"file", "record", "prediction",
 "label"}] (ve labels by name, nlvr 0 = false / 1 = true) and the accuracy (fraction correct); grounding writes
 ``<output>/grounding_result.json`` = [{"file", "record", "box", "target"}] (normalised cx, cy, w, h) and the accuracy
@@ -14,6 +16,9 @@ rank 0 gathers the outputs back into the data set's order (the sampler's padding
 every file at the end, each through a temporary file and os.replace, so a run that fails writes nothing.
 Retrieval: every rank embeds the whole test set and re-ranks its slice of the queries, the score matrices combined
 over ranks as the authors' retrieval_img_mplug.py (mplug.run.retrieval_shards).
+Video (mplug.run.evaluate_video, configs videoqa_base / video_caption_large / video_retrieval_large): videoqa ranks the
+answer list and writes videoqa_result.json and the accuracy; video_caption (VATEX) writes video_caption_result.json and
+the caption metrics; video_retrieval writes recall@1/5/10 both ways.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import torch
 
 from mplug.run import caption_eval, metrics
 from mplug.run.data.bad_images import with_placeholders, without_placeholders
+from mplug.run.data.video_dataset import MODEL_TASKS, VIDEO_TASKS
 from mplug.run.retrieval_shards import sharded_retrieval_scores
 from mplug.run.output import check_result_output, finite_or_text
 from mplug.run.run_config import load_config, run_arguments
@@ -39,9 +45,10 @@ from mplug.run.runtime import (
     is_training_checkpoint, load_weights, to_device,
 )
 
-TASKS = ("vqa", "caption", "retrieval", "ve", "nlvr", "grounding")
+TASKS = ("vqa", "caption", "retrieval", "ve", "nlvr", "grounding", *VIDEO_TASKS)
 RESULT_FILES = {"vqa": "vqa_result.json", "caption": "caption_result.json", "ve": "ve_result.json",
-                "nlvr": "nlvr_result.json", "grounding": "grounding_result.json"}
+                "nlvr": "nlvr_result.json", "grounding": "grounding_result.json", "videoqa": "videoqa_result.json",
+                "video_caption": "video_caption_result.json"}
 GENERATED_FIELD = {"vqa": "answer", "caption": "caption"}
 PREDICT_METHODS = {"ve": "ve_predict", "nlvr": "nlvr_predict", "grounding": "ground"}
 METRICS_FILE = "metrics.json"
@@ -66,14 +73,17 @@ def checkpoint_task(path) -> Optional[str]:
 
 
 def check_task(task: str, cfg: dict, checkpoint) -> None:
-    """--task must be an evaluation task, agree with the config's task and with a training checkpoint's task."""
+    """--task must be an evaluation task, agree with the config's task and with a training checkpoint's task (a video
+    task's: the image task it runs, MODEL_TASKS)."""
     if task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
     if not os.path.isfile(checkpoint):
         raise ValueError(f"--checkpoint {os.fspath(checkpoint)!r} is not a file")
+    expected = MODEL_TASKS.get(task, task)
+    named = f"--task {task!r}" + (f" (model task {expected!r})" if expected != task else "")
     for source, other in (("the config", cfg.get("task")), (f"checkpoint {os.fspath(checkpoint)!r}", checkpoint_task(checkpoint))):
-        if other is not None and other != task:
-            raise ValueError(f"--task {task!r} does not match {source}, which is for task {other!r}")
+        if other is not None and other != expected:
+            raise ValueError(f"{named} does not match {source}, which is for task {other!r}")
 
 
 def write_json_atomic(path: Path, value) -> None:
@@ -250,19 +260,24 @@ def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = 
     """Run the evaluation of ``task`` (see the module docstring) in this process of the job; returns the metrics on
     rank 0 (None elsewhere) after the files are written. --output is checked (and created) first: result files
     already there are refused unless ``overwrite``."""
+    from mplug.run import evaluate_nocaps, evaluate_video  # they import this module
     from mplug.run.data import build_dataset, build_loader, load_tokenizer
+    from mplug.run.data.video_dataset import VideoTestDataset
 
     check_task(task, cfg, checkpoint)
     info = init_distributed()
     tokenizer = load_tokenizer(cfg["vocab"])
-    dataset = build_dataset(task, "test", cfg, tokenizer, skip_bad_records=skip_bad_records)
-    model = build_model(cfg, info.device, task)
-    load_weights(model, checkpoint, task, partial=partial_load)
+    dataset = (VideoTestDataset(task, cfg, tokenizer, skip_bad_records) if task in VIDEO_TASKS
+               else build_dataset(task, "test", cfg, tokenizer, skip_bad_records=skip_bad_records))
+    model = build_model(cfg, info.device, MODEL_TASKS.get(task, task))
+    load_weights(model, checkpoint, MODEL_TASKS.get(task, task), partial=partial_load)
     model.eval()
     if is_main():  # before the generation; after the checkpoint, so a bad one leaves no folder behind
         check_result_output(output, [name for name in (RESULT_FILES.get(task), METRICS_FILE) if name], overwrite)
     results, scores, bad_images = None, None, []
-    if task == "retrieval":
+    if task in VIDEO_TASKS:
+        results, scores, bad_images = evaluate_video.video_outputs(task, model, dataset, cfg, tokenizer, info)
+    elif task == "retrieval":
         scores, bad_images = retrieval_outputs(model, dataset, cfg, info.device)
     else:
         loader, sampler = build_loader(dataset, cfg, train=False, rank=info.rank, world_size=info.world_size)
@@ -275,7 +290,8 @@ def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = 
             rows, bad_images = without_placeholders(rows)
             if not rows:
                 raise ValueError(f"no {task} test record could be used ({len(bad_images)} skipped: {bad_images[:3]})")
-            results, scores = OUTPUTS[task](rows)
+            results, scores = (evaluate_nocaps.nocaps_outputs(rows, dataset.samples) if evaluate_nocaps.is_nocaps(dataset)
+                               else OUTPUTS[task](rows))
     if is_main():
         if bad_images:
             print(f"skipped {len(bad_images)} bad records whose image could not be used, e.g. {bad_images[:3]}", file=sys.stderr)
@@ -290,9 +306,11 @@ def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     """Entry point of ``python -m mplug.run.evaluate``: parse, evaluate, print the metrics on rank 0."""
+    from mplug.run.evaluate_video import config_source
+
     args = parse_args(argv)
-    scores = evaluate(args.task, load_config(args.config, args.overrides), args.checkpoint, args.output, args.skip_bad_records,
-                      args.overwrite, args.partial_load)
+    cfg = load_config(config_source(args.config), args.overrides)
+    scores = evaluate(args.task, cfg, args.checkpoint, args.output, args.skip_bad_records, args.overwrite, args.partial_load)
     close_distributed()
     if scores is not None:
         print(json.dumps(scores, indent=1), file=sys.stdout)
