@@ -177,6 +177,7 @@ def time_runners(
     device: torch.device,
     bandwidth_gbs: Optional[float],
     policy: TimingPolicy,
+    passes: Sequence[str] = PASSES,
 ) -> Tuple[List[dict], List[dict]]:
     """(rows, ratio rows) of one shape: every runner x pass timed interleaved; each runner / the fastest SDPA kernel
     of the same round (per pass). A runner that cannot build its inputs gets error rows."""
@@ -184,22 +185,22 @@ def time_runners(
     for runner in runners:
         try:
             with runner.context():
-                passes = functions_of(runner)
+                functions_of_runner = functions_of(runner)
         except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as error:
             errors[runner.name] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
             continue
-        functions.update({(runner.name, name): _in_context(runner, passes[name]) for name in PASSES})
+        functions.update({(runner.name, name): _in_context(runner, functions_of_runner[name]) for name in passes})
     timings = measure(functions, device, policy)
     element_size = torch.empty((), dtype=dtype).element_size()
     rows, ratios = [], []
-    for runner, pass_name in itertools.product(runners, PASSES):
+    for runner, pass_name in itertools.product(runners, passes):
         row = {**base_row, "backend": runner.name, "pass": pass_name}
         timing = timings.get((runner.name, pass_name))
         if timing is None or timing.error is not None:
             rows.append(row | {"error": errors.get(runner.name) or timing.error})
             continue
         rows.append(row | timing.row() | derived_metrics(metrics_shape, pass_name, timing.median, element_size, bandwidth_gbs))
-    for pass_name in PASSES:
+    for pass_name in passes:
         best_sdpa = fastest_per_round([t for (name, p), t in timings.items() if p == pass_name and name.startswith("sdpa")])
         for (name, p), timing in timings.items():
             ratio = paired_ratio(timing, best_sdpa) if best_sdpa and p == pass_name and not name.startswith("sdpa") else None
