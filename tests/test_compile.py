@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import mplug_kernels
-from attention_testing import make_mask, random_tensor
+from attention_testing import DEVICE, make_mask, random_tensor
 
 
 def test_compile_fullgraph_forward_and_backward():
@@ -93,3 +93,33 @@ def test_compile_fullgraph_default_auto_decode_loop():
         return torch.cat(steps, 1)
 
     _fullgraph_matches_eager(decode, first, image_k, image_v)
+
+
+def _decode_with_cache(x, image_k, image_v, k_cache, v_cache, lengths):
+    """4 decode steps: each writes x at row b's position lengths[b] of the preallocated caches (out of place), then
+    attends to the image and the first lengths[b] + 1 cache entries (key_lengths, no host read)."""
+    rows, steps = torch.arange(x.shape[0], device=x.device), []
+    for _ in range(4):
+        k_cache = k_cache.index_put((rows, lengths.long()), x[:, 0])
+        v_cache = v_cache.index_put((rows, lengths.long()), x[:, 0])
+        lengths = lengths + 1
+        x = mplug_kernels.concat_attention(x, [image_k, k_cache], [image_v, v_cache], key_lengths=[None, lengths])
+        steps.append(x)
+    return torch.cat(steps, 1), lengths
+
+
+def test_compile_fullgraph_auto_decode_with_per_row_cache_lengths():
+    generator = torch.Generator().manual_seed(5)
+    make = lambda length: random_tensor(3, length, 2, 16, dtype=torch.float32, generator=generator)
+    x, image_k, image_v, k_cache, v_cache = make(1), make(4), make(4), make(9), make(9)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(_decode_with_cache)(x, image_k, image_v, k_cache, v_cache,
+                                                          torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    compiled = torch.compile(_decode_with_cache, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the lengths' values are data, not baked in
+        for lengths in ([0, 2, 5], [4, 0, 1]):
+            lengths = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+            got, want = compiled(x, image_k, image_v, k_cache, v_cache, lengths), _decode_with_cache(
+                x, image_k, image_v, k_cache, v_cache, lengths)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
