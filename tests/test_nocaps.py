@@ -1,4 +1,4 @@
-"""The nocaps reader (mplug.run.data.nocaps) on a tiny generated file in the official nocaps val format
+"""The nocaps reader (mplug.run.data.nocaps) and the caption evaluation's per-domain scores on a tiny generated file in the official nocaps val format
 ({"images": [{"id", "file_name", "domain"}], "annotations": [{"image_id", "caption"}]}, nocaps.org download)."""
 import json
 
@@ -50,3 +50,43 @@ def test_bad_entries_are_refused_or_skipped(tmp_path):
         read_nocaps(no_caption, str(tmp_path))
     with pytest.raises(ValueError, match="JSON object with an 'images' list"):
         read_nocaps(write(tmp_path, [IMAGES]), str(tmp_path))
+
+
+def nocaps_run(tmp_path):
+    """A tiny caption config and checkpoint, and a nocaps val file over its three test images, one per domain."""
+    from test_evaluate import tiny_checkpoint
+    from tiny_dataset import write_tiny_dataset
+
+    config = write_tiny_dataset(tmp_path / "data", "caption", n=3)
+    images = [{"id": 7 - i, "file_name": f"img_{i}.png", "domain": domain}
+              for i, domain in enumerate(("out-domain", "in-domain", "near-domain"))]
+    annotations = [{"image_id": 7 - i, "caption": f"caption {i} {k}"} for i in range(3) for k in range(2)]
+    val = tmp_path / "nocaps_val.json"
+    val.write_text(json.dumps({"images": images, "annotations": annotations}))
+    test = tmp_path / "nocaps_test.json"
+    test.write_text(json.dumps({"images": images}))
+    return config, tiny_checkpoint(config, "caption"), val, test
+
+
+def test_caption_evaluation_on_a_nocaps_file_scores_each_domain(tmp_path, monkeypatch):
+    from mplug.run import caption_eval
+    from test_evaluate import run_cli
+
+    config, checkpoint, val, test = nocaps_run(tmp_path)
+    root = f"--set=image_root={tmp_path / 'data' / 'coco' / 'val2014'}"
+    scored = []  # the java COCO evaluation itself is tested in test_evaluate.py / test_caption_eval.py
+    monkeypatch.setattr(caption_eval, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(caption_eval, "coco_caption_scores", lambda c, r: scored.append((list(c), list(r))) or {"CIDEr": len(c)})
+    scores = run_cli("caption", config, checkpoint, tmp_path / "val", f"--set=test_file={val}", root)
+    results = json.loads((tmp_path / "val" / "caption_result.json").read_text())
+    assert [entry["image_id"] for entry in results] == [7, 6, 5]
+    captions = {entry["image_id"]: entry["caption"] for entry in results}
+    refs = {7 - i: [f"caption {i} 0", f"caption {i} 1"] for i in range(3)}
+    assert scored == [([captions[6]], [refs[6]]), ([captions[5]], [refs[5]]), ([captions[7]], [refs[7]]),
+                      ([captions[7], captions[6], captions[5]], [refs[7], refs[6], refs[5]])]
+    assert {key: scores[key] for key in ("in-domain", "near-domain", "out-domain", "overall")} == {
+        "in-domain": {"images": 1, "CIDEr": 1}, "near-domain": {"images": 1, "CIDEr": 1},
+        "out-domain": {"images": 1, "CIDEr": 1}, "overall": {"images": 3, "CIDEr": 3}}
+    scores = run_cli("caption", config, checkpoint, tmp_path / "test", f"--set=test_file={test}", root)
+    assert "no annotations" in scores["caption_metrics_skipped"] and scores["images"] == 3
+    assert [entry["image_id"] for entry in json.loads((tmp_path / "test" / "caption_result.json").read_text())] == [7, 6, 5]
