@@ -1,16 +1,16 @@
 """Gradient accumulation (config key ``accumulate_steps``), as the authors' caption_mplug.py:66-79 (--accum_steps,
-default 4 at :337): each of n micro-batches' loss is divided by n and back-propagated, and the optimiser steps once per
-n batches. One training "step" (progress.step, the scheduler, log and checkpoint counts) is one optimiser step, so a
-checkpoint is only ever taken at an optimiser-step boundary. An epoch's last len(loader) % n batches (config key
+default 4 at :337): each of n micro-batches' loss is divided by n and back-propagated, and the optimiser steps once
+per n batches. One training "step" (progress.step, the scheduler, log and checkpoint counts) is one optimiser step,
+so a checkpoint is only ever taken at an optimiser-step boundary. An epoch's last len(loader) % n batches (config key
 ``accumulate_last_group``): "carry" (the default) does as the authors, whose step test (i + 1) % accum_steps restarts
 with each epoch's enumerate and who never zero the gradients at an epoch's start: those batches' gradient joins the
 next epoch's first step (n + r micro-batches, each still divided by n) and the last epoch's is never used. We draw
-them at the start of the next epoch instead of the end of theirs: the weights are the same (no step in between), and no
-checkpoint ever holds a pending gradient. "drop": they are never drawn. Under FSDP2, and DDP without static_graph, all
-but the last micro-batch run without gradient reduction (no_sync); our DDP is built with static_graph=True, which
-refuses no_sync (reducer assert), so there every micro-batch's gradient is averaged over the ranks as it is added: the
-same sum (each rank's accumulated .grad holds the already-averaged earlier micro-batches, equal on every rank), more
-traffic."""
+them at the start of the next epoch instead of the end of theirs: the weights are the same (no step in between), no
+checkpoint ever holds a pending gradient, and they take that step's extra inputs (momentum distillation's alpha).
+"drop": they are never drawn. Under FSDP2, and DDP without static_graph, all but the last micro-batch run without
+gradient reduction (no_sync); our DDP is built with static_graph=True, which refuses no_sync (reducer assert), so
+there every micro-batch's gradient is averaged over the ranks as it is added: the same sum (each rank's accumulated
+.grad holds the already-averaged earlier micro-batches, equal on every rank), more traffic."""
 from __future__ import annotations
 
 import contextlib
@@ -34,9 +34,10 @@ def carried_batches(num_batches: int, accumulate_steps: int, last_group: str) ->
     return num_batches % accumulate_steps if last_group == "carry" else 0
 
 
-def group_batches(batches: Iterable[dict], accumulate_steps: int, groups: int, carried: Sequence[dict] = ()) -> Iterator[dict]:
-    """The first ``groups`` steps of ``batches``: each batch as it is (accumulate_steps 1) or merged by n: {"inputs": the
-    micro-batch inputs (None when one of them has no usable item: the whole step is skipped), "dropped": every
+def group_batches(batches: Iterable[dict], accumulate_steps: int, groups: int,
+                  carried: Sequence[dict] = ()) -> Iterator[dict]:
+    """The first ``groups`` steps of ``batches``: each batch as it is (accumulate_steps 1) or merged by n: {"inputs":
+    the micro-batch inputs (None when one of them has no usable item: the whole step is skipped), "dropped": every
     micro-batch's dropped items}; the ``carried`` batches (the previous epoch's last ones) open the first group. No
     batch after the last group is drawn."""
     if accumulate_steps == 1:

@@ -325,7 +325,8 @@ def start_epoch(job: Job, progress: Progress, resumed: Optional[dict]):
     at_start = progress.step_in_epoch == 0
     if resumed is not None and at_start:
         restore_run_rng(job, resumed)
-    carried = carried_batches(len(job.loader), steps, job.cfg["accumulate_last_group"]) if at_start and progress.epoch else 0
+    carried = carried_batches(len(job.loader), steps, job.cfg["accumulate_last_group"])
+    carried = carried if at_start and progress.epoch else 0
     tail = list(epoch_batches(job, progress.epoch - 1, len(job.loader) - carried)) if carried else []
     batches = group_batches(epoch_batches(job, progress.epoch, progress.step_in_epoch * steps), steps,
                             job.steps_per_epoch - progress.step_in_epoch, tail)
