@@ -20,6 +20,7 @@ from transformers import (  # noqa: E402
     CLIPVisionConfig, CLIPVisionModel, DynamicCache, EncoderDecoderCache, ViTConfig, ViTModel,
 )
 
+from mplug_kernels.backends import BACKENDS  # noqa: E402
 from mplug_kernels.integrations import transformers as hf  # noqa: E402
 from attention_testing import assert_within_budget, skip_unless_supported  # noqa: E402
 
@@ -146,7 +147,7 @@ def test_bert_cross_attention_matches_eager(combo, kernel_calls):
         assert kernel_calls == [backend] * 2
 
 
-def test_bert_lm_head_causal_fallback_and_generate(kernel_calls):
+def test_bert_lm_head_causal_through_positions_and_generate(kernel_calls):
     backend, dtype = "reference", torch.float32
     torch.manual_seed(0)
     config = BertConfig(**TINY, **TEXT_IDS, is_decoder=True, add_cross_attention=True)
@@ -161,8 +162,8 @@ def test_bert_lm_head_causal_fallback_and_generate(kernel_calls):
         warnings.simplefilter("always")
         logits = [ours(ids, **inputs, use_cache=False).logits for _ in range(2)]
     torch.testing.assert_close(logits[0], eager(ids, **inputs, use_cache=False).logits, atol=2e-5, rtol=1e-4)
-    assert len(fallback_messages(caught)) == 1 and "causal" in fallback_messages(caught)[0]
-    assert len(kernel_calls) == 4  # the cross-attention of 2 layers x 2 calls; causal self-attention fell back
+    assert fallback_messages(caught) == []  # the padded causal self-attention runs on key/query positions
+    assert len(kernel_calls) == 2 * 2 * 2  # 2 calls x 2 layers x (causal self + cross)
 
     def generate(model):
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
@@ -359,7 +360,8 @@ def test_fallback_gives_transformers_answer(case, kernel_calls):
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_llama_grouped_heads_decode_matches_eager(combo, kv_heads, kernel_calls):
     """A tiny Llama with 4 query heads and 1 (MQA) or 2 (GQA) K/V heads: the one-query decode step runs on our
-    kernels without repeating K/V (the causal prefix falls back), logits within 2x of eager's error."""
+    kernels without repeating K/V (the causal prefix too where the backend takes key/query positions, else it falls
+    back), logits within 2x of eager's error."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     backend, dtype = combo
@@ -381,7 +383,8 @@ def test_llama_grouped_heads_decode_matches_eager(combo, kv_heads, kernel_calls)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ours = decode_logits(with_attention(master, dtype, attn_name(backend)))
-    assert kernel_calls == [backend] * 2  # the decode step of both layers
+    prefix_calls = 2 if BACKENDS[backend].supports_positions else 0
+    assert kernel_calls == [backend] * (2 + prefix_calls)  # the decode step (and the prefix) of both layers
     assert not any("grouped" in message for message in fallback_messages(caught))
     assert_within_budget("decode logits", ours, ref, base, 2.0)
 

@@ -3,9 +3,11 @@
 ``register()`` adds an attention implementation, and the mask function that goes with it, under one name:
 ``BertModel.from_pretrained(..., attn_implementation=register())`` then runs cross-attention and bidirectional
 self-attention on ``mplug_kernels.co_attention``. ``apply_mplug_kernels_to_blip(model)`` patches BLIP's text
-attention, which does not dispatch through transformers' AttentionInterface. Calls the kernels cannot serve exactly
-(causal or per-query masks, attention dropout in training, attention weights requested) run transformers' own
-attention instead, with one warning per reason. This module imports transformers only when one of them is called.
+attention, which does not dispatch through transformers' AttentionInterface. Causal attention (``is_causal`` without a mask, or
+a mask that our mask function built from transformers' plain causal mask function and a key padding mask) runs through
+positional visibility (key position <= query position). Calls the kernels cannot serve exactly (other per-query
+masks, attention dropout in training, attention weights requested) run transformers' own attention instead, with one
+warning per reason. This module imports transformers only when one of them is called.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "position_bias", "cu
 _BUILTIN_NAMES = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 _warned_reasons = set()
 _cross_kv_memo: contextvars.ContextVar = contextvars.ContextVar("mplug_kernels_cross_kv_memo", default=None)
+# padding_mask sets this attribute on a causal mask it built: (key positions [B, Lk], query positions [B, Lq],
+# key padding bool [B, Lk] or None), the same visibility as the mask's values.
+CAUSAL_ATTRIBUTE = "_mplug_kernels_causal"
 
 
 class FallbackWarning(UserWarning):
@@ -95,7 +100,7 @@ def _head_dim_reason(head_dim: int) -> Optional[str]:
     return None
 
 
-def _call_reason(module, query, key, attention_mask, dropout, is_causal, kwargs) -> Optional[str]:
+def _call_reason(query, dropout, kwargs) -> Optional[str]:
     """Why an AttentionInterface call ([B, H, L, D] tensors) cannot run on our kernels, or None."""
     if kwargs.get("output_attentions"):
         return "output_attentions (attention weights are requested)"
@@ -104,11 +109,36 @@ def _call_reason(module, query, key, attention_mask, dropout, is_causal, kwargs)
     given = [name for name in UNSUPPORTED_KWARGS if kwargs.get(name) is not None]
     if given:
         return f"argument {given[0]}"
-    if attention_mask is None and query.shape[2] > 1:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        if causal:
-            return "causal attention over several queries"
     return _head_dim_reason(query.shape[-1])
+
+
+def _arange(length: int, offset, batch: int, device) -> torch.Tensor:
+    """int32 [batch, length]: offset, offset + 1, ... (offset an int or a 0-D tensor; no host sync)."""
+    return (torch.arange(length, device=device) + offset).to(torch.int32).expand(batch, length)
+
+
+def _visibility(backend, module, query, key, attention_mask, is_causal):
+    """(keep bool [B, Lk] or None, (key positions, query positions) or None, None) for our kernels, or
+    (None, None, why they cannot take this mask)."""
+    batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+    positions = None
+    if attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if not causal or q_len == 1:
+            return None, None, None
+        keep, positions = None, (_arange(k_len, 0, batch, query.device), _arange(q_len, 0, batch, query.device))
+    else:
+        keep, reason = key_padding_mask(attention_mask, batch)
+        described = getattr(attention_mask, CAUSAL_ATTRIBUTE, None)
+        if reason is None or described is None:
+            return keep, None, reason
+        key_positions, query_positions, keep = described
+        if key_positions.shape != (batch, k_len) or query_positions.shape != (batch, q_len):
+            return None, None, reason
+        positions = key_positions, query_positions
+    if backend != "auto" and not get_backend(backend).supports_positions:
+        return None, None, f"causal attention over several queries on {backend} (it takes no key/query positions)"
+    return keep, positions, None
 
 
 def _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
@@ -129,22 +159,43 @@ def _fallback(reason, module, query, key, value, attention_mask, dropout, scalin
 def attention_forward(backend, module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       **kwargs):
     """transformers' signature: query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> (out [B, Lq, Hq, D], None), ours."""
-    reason = _call_reason(module, query, key, attention_mask, dropout, is_causal, kwargs)
+    reason = _call_reason(query, dropout, kwargs)
     if reason is None and key.shape[1] != query.shape[1] and backend != "auto":
         if not get_backend(backend).supports_grouped_heads:
             reason = f"grouped-query attention ({query.shape[1]} query heads, {key.shape[1]} key/value heads) on {backend}"
-    keep = None
+    keep = positions = None
     if reason is None:
-        keep, reason = key_padding_mask(attention_mask, query.shape[0])
+        keep, positions, reason = _visibility(backend, module, query, key, attention_mask, is_causal)
     if reason is not None:
         return _fallback(reason, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    key_positions, query_positions = positions if positions is not None else (None, None)
     out = co_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), keep,
-                       softmax_scale=scaling, backend=backend)
+                       key_positions=key_positions, query_positions=query_positions, softmax_scale=scaling,
+                       backend=backend)
     return out, None
 
 
+def _causal_description(kwargs, mask: torch.Tensor):
+    """CAUSAL_ATTRIBUTE's value for the mask sdpa_mask built from kwargs, or None unless its mask function is
+    transformers' plain causal one (key kv_offset + j visible to query q_offset + t iff j + kv_offset <= t + q_offset,
+    and the key padding mask keeps it)."""
+    from transformers.masking_utils import causal_mask_function, prepare_padding_mask
+
+    if kwargs.get("mask_function") is not causal_mask_function or "q_length" not in kwargs:
+        return None
+    batch, kv_length, kv_offset = mask.shape[0], kwargs["kv_length"], kwargs.get("kv_offset", 0)
+    key_positions = _arange(kv_length, kv_offset, batch, mask.device)
+    query_positions = _arange(kwargs["q_length"], kwargs.get("q_offset", 0), batch, mask.device)
+    padding = prepare_padding_mask(kwargs.get("attention_mask"), kv_length, kv_offset)
+    keep = None
+    if padding is not None:
+        keep = padding.to(device=mask.device, dtype=torch.bool)[:, key_positions[0].long()].expand(batch, kv_length)
+    return key_positions, query_positions, keep
+
+
 def padding_mask(**kwargs):
-    """transformers' boolean SDPA mask, always materialised, and one row [B, 1, 1, Lk] when it only pads keys."""
+    """transformers' boolean SDPA mask, always materialised, one row [B, 1, 1, Lk] when it only pads keys, and
+    CAUSAL_ATTRIBUTE set when it is transformers' plain causal mask (plus key padding)."""
     from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
 
     if kwargs.get("mask_function") is bidirectional_mask_function:
@@ -153,7 +204,11 @@ def padding_mask(**kwargs):
         if "cache_position" in kwargs:
             kwargs["cache_position"] = kwargs["cache_position"][:1]
     kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(**kwargs)
+    mask = sdpa_mask(**kwargs)
+    described = _causal_description(kwargs, mask) if mask is not None else None
+    if described is not None:
+        setattr(mask, CAUSAL_ATTRIBUTE, described)
+    return mask
 
 
 def register(name: str = DEFAULT_NAME, backend: str = "auto") -> str:
