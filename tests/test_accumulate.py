@@ -184,6 +184,25 @@ def test_accumulated_run_counts_optimiser_steps_and_resumes_bit_exactly(tmp_path
     assert log_lines(tmp_path / "stopped")[-1]["loss"] == log_lines(tmp_path / "straight")[-1]["loss"]
 
 
+def test_a_checkpoint_from_before_the_carry_resumes_only_as_it_ran(tmp_path, monkeypatch):
+    """A checkpoint whose config has no accumulate_last_group ran "drop": resuming it with the default "carry" is
+    refused naming both; with accumulate_last_group=drop it goes on."""
+    config = write_tiny_dataset(tmp_path / "data", "vqa", n=2)
+    overrides = ["epochs=2", "batch_size_train=1", "save_every=1", "accumulate_steps=2"]
+    stop_after_step(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "old", "vqa", *overrides)
+    monkeypatch.undo()
+    path = tmp_path / "old" / "checkpoint_last.pth"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["accumulate_last_group"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="accumulate_last_group: checkpoint 'drop', now 'carry'"):
+        train(config, tmp_path / "old", "vqa", *overrides, resume=True)
+    resumed = train(config, tmp_path / "old", "vqa", *overrides, "accumulate_last_group=drop", resume=True)
+    assert resumed["progress"] == {"epoch": 2, "step": 4, "step_in_epoch": 0}
+
+
 def test_accumulate_steps_checked_and_caption_configs_carry_the_authors_4():
     # caption_mplug.py:337 --accum_steps default 4; its train() (:31-97) clips no gradient; :47,77-79 carry
     for name in ("caption_base", "caption_large"):

@@ -382,6 +382,7 @@ def train(args: argparse.Namespace, cfg: dict) -> Path:
     info = init_distributed()
     resumed = read_checkpoint(args.resume) if args.resume else None
     if resumed is not None:
+        resumed["config"].setdefault("accumulate_last_group", "drop")  # what runs from before the key did
         check_same_run(resumed["config"], cfg, args.resume)
         check_same_world_size(resumed, info.world_size, args.resume)
     lock = open_run_output(args.output, args.resume, args.overwrite) if is_main() else None
