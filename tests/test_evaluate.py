@@ -257,3 +257,49 @@ def test_retrieval_drops_an_undecodable_image_with_its_texts(tmp_path):
     _truncate(tmp_path / "data" / "images" / "img_1.png")
     scores = run_cli("retrieval", config, checkpoint, tmp_path / "out", "--skip-bad-records")
     assert (scores["images"], scores["texts"], scores["skipped_records"]) == (3, 6, 1)
+
+
+def _prompt_trained(tmp_path, mode: str, steps: int = 30):
+    """A tiny caption model trained (Adam, lr 1e-3) on "both images show " + the tiny captions in prompt_mode ``mode``
+    -> (config path, checkpoint, model, the training batch's caption ids)."""
+    from mplug.run.data import build_dataset, build_loader, load_tokenizer
+
+    config = write_tiny_dataset(tmp_path / "data", "caption", n=4)
+    text = config.read_text() + f"prompt: 'both images show '\nprompt_mode: {mode}\n"
+    config.write_text(text)
+    cfg = load_config(str(config))
+    dataset = build_dataset("caption", "train", cfg, load_tokenizer(cfg["vocab"]))
+    loader, _ = build_loader(dataset, cfg, train=True, rank=0, world_size=1)
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.device("cpu"), "caption")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(steps):
+        batch = next(iter(loader)) if step % len(loader) == 0 else batch
+        optimizer.zero_grad()
+        model.caption_loss(**batch["inputs"]).backward()
+        optimizer.step()
+    path = config.parent / "caption_checkpoint.pth"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": cfg}, path)
+    return config, path, model.eval(), batch["inputs"]["caption_ids"]
+
+
+@pytest.mark.parametrize("mode", ["authors", "vatex"])
+def test_caption_evaluation_feeds_the_training_prompt_ids_and_writes_the_caption_without_it(tmp_path, monkeypatch, mode):
+    """Issue 24 (caption prompt): generation starts from "[CLS]" + the prompt ids every training caption starts with
+    (authors mode: caption_mplug.py:50 joins 'both images show ' + caption; vatex: 'prompt caption'), and the written
+    caption is the continuation only. Authors mode learns the prompt, so unprompted the model writes it itself."""
+    config, checkpoint, model, caption_ids = _prompt_trained(tmp_path, mode)
+    prompt = [101, *caption_ids[0, 1:4].tolist()]
+    assert (caption_ids[:, :4] == torch.tensor(prompt)).all(), "every training caption starts [CLS] both images show"
+    images = torch.randn(1, 3, 32, 32)
+    if mode == "authors":
+        unprompted = model.caption_generate(images, num_beams=2, min_length=1, max_length=5).sequences[0, 0]
+        assert unprompted[:3].tolist() == prompt[1:], "the prompt-trained model writes the prompt when not fed it"
+    fed = []
+    original = MPLUG.caption_generate
+    monkeypatch.setattr(MPLUG, "caption_generate", lambda self, images, **kw: fed.append(kw.get("prompt_ids")) or original(self, images, **kw))
+    monkeypatch.setattr(caption_eval, "coco_caption_scores", lambda *args: {})  # java's scoring: tested above
+    run_cli("caption", config, checkpoint, tmp_path / "out", "--set", "min_length=1")
+    assert fed and all(ids is not None and ids.tolist() == [prompt] * len(ids) for ids in fed), fed
+    captions = [entry["caption"] for entry in read_json(tmp_path / "out" / "caption_result.json")]
+    assert len(captions) == 4 and not any("both images show" in caption for caption in captions), captions
