@@ -113,6 +113,7 @@ struct Shape {
   int64_t q_len;
   std::vector<int64_t> source_lengths;
   bool masks;
+  bool positions = false;  // key positions on every source and query positions (the positional kernels)
 };
 
 AttentionArgs make_args(ElementType dtype, int head_dim, const Shape& shape) {
@@ -133,7 +134,9 @@ AttentionArgs make_args(ElementType dtype, int head_dim, const Shape& shape) {
     source.length = length;
     source.mask = shape.masks ? dummy : nullptr;
     source.mask_stride_b = shape.masks ? length : 0;
+    source.positions = shape.positions ? reinterpret_cast<const int32_t*>(dummy) : nullptr;
   }
+  args.query_positions = shape.positions ? reinterpret_cast<const int32_t*>(dummy) : nullptr;
   return args;
 }
 
@@ -156,12 +159,13 @@ void probe(const char* entry, Launcher launcher, const AttentionArgs& args, cons
 void probe_dtype(ElementType dtype, const char* name, void (*forward)(const AttentionArgs&),
                  void (*backward)(const AttentionArgs&), int head_dim) {
   const std::vector<Shape> shapes = {{1, {577}, false}, {25, {577}, true},   {25, {577, 25}, true},
-                                     {80, {257}, false}, {602, {577, 25}, true}, {602, {1025}, false}};
+                                     {80, {257}, false}, {602, {577, 25}, true}, {602, {1025}, false},
+                                     {25, {577, 25}, true, true}, {602, {577, 25}, true, true}};
   for (const Shape& shape : shapes) {
     const std::string details = std::string(name) + " q_len=" + std::to_string(shape.q_len) +
                                 " keys=" + std::to_string(total_keys(shape)) +
                                 " sources=" + std::to_string(shape.source_lengths.size()) +
-                                (shape.masks ? " masks" : "");
+                                (shape.masks ? " masks" : "") + (shape.positions ? " positions" : "");
     for (int splits : {1, 3}) {
       AttentionArgs args = make_args(dtype, head_dim, shape);
       args.num_splits = splits;

@@ -30,8 +30,9 @@ struct TensorView {
   int64_t stride_h = 0;
 };
 
-// One key/value source: keys, values, an optional uint8 key padding mask [B, length] and the
-// gradients of keys and values (backward only).
+// One key/value source: keys, values, an optional uint8 key padding mask [B, length], the
+// gradients of keys and values (backward only) and optional int32 key positions [B, length] (none:
+// every key of the source is visible to every query).
 struct SourceView {
   TensorView k;
   TensorView v;
@@ -40,6 +41,8 @@ struct SourceView {
   int64_t length = 0;
   TensorView dk;
   TensorView dv;
+  const int32_t* positions = nullptr;
+  int64_t positions_stride_b = 0;
 };
 
 // Everything one forward or backward call needs. Pointers not used by a call stay null.
@@ -54,6 +57,10 @@ struct AttentionArgs {
   TensorView q;
   TensorView out;
   float* lse = nullptr;        // [B, H, Lq] natural log
+  // positional visibility: key j of source s is visible to query m iff sources[s].positions[b, j] <=
+  // query_positions[b, m] (and its mask keeps it); null: no positions, every key's mask alone decides
+  const int32_t* query_positions = nullptr;  // int32 [B, Lq], unit stride along Lq
+  int64_t query_positions_stride_b = 0;
   int num_sources = 0;
   SourceView sources[kMaxSources];
   // forward split-KV: partial outputs [splits, B*H, Lq, D] and their lse [splits, B*H, Lq]
@@ -72,6 +79,7 @@ struct AttentionArgs {
   // Query heads per K/V head: query head h reads K/V head h / kv_group(); dK/dV of a K/V head sum its group.
   MPLUG_HD int64_t kv_group() const { return kv_heads > 0 ? heads / kv_heads : 1; }
   MPLUG_HD int64_t kv_head_count() const { return heads / kv_group(); }
+  MPLUG_HD bool positional() const { return query_positions != nullptr; }
 };
 
 // Split-KV key ranges come from mplug_kernels.occupancy (split_plan, split_keys): split i holds keys

@@ -26,6 +26,9 @@ void check_common(const AttentionArgs& args) {
   require(args.batch * args.heads <= kMaxGridX, "batch * heads exceeds the CUDA grid limit");
   require(ceil_div(args.q_len, kQueryRowsPerBlock) <= kMaxGridYZ, "q_len exceeds the CUDA grid limit");
   for (int s = 0; s < args.num_sources; ++s) require(args.sources[s].length >= 0, "source lengths must be >= 0");
+  bool key_positions = false;
+  for (int s = 0; s < args.num_sources; ++s) key_positions = key_positions || args.sources[s].positions != nullptr;
+  require(key_positions == args.positional(), "key positions and query positions must be given together");
 }
 
 }  // namespace

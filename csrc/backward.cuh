@@ -10,7 +10,7 @@
 // rows load as zeros and their P and dS are 0, so a NaN there reaches no gradient.
 #pragma once
 
-#include "mma.cuh"
+#include "visibility.cuh"
 
 namespace mplug {
 // The backward's own names: kernels of other translation units may define helpers of the same name.
@@ -38,7 +38,8 @@ struct DkdvSmem {
   static constexpr size_t lse = douts + 2 * kQueryTile;  // stage s at lse + s * kRows
   static constexpr size_t delta = lse + 2 * kRows;
   static constexpr size_t dscores = delta + 2 * kRows;
-  static constexpr size_t bytes = dscores + kBackwardKeys * kBackwardQueries * 2;
+  static constexpr size_t query_positions = dscores + kBackwardKeys * kBackwardQueries * 2;  // as lse
+  static constexpr size_t bytes = query_positions + 2 * kRows;
 };
 
 // Byte offsets of the deterministic dQ kernel's shared memory: swizzled Q and dO tiles, two stages
@@ -52,7 +53,8 @@ struct DqSmem {
   static constexpr size_t keys = douts + kQueryTile;  // stage s at keys + s * kKeyTile
   static constexpr size_t values = keys + 2 * kKeyTile;
   static constexpr size_t visible = values + 2 * kKeyTile;  // stage s at visible + s * kBackwardKeys
-  static constexpr size_t bytes = visible + 2 * kBackwardKeys;
+  static constexpr size_t key_positions = visible + 2 * kBackwardKeys;  // int32, as visible
+  static constexpr size_t bytes = key_positions + 2 * kBackwardKeys * sizeof(int32_t);
 };
 
 // Starts 16-byte asynchronous copies of the rows r of a [ROWS, D] slab for which keep(r) holds
@@ -215,6 +217,10 @@ __device__ __forceinline__ void issue_query_tile(const AttentionArgs& args, unsi
       delta[r] = 0.0f;
     }
   }
+  if (args.positional()) {
+    issue_query_positions<kThreads>(args, b, m0, kBackwardQueries, live,
+                                    reinterpret_cast<int32_t*>(smem + Smem::query_positions + stage * Smem::kRows));
+  }
 }
 
 // Starts loading K and V of one key tile into swizzled tiles; masked keys and keys past the tile
@@ -293,7 +299,8 @@ __device__ __forceinline__ void accumulate_dq_atomic(const AttentionArgs& args, 
 // dV += P^T dO, dK += dS^T Q; dS^T rounded to T is returned for the dQ product.
 template <typename T, int D>
 __device__ __forceinline__ void dkdv_stage(const AttentionArgs& args, const unsigned char* smem, int stage, int key0,
-                                           const bool (&visible)[2], float (&dk)[D / kMmaN][4],
+                                           const bool (&visible)[2], const int32_t (&key_positions)[2],
+                                           float (&dk)[D / kMmaN][4],
                                            float (&dv)[D / kMmaN][4], uint32_t (&ds_frags)[kQueryTiles / 2][4]) {
   using Smem = DkdvSmem<D>;
   const int lane = threadIdx.x % 32;
@@ -317,6 +324,12 @@ __device__ __forceinline__ void dkdv_stage(const AttentionArgs& args, const unsi
       dprobs[nt][i] = keep ? p * (dprobs[nt][i] - delta[m]) : 0.0f;
     }
   }
+  if (args.positional()) {
+    const int32_t* positions = reinterpret_cast<const int32_t*>(smem + Smem::query_positions + stage * Smem::kRows);
+    const auto invisible = [&](int nt, int i) { return key_positions[i / 2] > positions[nt * kMmaN + acc_col(lane, i)]; };
+    hide_by_position(scores, invisible);
+    hide_by_position(dprobs, invisible);
+  }
   uint32_t p_frags[kQueryTiles / 2][4];
   to_a_fragments<T, kQueryTiles>(p_frags, scores);
   to_a_fragments<T, kQueryTiles>(ds_frags, dprobs);
@@ -334,6 +347,11 @@ __device__ __forceinline__ void issue_dq_key_tile(const AttentionArgs& args, con
                        smem + Smem::values + stage * Smem::kKeyTile);
   uint8_t* visible = smem + Smem::visible + stage * kBackwardKeys;
   for (int n = threadIdx.x; n < kBackwardKeys; n += kThreads) visible[n] = key_visible(args.sources[tile.source], tile, b, n);
+  if (args.positional()) {
+    store_key_positions<kThreads, kBackwardKeys>(
+        args.sources[tile.source], tile, b,
+        reinterpret_cast<int32_t*>(smem + Smem::key_positions + stage * kBackwardKeys * sizeof(int32_t)));
+  }
 }
 
 // Step t of a two-stage cp.async pipeline over `count` tiles: waits until tile t (in stage t % 2)
@@ -388,9 +406,21 @@ __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs a
   const SourceView& source = args.sources[tile.source];
   const bool visible[2] = {key_visible(source, tile, b, key0 + acc_row(lane, 0)),
                            key_visible(source, tile, b, key0 + acc_row(lane, 2))};
-
-  issue_key_tile<T, D>(args, tile, b, kv_h, smem + Smem::keys, smem + Smem::values);
-  issue_query_tile<T, D>(args, smem, 0, b, kv_h * group, 0);
+  int32_t key_positions[2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    key_positions[k] = visible[k] ? key_position(source, b, tile.start + key0 + acc_row(lane, 2 * k)) : INT32_MAX;
+  }
+  // a tile whose keys are all padded, or positioned after every query, is neither loaded nor computed
+  const auto every_row = [](int64_t) { return true; };
+  const int32_t q_max = args.positional() ? max_query_position<kThreads>(args, b, 0, args.q_len, every_row,
+                                                                          reinterpret_cast<int32_t*>(smem + Smem::dscores))
+                                          : INT32_MAX;
+  const bool seen = !__syncthreads_and(!tile_pending_key(source, tile, b).seen_below(q_max));
+  if (seen) {
+    issue_key_tile<T, D>(args, tile, b, kv_h, smem + Smem::keys, smem + Smem::values);
+    issue_query_tile<T, D>(args, smem, 0, b, kv_h * group, 0);
+  }
   __pipeline_commit();
   float dk[D / kMmaN][4];
   float dv[D / kMmaN][4];
@@ -403,10 +433,10 @@ __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs a
   const auto issue_queries = [&](int64_t next, int stage) {
     issue_query_tile<T, D>(args, smem, stage, b, head_of(next), (next % query_tiles) * kBackwardQueries);
   };
-  for (int64_t t = 0; t < steps; ++t) {
+  for (int64_t t = 0; seen && t < steps; ++t) {
     const int stage = pipeline_step(t, steps, issue_queries);
     uint32_t ds_frags[kQueryTiles / 2][4];
-    dkdv_stage<T, D>(args, smem, stage, key0, visible, dk, dv, ds_frags);
+    dkdv_stage<T, D>(args, smem, stage, key0, visible, key_positions, dk, dv, ds_frags);
     if (args.dq_accum != nullptr) {
       stage_dscores(smem + Smem::dscores, key0, ds_frags);
       __syncthreads();
@@ -446,20 +476,31 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
   const TileWalk walk = TileWalk::over(args, 0, INT64_MAX);
 
   const LiveQueries live = LiveQueries::at(args, b, h, m0, kDqQueries);
+  // a key tile whose keys are all padded, or positioned after every live row, is neither loaded nor computed
+  const int32_t q_max = args.positional() ? max_query_position<kThreads>(args, b, m0, live.valid, live,
+                                                                          reinterpret_cast<int32_t*>(smem + Smem::keys))
+                                          : INT32_MAX;
+  const auto pending_of = [&](int64_t t) {  // no key past the last tile
+    const KeyTile tile = walk.at(t);
+    return tile_pending_key(args.sources[tile.source], tile, b);
+  };
   load_swizzled_async<T, D, kDqQueries>(smem + Smem::queries, element<const T>(args.q, b, m0, h), args.q.stride_s,
                                         live);
   load_swizzled_async<T, D, kDqQueries>(smem + Smem::douts, element<const T>(args.dout, b, m0, h),
                                         args.dout.stride_s, live);
-  if (walk.total > 0) issue_dq_key_tile<T, D>(args, walk, 0, smem, 0, b, kv_h);
+  bool seen = !__syncthreads_and(!pending_of(0).seen_below(q_max));
+  if (seen) issue_dq_key_tile<T, D>(args, walk, 0, smem, 0, b, kv_h);
   __pipeline_commit();
   // lse and delta of the lane's rows g and g + 8; rows past the end or without keys get lse -inf
   float lse[2];
   float delta[2];
+  int32_t row_positions[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = row0 + acc_row(lane, 2 * half);
     lse[half] = live(r) ? live.lse[r] : -INFINITY;
     delta[half] = live(r) ? args.delta[(live.lse - args.lse) + r] : 0.0f;
+    row_positions[half] = args.positional() && live(r) ? query_position(args, b, m0 + r) : INT32_MIN;
   }
   float dq[D / kMmaN][4];
   zero_accumulators(dq);
@@ -467,8 +508,12 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
   const auto issue_keys = [&](int64_t next, int stage) {
     issue_dq_key_tile<T, D>(args, walk, next, smem, stage, b, kv_h);
   };
+  PendingKey pending = pending_of(1);
   for (int64_t t = 0; t < walk.total; ++t) {
-    const int stage = pipeline_step(t, walk.total, issue_keys);
+    const bool tile_seen = seen;
+    const int stage = pipeline_step_seen(t, walk.total, pending.seen_below(q_max), seen, issue_keys);
+    pending = pending_of(t + 2);
+    if (!tile_seen) continue;
     const unsigned char* keys = smem + Smem::keys + stage * Smem::kKeyTile;
     const uint8_t* visible = smem + Smem::visible + stage * kBackwardKeys;
     float scores[kKeyTiles][4];
@@ -483,6 +528,11 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
         const float p = keep ? probability_from_lse(scores[nt][i] * scale_log2, lse[i / 2]) : 0.0f;
         dprobs[nt][i] = keep ? p * (dprobs[nt][i] - delta[i / 2]) : 0.0f;
       }
+    }
+    if (args.positional()) {
+      const int32_t* positions =
+          reinterpret_cast<const int32_t*>(smem + Smem::key_positions + stage * kBackwardKeys * sizeof(int32_t));
+      hide_by_position(dprobs, [&](int nt, int i) { return positions[nt * kMmaN + acc_col(lane, i)] > row_positions[i / 2]; });
     }
     uint32_t ds_frags[kKeyTiles / 2][4];
     to_a_fragments<T, kKeyTiles>(ds_frags, dprobs);

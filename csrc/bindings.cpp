@@ -14,8 +14,10 @@ namespace {
 
 // (data_ptr, stride_b, stride_s, stride_h) of a [B, S, H, D] tensor; (0, 0, 0, 0) when absent.
 using View = std::tuple<uintptr_t, int64_t, int64_t, int64_t>;
-// (k, v, mask data_ptr or 0, mask stride_b, length, dk, dv)
-using Source = std::tuple<View, View, uintptr_t, int64_t, int64_t, View, View>;
+// (k, v, mask data_ptr or 0, mask stride_b, length, dk, dv, key positions data_ptr or 0, their stride_b)
+using Source = std::tuple<View, View, uintptr_t, int64_t, int64_t, View, View, uintptr_t, int64_t>;
+// (query positions data_ptr or 0, their stride_b)
+using Positions = std::tuple<uintptr_t, int64_t>;
 // (batch, q_len, heads, head_dim); the K/V heads come separately (kv_heads, dividing heads)
 using Shape = std::tuple<int64_t, int64_t, int64_t, int64_t>;
 
@@ -32,7 +34,7 @@ mplug::ElementType to_dtype(const std::string& name) {
 
 mplug::AttentionArgs make_args(const std::string& dtype, const Shape& shape, double scale, const View& q,
                                const View& out, uintptr_t lse, const std::vector<Source>& sources, uintptr_t stream,
-                               int64_t kv_heads) {
+                               int64_t kv_heads, const Positions& query_positions) {
   if (sources.empty() || sources.size() > mplug::kMaxSources) {
     throw std::invalid_argument("sources must hold 1.." + std::to_string(mplug::kMaxSources) + " entries, got " +
                                 std::to_string(sources.size()));
@@ -47,18 +49,22 @@ mplug::AttentionArgs make_args(const std::string& dtype, const Shape& shape, dou
   args.lse = reinterpret_cast<float*>(lse);
   args.num_sources = static_cast<int>(sources.size());
   for (size_t s = 0; s < sources.size(); ++s) {
-    const auto& [k, v, mask, mask_stride_b, length, dk, dv] = sources[s];
+    const auto& [k, v, mask, mask_stride_b, length, dk, dv, positions, positions_stride_b] = sources[s];
     args.sources[s] = mplug::SourceView{to_view(k),  to_view(v), reinterpret_cast<const uint8_t*>(mask),
-                                        mask_stride_b, length,   to_view(dk), to_view(dv)};
+                                        mask_stride_b, length,   to_view(dk), to_view(dv),
+                                        reinterpret_cast<const int32_t*>(positions), positions_stride_b};
   }
+  args.query_positions = reinterpret_cast<const int32_t*>(std::get<0>(query_positions));
+  args.query_positions_stride_b = std::get<1>(query_positions);
   args.stream = reinterpret_cast<void*>(stream);
   return args;
 }
 
 void forward(const std::string& dtype, const Shape& shape, double scale, const View& q, const View& out,
              uintptr_t lse, const std::vector<Source>& sources, int num_splits, int64_t split_size,
-             uintptr_t part_out, uintptr_t part_lse, uintptr_t stream, int64_t kv_heads) {
-  mplug::AttentionArgs args = make_args(dtype, shape, scale, q, out, lse, sources, stream, kv_heads);
+             uintptr_t part_out, uintptr_t part_lse, uintptr_t stream, int64_t kv_heads,
+             const Positions& query_positions) {
+  mplug::AttentionArgs args = make_args(dtype, shape, scale, q, out, lse, sources, stream, kv_heads, query_positions);
   args.num_splits = num_splits;
   args.split_size = split_size;
   args.part_out = reinterpret_cast<float*>(part_out);
@@ -68,8 +74,9 @@ void forward(const std::string& dtype, const Shape& shape, double scale, const V
 
 void backward(const std::string& dtype, const Shape& shape, double scale, const View& q, const View& out,
               uintptr_t lse, const std::vector<Source>& sources, const View& dout, const View& dq,
-              uintptr_t dq_accum, uintptr_t dlse, uintptr_t delta, uintptr_t stream, int64_t kv_heads) {
-  mplug::AttentionArgs args = make_args(dtype, shape, scale, q, out, lse, sources, stream, kv_heads);
+              uintptr_t dq_accum, uintptr_t dlse, uintptr_t delta, uintptr_t stream, int64_t kv_heads,
+              const Positions& query_positions) {
+  mplug::AttentionArgs args = make_args(dtype, shape, scale, q, out, lse, sources, stream, kv_heads, query_positions);
   args.dout = to_view(dout);
   args.dq = to_view(dq);
   args.dq_accum = reinterpret_cast<float*>(dq_accum);
@@ -99,12 +106,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward", &forward, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"), py::arg("shape"),
         py::arg("scale"), py::arg("q"), py::arg("out"), py::arg("lse"), py::arg("sources"), py::arg("num_splits"),
         py::arg("split_size"), py::arg("part_out"), py::arg("part_lse"), py::arg("stream"), py::arg("kv_heads") = 0,
+        py::arg("query_positions") = Positions{0, 0},
         "out [B, Lq, H, D] and lse [B, H, Lq] of q over the concatenated sources [B, Lk_i, kv_heads, D] (split-KV "
-        "when num_splits > 1; kv_heads 0 means H)");
+        "when num_splits > 1; kv_heads 0 means H; query_positions (data_ptr, stride_b) of int32 [B, Lq]: key j of "
+        "a source with positions is visible to query m iff its position <= the query's)");
   m.def("attention_backward", &backward, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"),
         py::arg("shape"), py::arg("scale"), py::arg("q"), py::arg("out"), py::arg("lse"), py::arg("sources"),
         py::arg("dout"), py::arg("dq"), py::arg("dq_accum"), py::arg("dlse"), py::arg("delta"), py::arg("stream"),
-        py::arg("kv_heads") = 0,
+        py::arg("kv_heads") = 0, py::arg("query_positions") = Positions{0, 0},
         "dq, and every source's dk and dv (summed over each K/V head's query heads); dQ by atomics into dq_accum "
         "when it is set, else deterministic");
   m.def(

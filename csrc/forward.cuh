@@ -560,6 +560,15 @@ void with_forward_kernel(int64_t head_dim, int64_t q_len, Body&& body) {
   });
 }
 
+// The combine of split-KV partial results (none without splits).
+template <typename T>
+void launch_combine(const AttentionArgs& args) {
+  if (args.num_splits == 1) return;
+  const int64_t rows = args.batch * args.heads * args.q_len;
+  launch(combine_kernel<T>, "combine_kernel", dim3(static_cast<unsigned>((rows + kWarps - 1) / kWarps)),
+         kCombineSmemBytes, args);
+}
+
 template <typename T>
 void forward_for_type(const AttentionArgs& args) {
   with_forward_kernel<T>(args.head_dim, args.q_len, [&](auto kernel, int threads, size_t smem_bytes) {
@@ -569,11 +578,7 @@ void forward_for_type(const AttentionArgs& args) {
                     static_cast<unsigned>(args.num_splits));
     launch(kernel, "forward_kernel", grid, threads, smem_bytes, args);
   });
-  if (args.num_splits > 1) {
-    const int64_t rows = args.batch * args.heads * args.q_len;
-    launch(combine_kernel<T>, "combine_kernel", dim3(static_cast<unsigned>((rows + kWarps - 1) / kWarps)),
-           kCombineSmemBytes, args);
-  }
+  launch_combine<T>(args);
 }
 
 // CTAs of the forward kernel for (head_dim, q_len) resident on one multiprocessor.

@@ -122,6 +122,11 @@ def test_reference_matches_dense_mask_oracle(name, heads):
 
 def _check(backend, dtype, heads, name, seed, backward):
     q, ks, vs, masks, positions = inputs(name, heads, dtype, seed, requires_grad=backward)
+    _compare(backend, dtype, q, ks, vs, masks, positions, seed, backward)
+
+
+def _compare(backend, dtype, q, ks, vs, masks, positions, seed, backward):
+    """backend's out, lse (and gradients when backward) within 2x PyTorch's own error of the float64 dense oracle."""
     return_lse = backend != "sdpa"
     reasons = BACKENDS[backend].reasons(AttentionCall.of(q, ks, vs, masks, return_lse, positions))
     if reasons:
@@ -215,3 +220,48 @@ def test_declared_support_names_positions():
     assert call.has_positions and "positions=True" in call.describe()
     assert "takes no key/query positions" in Backend().reasons(call)
     assert not BACKENDS["reference"].reasons(call)
+
+
+def _splits_inputs(dtype, heads, requires_grad):
+    """200 keys in two sources (an image source whose second image is at position 40, text at 50-119 whose first
+    64 keys are padded in row 1) and 70 queries: row 0 from position -1 (sees no key) up, row 1 down to 0, so
+    whole key splits and tiles are invisible to some query tiles and rows."""
+    generator = torch.Generator().manual_seed(5)
+    lengths, q_len = (130, 70), 70
+    key_positions = [_int32([[3] * 64 + [40] * 66, [0] * 130]), _int32([list(range(50, 120))] * BATCH)]
+    query_positions = _int32([list(range(-1, q_len - 1)), list(range(2 * q_len - 1, -1, -2))])
+    padding = torch.ones(BATCH, lengths[1], dtype=torch.bool, device=DEVICE)
+    padding[1, :64] = False
+    make = lambda length, h: random_tensor(BATCH, length, h, HEAD_DIM, dtype=dtype, generator=generator,
+                                           requires_grad=requires_grad)
+    q = make(q_len, heads[0])
+    ks, vs = [make(n, heads[1]) for n in lengths], [make(n, heads[1]) for n in lengths]
+    return q, ks, vs, [None, padding], Positions(tuple(key_positions), query_positions)
+
+
+@pytest.mark.parametrize("backend,dtype", [("cuda", torch.float16), ("cuda", torch.bfloat16)])
+@pytest.mark.parametrize("num_splits", [3, 4])
+def test_forced_splits_with_invisible_splits(backend, dtype, num_splits):
+    """Split-KV under positions: a split whose keys a row cannot see adds nothing to its merge (forward and backward)."""
+    from mplug_kernels.backends.kernel_inputs import force_num_splits
+    force_num_splits(num_splits)
+    try:
+        _compare(backend, dtype, *_splits_inputs(dtype, (4, 2), requires_grad=True), seed=5, backward=True)
+    finally:
+        force_num_splits(None)
+
+
+@pytest.mark.parametrize("backend,dtype", [("cuda", torch.float16), ("cuda", torch.bfloat16)])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+def test_deterministic_backward(backend, dtype, heads):
+    """The dQ kernel without atomics (deterministic algorithms) under positions: the same gradients within budget, and
+    bit-identical on a second run."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        _compare(backend, dtype, *_splits_inputs(dtype, heads, requires_grad=True), seed=7, backward=True)
+        q, ks, vs, masks, positions = _splits_inputs(dtype, heads, requires_grad=True)
+        runs = [grads([_call(q, ks, vs, masks, positions, backend, return_lse=False)], [q], [torch.ones_like(q)])[0]
+                for _ in range(2)]
+        assert torch.equal(runs[0], runs[1])
+    finally:
+        torch.use_deterministic_algorithms(False)

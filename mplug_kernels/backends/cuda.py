@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from mplug_kernels.backends.base import Backend
+from mplug_kernels.backends.base import Backend, Positions
 from mplug_kernels.reference import alive_batch_rows, dead_queries_zeroed
 from mplug_kernels.backends.kernel_inputs import forced_num_splits, mask_bytes
 from mplug_kernels.occupancy import split_keys, split_plan
@@ -100,12 +100,31 @@ def _pointer(x: Optional[torch.Tensor]) -> int:
     return 0 if x is None else x.data_ptr()
 
 
-def _sources(ks, vs, masks, dks=None, dvs=None) -> list:
+def _rows(x: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """(data_ptr, stride_b) of a [B, L] tensor whose L stride is 1 (a 32-bit position or mask row); (0, 0) when absent."""
+    return (0, 0) if x is None else (x.data_ptr(), x.stride(0))
+
+
+def _unit_stride(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def _position_rows(positions: Optional[Positions]) -> Tuple[Optional[list], Optional[torch.Tensor]]:
+    """(per source key positions or None, query positions), int32 rows with a unit stride along L; (None, None)
+    without positions."""
+    if positions is None:
+        return None, None
+    return [_unit_stride(p) for p in positions.keys], _unit_stride(positions.queries)
+
+
+def _sources(ks, vs, masks, dks=None, dvs=None, key_positions=None) -> list:
     dks = dks or [None] * len(ks)
     dvs = dvs or [None] * len(ks)
+    key_positions = key_positions or [None] * len(ks)
     return [
-        (_view(k), _view(v), _pointer(m), m.stride(0) if m is not None else 0, k.shape[1], _view(dk), _view(dv))
-        for k, v, m, dk, dv in zip(ks, vs, masks, dks, dvs)
+        (_view(k), _view(v), _pointer(m), m.stride(0) if m is not None else 0, k.shape[1], _view(dk), _view(dv),
+         *_rows(p))
+        for k, v, m, dk, dv, p in zip(ks, vs, masks, dks, dvs, key_positions)
     ]
 
 
@@ -149,13 +168,15 @@ def _split(extension, q: torch.Tensor, total_keys: int) -> Tuple[int, int]:
 
 def forward(
     q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
-    masks: Sequence[Optional[torch.Tensor]], softmax_scale: float,
+    masks: Sequence[Optional[torch.Tensor]], softmax_scale: float, positions: Optional[Positions] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """out [B, Lq, H, D] and lse float32 [B, H, Lq] of q over the concatenated sources (CUDA kernels)."""
+    """out [B, Lq, H, D] and lse float32 [B, H, Lq] of q over the concatenated sources (CUDA kernels), under
+    positional visibility when positions is given."""
     extension = load_extension()
     q = _kernel_ready(q)
     ks, vs = [_kernel_ready(k) for k in ks], [_kernel_ready(v) for v in vs]
     masks = [mask_bytes(m) for m in masks]
+    key_positions, query_positions = _position_rows(positions)
     batch, q_len, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
@@ -169,8 +190,9 @@ def forward(
     with _on_device(q.device):
         extension.attention_forward(
             dtype=DTYPE_NAMES[q.dtype], shape=tuple(q.shape), scale=softmax_scale, q=_view(q), out=_view(out),
-            lse=lse.data_ptr(), sources=_sources(ks, vs, masks), num_splits=num_splits, split_size=split_size,
-            part_out=_pointer(part_out), part_lse=_pointer(part_lse), stream=_stream(q.device), kv_heads=ks[0].shape[2],
+            lse=lse.data_ptr(), sources=_sources(ks, vs, masks, key_positions=key_positions), num_splits=num_splits,
+            split_size=split_size, part_out=_pointer(part_out), part_lse=_pointer(part_lse), stream=_stream(q.device),
+            kv_heads=ks[0].shape[2], query_positions=_rows(query_positions),
         )
     return out, lse
 
@@ -178,10 +200,11 @@ def forward(
 def backward(
     dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, ks: Sequence[torch.Tensor],
     vs: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]], out: torch.Tensor,
-    lse: torch.Tensor, softmax_scale: float, deterministic: bool,
+    lse: torch.Tensor, softmax_scale: float, deterministic: bool, positions: Optional[Positions] = None,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """(dq, dks, dvs); dQ by float32 atomics unless deterministic (then a dQ kernel without atomics)."""
     extension = load_extension()
+    key_positions, query_positions = _position_rows(positions)
     q, dout, out = _kernel_ready(q), _kernel_ready(dout), _kernel_ready(out)
     ks, vs = [_kernel_ready(k) for k in ks], [_kernel_ready(v) for v in vs]
     masks = [mask_bytes(m) for m in masks]
@@ -195,9 +218,9 @@ def backward(
     with _on_device(q.device):
         extension.attention_backward(
             dtype=DTYPE_NAMES[q.dtype], shape=tuple(q.shape), scale=softmax_scale, q=_view(q), out=_view(out),
-            lse=lse.data_ptr(), sources=_sources(ks, vs, masks, dks, dvs), dout=_view(dout), dq=_view(dq),
-            dq_accum=_pointer(dq_accum), dlse=_pointer(dlse), delta=delta.data_ptr(), stream=_stream(q.device),
-            kv_heads=ks[0].shape[2],
+            lse=lse.data_ptr(), sources=_sources(ks, vs, masks, dks, dvs, key_positions), dout=_view(dout),
+            dq=_view(dq), dq_accum=_pointer(dq_accum), dlse=_pointer(dlse), delta=delta.data_ptr(),
+            stream=_stream(q.device), kv_heads=ks[0].shape[2], query_positions=_rows(query_positions),
         )
     return (dq if deterministic else dq_accum.to(q.dtype)), dks, dvs
 
@@ -207,6 +230,7 @@ class CudaBackend(Backend):
     dtypes = tuple(DTYPE_NAMES)
     head_dims = HEAD_DIMS
     supports_grouped_heads = True
+    supports_positions = True
 
     @property
     def devices(self) -> Tuple[str, ...]:
@@ -234,7 +258,9 @@ class CudaBackend(Backend):
         return 15 if call.device_type == "cuda" else 99
 
     def forward(self, q, ks, vs, masks, scale, positions=None):
+        if positions is not None:  # the positional kernel selects hidden scores out: a row seeing no key is 0
+            return forward(q, ks, vs, masks, scale, positions)
         return forward(dead_queries_zeroed(q, alive_batch_rows(ks, masks)), ks, vs, masks, scale)
 
     def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic, positions=None):
-        return backward(dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic)
+        return backward(dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic, positions)

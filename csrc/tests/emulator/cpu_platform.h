@@ -186,6 +186,7 @@ struct Runtime {
   float exchange[kBlockWarps][2][kLanes];
   alignas(16) unsigned char lane_bytes[kBlockWarps][2][kLanes][kLaneBytes];
   int block_and[2] = {1, 1};  // __syncthreads_and of the barrier generations by parity
+  int block_count[2] = {0, 0};  // __syncthreads_count of the barrier generations by parity
   int block_threads = kThreadsPerBlock;
   bool eager_copies = false;
   Schedule schedule = Schedule::warps_ascending;
@@ -560,6 +561,16 @@ template <int N>
   if (predicate == 0) r.block_and[parity] = 0;
   mplug::emulator::sync_block(__builtin_return_address(0));
   return r.block_and[parity];
+}
+
+// __syncthreads that also returns how many threads of the block passed a non-zero `predicate`.
+[[gnu::noinline]] inline int __syncthreads_count(int predicate) {
+  mplug::emulator::Runtime& r = mplug::emulator::runtime();
+  const unsigned parity = r.block.generation & 1u;
+  if (r.block.arrived == 0) r.block_count[parity] = 0;
+  if (predicate != 0) ++r.block_count[parity];
+  mplug::emulator::sync_block(__builtin_return_address(0));
+  return r.block_count[parity];
 }
 
 [[gnu::noinline]] inline void __syncwarp(unsigned mask = 0xffffffffu) {

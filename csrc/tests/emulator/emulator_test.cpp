@@ -357,6 +357,18 @@ void syncthreads_and_reduces_a_predicate() {
   }
 }
 
+void syncthreads_count_counts_a_predicate() {
+  std::vector<int> none(kThreadsPerBlock), some(kThreadsPerBlock);
+  const std::string error = error_of(dim3(1), 0, [&] {
+    none[threadIdx.x] = __syncthreads_count(0);
+    some[threadIdx.x] = __syncthreads_count(threadIdx.x % 3 == 0);
+  });
+  expect(error.empty(), "__syncthreads_count ran: " + error);
+  for (int t = 0; t < kThreadsPerBlock; ++t) {
+    expect(none[t] == 0 && some[t] == (kThreadsPerBlock + 2) / 3, "__syncthreads_count counts over the block");
+  }
+}
+
 void exp2_approx_flushes_like_ex2_approx_ftz() {
   expect(mplug::exp2_approx(3.0f) == 8.0f && mplug::exp2_approx(-INFINITY) == 0.0f, "exp2_approx of 3 and -inf");
   expect(mplug::exp2_approx(-130.0f) == 0.0f, "a denormal result flushes to zero");
@@ -439,6 +451,7 @@ int main() {
   swizzled_ldmatrix_and_mma_compute_a_matmul<__nv_bfloat16>("bfloat16");
   concurrent_launches_from_host_threads();
   syncthreads_and_reduces_a_predicate();
+  syncthreads_count_counts_a_predicate();
   exp2_approx_flushes_like_ex2_approx_ftz();
   atomics_add_up();
   half_and_bfloat16_round_to_nearest_even();

@@ -1,0 +1,179 @@
+// The forward with positional visibility (AttentionArgs::positional): forward_kernel's pipeline, plus
+// per key tile the positions of its keys in shared memory (loaded a tile ahead, as the mask bytes)
+// and per lane the positions of its two query rows in registers. A key tile that no query row of
+// the CTA can see (every key padded or positioned after the CTA's last query) is neither loaded nor
+// computed; a query row that sees no key ends with output 0 and lse -inf.
+#pragma once
+
+#include "forward.cuh"
+#include "visibility.cuh"
+
+namespace mplug {
+
+// forward_kernel's shared memory, then three rotating int32 key position buffers (tile t: t % 3, as
+// its bias buffer); before the key loop the first also gathers the CTA's query positions.
+template <int D>
+struct PositionalSmem {
+  static constexpr int positions = static_cast<int>(ForwardSmem<D>::bytes);
+  static constexpr size_t bytes = positions + ForwardSmem<D>::kFlagBuffers * kBlockN * sizeof(int32_t);
+  static_assert(kForwardMaxWarps * 32 <= ForwardSmem<D>::kFlagBuffers * kBlockN, "the query scratch fits");
+};
+
+// The positions of this lane's rows g and g + 8 of its warp (INT32_MIN past the queries) and the largest
+// position of the CTA's query rows.
+struct RowPositions {
+  int32_t row[2];
+  int32_t cta_max;
+};
+
+// Thread r reads the position of CTA row r; `scratch` (one int32 per thread) is free again on return.
+template <int kThreadsHere>
+__device__ __forceinline__ RowPositions row_positions(const AttentionArgs& args, int64_t b, int64_t cta_row0,
+                                                      int warp_index, int32_t* scratch) {
+  const int64_t m = cta_row0 + threadIdx.x;
+  const bool row = threadIdx.x < kThreadsHere / 32 * kForwardWarpRows && m < args.q_len;
+  scratch[threadIdx.x] = row ? query_position(args, b, m) : INT32_MIN;
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  RowPositions positions;
+  positions.row[0] = scratch[warp_index * kForwardWarpRows + lane_quad(lane)];
+  positions.row[1] = scratch[warp_index * kForwardWarpRows + lane_quad(lane) + 8];
+  positions.cta_max = INT32_MIN;
+  for (int r = 0; r < kThreadsHere / 32 * kForwardWarpRows; ++r) {
+    positions.cta_max = scratch[r] > positions.cta_max ? scratch[r] : positions.cta_max;
+  }
+  __syncthreads();
+  return positions;
+}
+
+// This thread's key k0 + threadIdx.x of a tile (none past `hi` or the tile).
+template <int kThreadsHere>
+__device__ __forceinline__ PendingKey split_pending_key(const AttentionArgs& args, int64_t b, int64_t k0, int64_t hi) {
+  static_assert(kThreadsHere >= kBlockN, "one key per thread");
+  const int64_t key = k0 + threadIdx.x;
+  const bool exists = threadIdx.x < kBlockN && key < hi;
+  const SourceStarts starts = source_starts(args);
+  const int s = exists ? starts.source_of(key) : 0;
+  return pending_key(args.sources[s], b, key - starts.start(s), exists);
+}
+
+// Writes this thread's key into its tile's bias (0 where some row of the CTA can see it, else -inf) and
+// position buffers; returns whether some row can see it.
+__device__ __forceinline__ bool publish_key(const PendingKey& key, int32_t cta_max, float* bias, int32_t* positions) {
+  const bool seen = key.seen_below(cta_max);
+  if (threadIdx.x < kBlockN) {
+    bias[threadIdx.x] = seen ? 0.0f : -INFINITY;
+    positions[threadIdx.x] = key.position;
+  }
+  return seen;
+}
+
+// issue_tile for a tile some row can see (`seen` of its kBlockN keys); a tile no row sees is skipped and
+// the cursor re-found at the next loaded tile.
+template <typename T, int D, int kThreadsHere>
+__device__ __forceinline__ void issue_seen_tile(const AttentionArgs& args, int64_t b, int64_t h, int64_t k0, int seen,
+                                                const float* bias, unsigned char* stage,
+                                                CopyCursor<T, D, kThreadsHere>& cursor) {
+  if (seen == 0) {
+    cursor.end = -1;
+    return;
+  }
+  issue_tile<T, D, kThreadsHere>(args, b, h, k0, seen == kBlockN, bias, stage, cursor);
+}
+
+// forward_kernel (same grid, pipeline and outputs) under positional visibility.
+template <typename T, int D, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) positional_forward_kernel(const __grid_constant__ AttentionArgs args) {
+  constexpr int kThreadsHere = kWarps * 32;
+  using Smem = ForwardSmem<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t query_tiles = (args.q_len + kWarps * kForwardWarpRows - 1) / (kWarps * kForwardWarpRows);
+  const int64_t bh = blockIdx.x / query_tiles;
+  const int64_t b = bh / args.heads;
+  const int64_t h = bh % args.heads;
+  const int64_t kv_h = h / args.kv_group();
+  const int warp_index = threadIdx.x / 32;
+  const int64_t cta_row0 = (blockIdx.x % query_tiles) * (kWarps * kForwardWarpRows);
+  const int64_t row0 = cta_row0 + warp_index * kForwardWarpRows;
+  const int64_t total = source_starts(args).total;
+  const int64_t lo = static_cast<int64_t>(blockIdx.y) * args.split_size;
+  const int64_t hi = blockIdx.y + 1 == args.num_splits ? total : min(lo + args.split_size, total);
+  const int tiles = hi > lo ? static_cast<int>((hi - lo + kBlockN - 1) / kBlockN) : 0;
+  const float scale_log2 = fmaxf(fabsf(args.scale) * kLog2e, FLT_MIN);
+  auto stage_of = [&](int t) { return smem + (t % kForwardStages) * Smem::kStageBytes; };
+  auto flags_at = [&](int buffer) { return reinterpret_cast<float*>(smem + Smem::flags) + buffer * kBlockN; };
+  auto positions_at = [&](int buffer) {
+    return reinterpret_cast<int32_t*>(smem + PositionalSmem<D>::positions) + buffer * kBlockN;
+  };
+  auto following = [](int buffer) { return buffer + 1 == Smem::kFlagBuffers ? 0 : buffer + 1; };
+
+  const RowPositions queries = row_positions<kThreadsHere>(args, b, cta_row0, warp_index, positions_at(0));
+  WarpState<D> warp;
+  load_queries<T, D>(args, b, h, row0, args.scale < 0.0f ? 0x80008000u : 0u, warp.q);
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) warp.o[n][i] = 0.0f;
+  }
+  warp.rows[0] = warp.rows[1] = empty_softmax();
+
+  CopyCursor<T, D, kThreadsHere> cursor;
+  int buffer = 0;
+  int next_seen = __syncthreads_count(
+      publish_key(split_pending_key<kThreadsHere>(args, b, lo, hi), queries.cta_max, flags_at(0), positions_at(0)));
+  if (tiles > 0) issue_seen_tile<T, D, kThreadsHere>(args, b, kv_h, lo, next_seen, flags_at(0), stage_of(0), cursor);
+  __pipeline_commit();
+  PendingKey pending = split_pending_key<kThreadsHere>(args, b, lo + kBlockN, hi);
+  for (int t = 0; t < tiles; ++t) {
+    const bool skip = next_seen == 0;
+    const int next_buffer = following(buffer);
+    __pipeline_wait_prior(0);
+    next_seen = __syncthreads_count(
+        publish_key(pending, queries.cta_max, flags_at(next_buffer), positions_at(next_buffer)));
+    if (t + 1 < tiles) {
+      issue_seen_tile<T, D, kThreadsHere>(args, b, kv_h, lo + int64_t{t + 1} * kBlockN, next_seen,
+                                          flags_at(next_buffer), stage_of(t + 1), cursor);
+      pending = split_pending_key<kThreadsHere>(args, b, lo + int64_t{t + 2} * kBlockN, hi);
+    }
+    __pipeline_commit();
+    const float* bias = flags_at(buffer);
+    const int32_t* positions = positions_at(buffer);
+    buffer = next_buffer;
+    if (skip || row0 >= args.q_len) continue;  // no row sees the tile; a warp past the queries only loads
+    float s[kBlockN / 8][4];
+    tile_scores<T, D>(warp.q, stage_of(t) + Smem::keys, s);
+    mask_by_position(s, bias, positions, queries.row);
+    online_softmax<D>(s, scale_log2, warp);
+    accumulate_values<T, D>(s, stage_of(t) + Smem::values, warp.o);
+  }
+  __syncthreads();
+  if (row0 < args.q_len) write_rows<T, D>(args, b, h, row0, warp, smem + warp_index * kForwardWarpRows * D * 2);
+}
+
+// Calls body(positional_forward_kernel<T, D, warps>, threads, shared bytes) as with_forward_kernel picks warps.
+template <typename T, typename Body>
+void with_positional_forward_kernel(int64_t head_dim, int64_t q_len, Body&& body) {
+  dispatch_head_dim(head_dim, [&](auto head_dim_constant) {
+    constexpr int D = decltype(head_dim_constant)::value;
+    if constexpr (forward_warps(D, 1) == 2) {
+      if (forward_warps(D, q_len) == 2) return body(positional_forward_kernel<T, D, 2>, 64, PositionalSmem<D>::bytes);
+    }
+    return body(positional_forward_kernel<T, D, kForwardMaxWarps>, kForwardMaxWarps * 32, PositionalSmem<D>::bytes);
+  });
+}
+
+// The forward of `args`: positional_forward_kernel when it carries positions, else forward_kernel; then the combine.
+template <typename T>
+void forward_any(const AttentionArgs& args) {
+  if (!args.positional()) return forward_for_type<T>(args);
+  with_positional_forward_kernel<T>(args.head_dim, args.q_len, [&](auto kernel, int threads, size_t smem_bytes) {
+    const int64_t rows_per_cta = threads / 32 * kForwardWarpRows;
+    const int64_t query_tiles = (args.q_len + rows_per_cta - 1) / rows_per_cta;
+    const dim3 grid(static_cast<unsigned>(args.batch * args.heads * query_tiles),
+                    static_cast<unsigned>(args.num_splits));
+    launch(kernel, "positional_forward_kernel", grid, threads, smem_bytes, args);
+  });
+  launch_combine<T>(args);
+}
+
+}  // namespace mplug
