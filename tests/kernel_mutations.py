@@ -25,6 +25,7 @@ BOUNDS_TEST = ["tests/test_cuda_extension.py", "-k", "valgrind"]
 BACKWARD_TESTS = ["tests/test_cuda_extension.py", "-k", "backward"]
 TRITON_SPLIT_TESTS = ("tests/test_co_attention.py", "-k", "triton and split")
 GROUPED_CUDA_TESTS = ("tests/test_grouped_heads.py", "-k", "cuda")
+POSITIONS_CUDA_TESTS = ("tests/test_positions.py", "-k", "cuda")
 # the (Hq, Hkv) = (14, 2) cases (heads4) on the Triton interpreter
 GROUPED_TRITON_TESTS = ("tests/test_grouped_heads.py", "-k", "triton and heads4 and not deterministic")
 
@@ -131,6 +132,27 @@ MUTATIONS = [
              "mplug_kernels/ops/triton_forward.py",
              "split_hi = tl.where(pid_split == num_splits - 1, L0 + L1 + L2 + L3, split_lo + split_size)",
              "split_hi = split_lo + split_size", TRITON_SPLIT_TESTS),
+    Mutation("positions: CUDA forward sees a key only strictly before its query (<= became <)", "csrc/visibility.cuh",
+             "static_cast<int32_t>(i % 2 == 0 ? key.x : key.y) <= row[i / 2];",
+             "static_cast<int32_t>(i % 2 == 0 ? key.x : key.y) < row[i / 2];", POSITIONS_CUDA_TESTS),
+    Mutation("positions: CUDA forward gives row g + 8 the query position of row g", "csrc/forward_positions.cuh",
+             "positions.row[1] = scratch[warp_index * kForwardWarpRows + lane_quad(lane) + 8];",
+             "positions.row[1] = scratch[warp_index * kForwardWarpRows + lane_quad(lane)];", POSITIONS_CUDA_TESTS),
+    Mutation("positions: CUDA forward skips key tiles by the CTA's first query position, not its largest",
+             "csrc/forward_positions.cuh", "for (int r = 0; r < kThreadsHere / 32 * kForwardWarpRows; ++r) {",
+             "for (int r = 0; r < 1; ++r) {", POSITIONS_CUDA_TESTS),
+    Mutation("positions: CUDA forward loads the key positions of the next tile, not the one after", "csrc/forward_positions.cuh",
+             "pending = split_pending_key<kThreadsHere>(args, b, lo + int64_t{t + 2} * kBlockN, hi);",
+             "pending = split_pending_key<kThreadsHere>(args, b, lo + int64_t{t + 1} * kBlockN, hi);", POSITIONS_CUDA_TESTS),
+    Mutation("positions: CUDA dK/dV hides a key from the query at its own position", "csrc/backward.cuh",
+             "return key_positions[i / 2] > positions[nt * kMmaN + acc_col(lane, i)]; };",
+             "return key_positions[i / 2] >= positions[nt * kMmaN + acc_col(lane, i)]; };", POSITIONS_CUDA_TESTS),
+    Mutation("positions: CUDA deterministic dQ hides a key from the query at its own position", "csrc/backward.cuh",
+             "positions[nt * kMmaN + acc_col(lane, i)] > row_positions[i / 2]; });",
+             "positions[nt * kMmaN + acc_col(lane, i)] >= row_positions[i / 2]; });", POSITIONS_CUDA_TESTS),
+    Mutation("positions: CUDA backward skips key tiles by the first query position, not the largest",
+             "csrc/visibility.cuh", "for (int64_t r = threadIdx.x; r < rows; r += kThreadsHere) {",
+             "for (int64_t r = threadIdx.x; r < 1; r += kThreadsHere) {", POSITIONS_CUDA_TESTS),
 ]
 
 
