@@ -106,6 +106,9 @@ def flex_runner(problem: Problem, device: torch.device, compiled: bool) -> Label
     flex = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
     def attend(q, ks, vs):
+        if device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+            # refused before the call: a failed compile in grad mode leaves later calls on eager flex
+            raise RuntimeError("FlexAttention has no backward on the CPU")
         k, v = _joined(ks, vs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # eager flex warns that it is unfused: the label says so
