@@ -16,7 +16,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from bench.bench_co_attention import PASSES, time_runners
-from bench.common import Grids, TimingPolicy, bench_dtype, kernel_benchmark_cli, measured_bandwidth_gbs, progress, write_results
+from bench.common import (
+    Grids, TimingPolicy, bench_dtype, kernel_benchmark_cli, measured_bandwidth_gbs, progress, write_results,
+)
 from bench.peers import LabelledRunner, Problem, Visibility, peer_runners
 from mplug_kernels import concat_attention
 from mplug_kernels.backends import BACKENDS, AttentionCall
@@ -97,8 +99,7 @@ def grid_cases(grid: dict) -> List[Case]:
 
 
 def visibility_args(case: Case, device: torch.device):
-    """(masks, key_positions, query_positions) as concat_attention takes them: text padded to 75-100% in rows after
-    the first (no mask at batch 1); Owl3: image keys at their image's text position, text keys and queries at their index."""
+    """(masks, key_positions, query_positions) for concat_attention: rows after the first keep 75-100% of the text."""
     generator = torch.Generator().manual_seed(0)
     kept = torch.randint(int(0.75 * case.text_len), case.text_len + 1, (case.batch,), generator=generator)
     kept[0] = case.text_len
@@ -121,7 +122,8 @@ def make_tensors(case: Case, dtype: torch.dtype, device: torch.device, requires_
         return values.to(dtype).requires_grad_(requires_grad)
 
     lengths = (case.images * case.image_len, case.text_len)
-    return tensor(case.q_len, q_heads), tuple(tensor(n, kv_heads) for n in lengths), tuple(tensor(n, kv_heads) for n in lengths)
+    q, ks = tensor(case.q_len, q_heads), tuple(tensor(n, kv_heads) for n in lengths)
+    return q, ks, tuple(tensor(n, kv_heads) for n in lengths)
 
 
 def our_runners(case: Case, device: torch.device, dtype: torch.dtype, masks, key_positions, query_positions):
@@ -143,14 +145,13 @@ def our_runners(case: Case, device: torch.device, dtype: torch.dtype, masks, key
 
 
 def case_runners(case: Case, ks, compile_flex: bool, requested=None) -> Tuple[List[LabelledRunner], Dict[str, str]]:
-    """(ours then the peers, {runner: why skipped}) for the case's key sources ks, keeping only the requested names
-    (or the part before '[')."""
+    """(ours then the peers, {runner: why skipped}) for key sources ks; only requested names (or the part before '[')."""
     device, dtype = ks[0].device, ks[0].dtype
     args = visibility_args(case, device)
     ours, skipped = our_runners(case, device, dtype, *args)
     visibility = Visibility.of(ks, *args)
-    problem = Problem(case.batch, case.q_len, case.k_len, case.heads[0], case.heads[1], visibility)
-    peers, peers_skipped = peer_runners(problem, device, compile_flex)
+    problem = Problem(case.batch, case.q_len, case.k_len, case.heads[0], case.heads[1], visibility, device)
+    peers, peers_skipped = peer_runners(problem, compile_flex)
     runners = [r for r in ours + peers if not requested or r.name in requested or r.name.split("[")[0] in requested]
     return runners, skipped | peers_skipped
 
@@ -163,8 +164,7 @@ def _raising(error: BaseException) -> Callable[[], object]:
 
 
 def pass_functions(runner: LabelledRunner, case: Case, plain, with_grad) -> Dict[str, Callable[[], object]]:
-    """The case's passes as callables on shared inputs (plain and with_grad: (q, ks, vs)), each run once here so
-    that compilation stays out of the timing; a backward the runner lacks becomes a function raising why."""
+    """{pass: callable} on shared (q, ks, vs); run once here (compiling untimed); a missing backward raises why."""
     def forward():
         with torch.no_grad():
             return runner.attend(*plain)
@@ -185,7 +185,7 @@ def pass_functions(runner: LabelledRunner, case: Case, plain, with_grad) -> Dict
 
 
 def run(device, grid, policy: TimingPolicy, backends=None, compile_flex: bool = True,
-        after_case: Optional[Callable[[List[dict], List[dict], dict], object]] = None) -> Tuple[List[dict], List[dict], dict]:
+        after_case: Optional[Callable] = None) -> Tuple[List[dict], List[dict], dict]:
     """(rows, ratio rows, extra JSON fields) for every case and runner; after_case(rows, ratios, extra) after each."""
     dtype = bench_dtype(device)
     bandwidth = measured_bandwidth_gbs(device)
@@ -207,7 +207,8 @@ def run(device, grid, policy: TimingPolicy, backends=None, compile_flex: bool = 
         rows += [row | {"label": labels[case.use][row["backend"]]} for row in shape_rows]
         ratios += shape_ratios
         skipped |= {f"{name} ({case.use})": reason for name, reason in why.items()}
-        extra |= {"resolved_backends": sorted({row["backend"] for row in rows}), "labels": labels, "skipped_backends": skipped}
+        extra |= {"resolved_backends": sorted({row["backend"] for row in rows}), "labels": labels,
+                  "skipped_backends": skipped}
         if after_case:
             after_case(rows, ratios, extra)
     return rows, ratios, extra

@@ -28,8 +28,7 @@ class LabelledRunner(Runner):
 
 @dataclass(frozen=True)
 class Visibility:
-    """Which keys each query sees: keep [B, Lk] (joined padding masks, None = all kept), key positions int64
-    [B, Lk] (None = no positions) and query positions [B, Lq]; key j visible to query t iff kept and kpos <= qpos."""
+    """Key j is seen by query t iff keep[b, j] (None: all kept) and key_positions[b, j] <= query_positions[b, t]."""
 
     keep: Optional[torch.Tensor]
     key_positions: Optional[torch.Tensor]
@@ -39,13 +38,6 @@ class Visibility:
     def of(cls, ks: Sequence[torch.Tensor], masks, key_positions=None, query_positions=None) -> "Visibility":
         """The visibility of concat_attention's arguments (masks and key_positions: one entry or None per source)."""
         return cls(joined_keep(ks, masks), joined_positions(ks, key_positions), query_positions)
-
-    def dense(self, batch: int, q_len: int, k_len: int, device) -> Optional[torch.Tensor]:
-        """bool [B, 1, Lq or 1, Lk] (None when every key is visible to every query)."""
-        if self.keep is None and self.key_positions is None:
-            return None
-        keep = self.keep if self.keep is not None else torch.ones(batch, k_len, dtype=torch.bool, device=device)
-        return visible_keys(keep, self.key_positions, self.query_positions)[:, None]
 
 
 @dataclass(frozen=True)
@@ -58,10 +50,23 @@ class Problem:
     q_heads: int
     kv_heads: int
     visibility: Visibility
+    device: torch.device
 
     @property
     def group(self) -> int:
         return self.q_heads // self.kv_heads
+
+    def kept(self) -> torch.Tensor:
+        """bool [B, Lk]: the padding keep mask, all True when nothing is padded."""
+        keep = self.visibility.keep
+        return keep if keep is not None else torch.ones(self.batch, self.k_len, dtype=torch.bool, device=self.device)
+
+    def dense_mask(self) -> Optional[torch.Tensor]:
+        """bool [B, 1, Lq or 1, Lk]: which keys each query sees (None when it sees them all)."""
+        vis = self.visibility
+        if vis.keep is None and vis.key_positions is None:
+            return None
+        return visible_keys(self.kept(), vis.key_positions, vis.query_positions)[:, None]
 
 
 class Skip(Exception):
@@ -86,13 +91,11 @@ def _reported(attend: Callable) -> Callable:
     return run
 
 
-def flex_runner(problem: Problem, device: torch.device, compiled: bool) -> LabelledRunner:
-    """FlexAttention with a BlockMask from padding + positions built once per shape; compiled once per shape (dynamo
-    reset first, so no recompile limit is reached), or eager (unfused: it materializes the scores)."""
+def flex_runner(problem: Problem, compiled: bool) -> LabelledRunner:
+    """FlexAttention, BlockMask (padding + positions) once per shape; compiled per shape after a dynamo reset, or eager."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    vis = problem.visibility
-    keep = vis.keep if vis.keep is not None else torch.ones(problem.batch, problem.k_len, dtype=torch.bool, device=device)
+    vis, keep, device = problem.visibility, problem.kept(), problem.device
 
     def mask_mod(b, h, q_idx, kv_idx):
         visible = keep[b, kv_idx]
@@ -117,10 +120,12 @@ def flex_runner(problem: Problem, device: torch.device, compiled: bool) -> Label
         return out.transpose(1, 2)
 
     how = "torch.compile once per shape (untimed)" if compiled else "eager, not compiled (unfused: materializes the scores)"
-    return LabelledRunner("flex", attend, label=f"FlexAttention: torch.cat; BlockMask once per shape (untimed); {how}; enable_gqa")
+    label = f"FlexAttention: torch.cat; BlockMask once per shape (untimed); {how}; enable_gqa"
+    return LabelledRunner("flex", attend, label=label)
 
 
 def _lazy(module: str):
+    """The module, imported on a GPU machine only; Skip with the reason otherwise."""
     import importlib
 
     if not torch.cuda.is_available():
@@ -133,12 +138,11 @@ def _lazy(module: str):
 
 def _padding_only(problem: Problem, library: str) -> None:
     if problem.visibility.key_positions is not None:
-        raise Skip(f"positional visibility (keys seen from a query position on): {library} takes key padding and causal "
-                   "masks only")
+        raise Skip(f"positional visibility (keys seen from a query position on): {library} has padding/causal masks only")
 
 
-def flash_attn_runner(problem: Problem, device: torch.device) -> LabelledRunner:
-    """flash-attn: flash_attn_varlen_func on unpadded keys when keys are padded, flash_attn_func when nothing is masked."""
+def flash_attn_runner(problem: Problem) -> LabelledRunner:
+    """flash-attn: flash_attn_varlen_func on unpadded keys when keys are padded, flash_attn_func when nothing is."""
     _padding_only(problem, "flash-attn")
     flash_attn = _lazy("flash_attn")
     batch, q_len, keep = problem.batch, problem.q_len, problem.visibility.keep
@@ -148,7 +152,7 @@ def flash_attn_runner(problem: Problem, device: torch.device) -> LabelledRunner:
     index = keep.flatten().nonzero().squeeze(1)
     lengths = keep.sum(dim=1, dtype=torch.int32)
     cu_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device) * q_len
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=problem.device) * q_len
     max_k = int(lengths.max())
 
     def attend(q, ks, vs):
@@ -156,30 +160,30 @@ def flash_attn_runner(problem: Problem, device: torch.device) -> LabelledRunner:
         out = flash_attn.flash_attn_varlen_func(q.flatten(0, 1), k, v, cu_q, cu_k, q_len, max_k)
         return out.view(batch, q_len, *out.shape[1:])
 
-    return LabelledRunner("flash_attn", _reported(attend),
-                          label="flash_attn_varlen_func: torch.cat + unpad keys (index_select) per call; lengths once per shape")
+    label = "flash_attn_varlen_func: torch.cat + unpad keys (index_select) per call; lengths once per shape"
+    return LabelledRunner("flash_attn", _reported(attend), label=label)
 
 
-def _kept_prefix_lengths(keep: torch.Tensor) -> List[int]:
+def _padded_keys_mask(problem: Problem):
+    """xformers' BlockDiagonalPaddedKeysMask of the kept lengths (each row's kept keys must be a prefix)."""
+    keep = problem.visibility.keep
     lengths = keep.sum(dim=1)
-    prefix = torch.arange(keep.shape[1], device=keep.device)[None] < lengths[:, None]
-    if not torch.equal(prefix, keep):
+    if not torch.equal(torch.arange(keep.shape[1], device=keep.device)[None] < lengths[:, None], keep):
         raise Skip("kept keys are not a prefix of each row: a padded-keys mask cannot express it")
-    return lengths.tolist()
+    attn_bias = _lazy("xformers.ops.fmha.attn_bias")
+    try:
+        return attn_bias.BlockDiagonalPaddedKeysMask.from_seqlens(
+            q_seqlen=[problem.q_len] * problem.batch, kv_padding=problem.k_len, kv_seqlen=lengths.tolist())
+    except Exception as error:  # an xformers without this mask or with another signature
+        raise Skip(f"xformers padded-keys mask not built ({type(error).__name__}: {error})") from error
 
 
-def xformers_runner(problem: Problem, device: torch.device) -> LabelledRunner:
-    """xformers memory_efficient_attention with its padded-keys mask (BlockDiagonalPaddedKeysMask), grouped heads as
-    BMGHK views (K/V expanded, not copied)."""
+def xformers_runner(problem: Problem) -> LabelledRunner:
+    """xformers memory_efficient_attention, padded-keys mask; grouped heads as BMGHK views (K/V expanded, not copied)."""
     _padding_only(problem, "xformers")
     xops = _lazy("xformers.ops")
     p = problem
-    bias = None
-    if p.visibility.keep is not None:
-        from xformers.ops.fmha.attn_bias import BlockDiagonalPaddedKeysMask
-
-        bias = BlockDiagonalPaddedKeysMask.from_seqlens(
-            q_seqlen=[p.q_len] * p.batch, kv_padding=p.k_len, kv_seqlen=_kept_prefix_lengths(p.visibility.keep))
+    bias = _padded_keys_mask(p) if p.visibility.keep is not None else None
     rows = 1 if bias is not None else p.batch
 
     def grouped(x: torch.Tensor) -> torch.Tensor:
@@ -187,9 +191,8 @@ def xformers_runner(problem: Problem, device: torch.device) -> LabelledRunner:
 
     def attend(q, ks, vs):
         k, v = _joined(ks, vs)
-        out = xops.memory_efficient_attention(q.reshape(rows, -1, p.kv_heads, p.group, q.shape[-1]), grouped(k), grouped(v),
-                                              attn_bias=bias)
-        return out.reshape(q.shape)
+        grouped_q = q.reshape(rows, -1, p.kv_heads, p.group, q.shape[-1])
+        return xops.memory_efficient_attention(grouped_q, grouped(k), grouped(v), attn_bias=bias).reshape(q.shape)
 
     what = "padded-keys mask (kept lengths once per shape)" if bias is not None else "no mask"
     return LabelledRunner("xformers", _reported(attend), label=f"xformers memory_efficient_attention: torch.cat; {what}")
@@ -203,10 +206,9 @@ def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     return x[:, :, :, None].expand(batch, length, heads, group, dim).reshape(batch, length, heads * group, dim)
 
 
-def sdpa_dense_runners(problem: Problem, device: torch.device) -> List[LabelledRunner]:
-    """SDPA with a dense bool mask built once per shape and K/V copied by repeat_kv; on a GPU one runner per SDPA
-    kernel (cuDNN included) under sdpa_kernel."""
-    mask = problem.visibility.dense(problem.batch, problem.q_len, problem.k_len, device)
+def sdpa_dense_runners(problem: Problem) -> List[LabelledRunner]:
+    """SDPA, dense bool mask once per shape, K/V copied by repeat_kv; on a GPU one runner per SDPA kernel (cuDNN too)."""
+    mask = problem.dense_mask()
 
     def attend(q, ks, vs):
         k, v = (repeat_kv(x, problem.group) for x in _joined(ks, vs))
@@ -215,7 +217,7 @@ def sdpa_dense_runners(problem: Problem, device: torch.device) -> List[LabelledR
 
     mask_text = "no mask" if mask is None else "dense bool mask [B, 1, Lq, Lk] once per shape (untimed)"
     label = f"SDPA: torch.cat + repeat_kv (copies) per call; {mask_text}"
-    if device.type != "cuda":
+    if problem.device.type != "cuda":
         return [LabelledRunner("sdpa_dense", attend, label=label)]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -224,12 +226,10 @@ def sdpa_dense_runners(problem: Problem, device: torch.device) -> List[LabelledR
             for kernel, member in SDPA_KERNELS.items()]
 
 
-def peer_runners(problem: Problem, device: torch.device, compile_flex: bool) -> Tuple[List[LabelledRunner], Dict[str, str]]:
+def peer_runners(problem: Problem, compile_flex: bool) -> Tuple[List[LabelledRunner], Dict[str, str]]:
     """(every peer that can run problem, {peer: why not} for the others)."""
-    builders = {"flex": lambda: [flex_runner(problem, device, compile_flex)],
-                "flash_attn": lambda: [flash_attn_runner(problem, device)],
-                "xformers": lambda: [xformers_runner(problem, device)],
-                "sdpa_dense": lambda: sdpa_dense_runners(problem, device)}
+    builders = {"flex": lambda: [flex_runner(problem, compile_flex)], "flash_attn": lambda: [flash_attn_runner(problem)],
+                "xformers": lambda: [xformers_runner(problem)], "sdpa_dense": lambda: sdpa_dense_runners(problem)}
     runners, skipped = [], {}
     for name, build in builders.items():
         try:
@@ -237,4 +237,3 @@ def peer_runners(problem: Problem, device: torch.device, compile_flex: bool) -> 
         except Skip as reason:
             skipped[name] = str(reason)
     return runners, skipped
-
