@@ -10,6 +10,7 @@ Every row carries the label of what its runner had to do (bench.peers); rows fol
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -88,14 +89,15 @@ class Case:
 
 
 def grid_cases(grid: dict) -> List[Case]:
-    """Decode rows first (cheapest), then Owl3 images by size, then the video row."""
+    """Decode and Owl3 cases alternating, each kind smallest first (a run cut short has both kinds), video last."""
     heads, image_len = tuple(grid["heads"]), grid["image_len"]
-    cases = [Case("decode", batch, heads, 1, images, image_len, text)
-             for (images, text) in grid["decode_cache"] for batch in grid["decode_batch"]]
-    cases += [Case("owl3 images", grid["owl3_batch"], heads, text, images, image_len, text)
-              for text in grid["text"] for images in grid["images"]]
+    decode = [Case("decode", batch, heads, 1, images, image_len, text)
+              for (images, text) in grid["decode_cache"] for batch in grid["decode_batch"]]
+    owl3 = [Case("owl3 images", grid["owl3_batch"], heads, text, images, image_len, text)
+            for text in grid["text"] for images in grid["images"]]
     text = grid["text"][0]
-    return cases + [Case("owl3 video", grid["owl3_batch"], heads, text, grid["video_frames"], image_len, text)]
+    owl3.append(Case("owl3 video", grid["owl3_batch"], heads, text, grid["video_frames"], image_len, text))
+    return [case for pair in itertools.zip_longest(decode, owl3) for case in pair if case is not None]
 
 
 def visibility_args(case: Case, device: torch.device):
@@ -163,7 +165,7 @@ def _raising(error: BaseException) -> Callable[[], object]:
     return fail
 
 
-def pass_functions(runner: LabelledRunner, case: Case, plain, with_grad) -> Dict[str, Callable[[], object]]:
+def pass_functions(runner: LabelledRunner, plain, with_grad) -> Dict[str, Callable[[], object]]:
     """{pass: callable} on shared (q, ks, vs); run once here (compiling untimed); a missing backward raises why."""
     def forward():
         with torch.no_grad():
@@ -201,7 +203,7 @@ def run(device, grid, policy: TimingPolicy, backends=None, compile_flex: bool = 
         runners, why = case_runners(case, plain[1], compile_flex, backends)
         with_grad = make_tensors(case, dtype, device, requires_grad=True) if "bwd" in case.passes else None
         shape_rows, shape_ratios = time_runners(
-            runners, lambda runner: pass_functions(runner, case, plain, with_grad), case.row(dtype), case, dtype, device,
+            runners, lambda runner: pass_functions(runner, plain, with_grad), case.row(dtype), case, dtype, device,
             bandwidth, policy, passes=case.passes)
         labels[case.use] = {runner.name: runner.label for runner in runners}
         rows += [row | {"label": labels[case.use][row["backend"]]} for row in shape_rows]
