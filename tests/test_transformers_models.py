@@ -1,7 +1,8 @@
 """Tiny Whisper (encoder-decoder, head dim 16 and 32) and Mllama (grouped K/V heads, cross-attention layers) on
 mplug_kernels through register(): outputs and gradients within 2x of eager's low-precision error against eager
 float64, greedy generate() tokens equal to eager's, causal self-attention on key/query positions and no
-grouped-heads fallback (the fallback warnings are counted by reason)."""
+grouped-heads fallback (the fallback warnings are counted by reason). The causal description padding_mask attaches
+is checked against the dense mask's own values."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[hf]')")
 
 from mplug_kernels.backends import BACKENDS  # noqa: E402
+from mplug_kernels.integrations import transformers as hf  # noqa: E402
 from test_transformers_integration import (  # noqa: E402,F401 (fresh_warnings, kernel_calls: fixtures)
     FEW_COMBOS, attn_name, check_2x, combo_id, fallback_messages, flat_grads, fresh_warnings, kernel_calls,
     skip_unless_backend_runs, with_attention,
@@ -151,3 +153,46 @@ def test_mllama_generate_identical_tokens(kernel_calls):
     torch.testing.assert_close(tokens, eager.generate(**inputs, **GENERATE), atol=0, rtol=0)
     assert not any("grouped" in message for message in fallback_messages(caught))
     assert len(kernel_calls) == 2 + 5 * 3  # the prefix's 2 causal self layers, 5 decode steps x 3 layers
+
+
+@pytest.mark.parametrize("q_length,kv_length,kv_offset,q_offset", [(5, 5, 0, 0), (3, 9, 0, 6), (1, 9, 0, 8),
+                                                                    (4, 6, 3, 5)])
+def test_causal_description_is_the_masks_visibility(q_length, kv_length, kv_offset, q_offset):
+    from transformers.masking_utils import causal_mask_function
+
+    padding = torch.ones(2, kv_offset + kv_length, dtype=torch.bool)
+    padding[0, :2] = False  # left padding
+    padding[1, -1] = False
+    mask = hf.padding_mask(batch_size=2, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                           kv_offset=kv_offset, mask_function=causal_mask_function, attention_mask=padding)
+    key_positions, query_positions, keep = getattr(mask, hf.CAUSAL_ATTRIBUTE)
+    assert key_positions.dtype == query_positions.dtype == torch.int32
+    visible = keep[:, None, :] & (key_positions[:, None, :] <= query_positions[:, :, None])
+    assert torch.equal(visible, mask[:, 0])
+
+
+def test_causal_description_only_for_the_plain_causal_function():
+    from transformers.masking_utils import and_masks, causal_mask_function
+
+    shared = dict(batch_size=1, q_length=3, kv_length=3, attention_mask=None)
+    overlaid = and_masks(causal_mask_function, lambda b, h, q, kv: kv > 0)
+    assert not hasattr(hf.padding_mask(**shared, mask_function=overlaid), hf.CAUSAL_ATTRIBUTE)
+    assert hasattr(hf.padding_mask(**shared, mask_function=causal_mask_function), hf.CAUSAL_ATTRIBUTE)
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
+def test_is_causal_without_mask_matches_sdpa_or_names_its_reason(backend, kernel_calls):
+    generator = torch.Generator().manual_seed(5)
+    query, key, value = (torch.randn(2, heads, 5, 16, generator=generator) for heads in (4, 2, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, _ = hf.attention_forward(backend, _Module(), query, key, value, None, scaling=0.25)
+    want = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.25,
+                                                            enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert reasons(fallback_messages(caught)) == expected_fallbacks(backend)
+    assert kernel_calls == ([backend] if BACKENDS[backend].supports_positions else [])
