@@ -36,8 +36,12 @@ def _interpreter_reason() -> Optional[str]:
 
 
 class TritonBackend(Backend):
+    """Triton kernels; positional visibility and its queries that see no key (zeros, lse -inf) are handled in the
+    kernels, the batch rows that keep no key without positions by zeroing their queries first."""
+
     name = "triton"
     supports_grouped_heads = True
+    supports_positions = True
 
     @property
     def devices(self):
@@ -64,10 +68,13 @@ class TritonBackend(Backend):
     def forward(self, q, ks, vs, masks, scale, positions=None):
         from mplug_kernels.ops import triton_launch
 
-        return triton_launch.forward(dead_queries_zeroed(q, alive_batch_rows(ks, masks)), ks, vs, masks, scale)
+        if positions is None:
+            q = dead_queries_zeroed(q, alive_batch_rows(ks, masks))
+        return triton_launch.forward(q, ks, vs, masks, scale, positions)
 
     def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic, positions=None):
         from mplug_kernels.ops import triton_launch
 
-        q = dead_queries_zeroed(q, alive_batch_rows(ks, masks))
-        return triton_launch.backward(dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic)
+        if positions is None:
+            q = dead_queries_zeroed(q, alive_batch_rows(ks, masks))
+        return triton_launch.backward(dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic, positions)

@@ -8,31 +8,53 @@ merged by the combine kernel. Launched by mplug_kernels.ops.triton_launch; tile 
 import triton
 import triton.language as tl
 
-from mplug_kernels.ops.triton_tiles import _load_key_tile, _load_rows, _tile_ptrs
+from mplug_kernels.ops.triton_tiles import (
+    _key_positions, _load_key_tile, _load_rows, _query_positions, _tile_ptrs, _tile_seen, _visible,
+)
 
 
 @triton.jit
 def _attend_source(
-    acc, m_i, l_i, q, K, V, MASK,
-    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_mb,
+    acc, m_i, l_i, q, K, V, MASK, POS, qpos, qpos_max,
+    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_mb, stride_pb,
     lo, hi, b, h, offs_d, head_dim, qk_scale,
-    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Fold keys [lo, hi) of K/V head h of one source into the running (acc, m_i, l_i); scores in log2 units."""
+    """Fold keys [lo, hi) of K/V head h of one source into the running (acc, m_i, l_i); scores in log2 units.
+    With key positions, a tile that no query of the block (positions qpos, max qpos_max) sees is not loaded."""
     for start in range(lo, hi, BLOCK_N):
         offs_n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        k, v, key_ok = _load_key_tile(K, V, MASK, b, h, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
-                                      stride_vh, stride_mb, offs_n, offs_n < hi, offs_d, head_dim, HAS_MASK)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        if HAS_POS:
+            kpos = _key_positions(POS, b, stride_pb, offs_n, offs_n < hi)
+            if _tile_seen(kpos, qpos_max):
+                acc, m_i, l_i = _fold_key_tile(
+                    acc, m_i, l_i, q, K, V, MASK, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                    stride_mb, offs_n, hi, kpos, qpos, b, h, offs_d, head_dim, qk_scale, HAS_MASK, True, PRECISION)
+        else:
+            acc, m_i, l_i = _fold_key_tile(
+                acc, m_i, l_i, q, K, V, MASK, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                stride_mb, offs_n, hi, None, None, b, h, offs_d, head_dim, qk_scale, HAS_MASK, False, PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _fold_key_tile(
+    acc, m_i, l_i, q, K, V, MASK, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_mb,
+    offs_n, hi, kpos, qpos, b, h, offs_d, head_dim, qk_scale,
+    HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One key tile offs_n (< hi) folded into the running softmax (acc [M, D], m_i, l_i [M])."""
+    k, v, key_ok = _load_key_tile(K, V, MASK, b, h, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+                                  stride_vh, stride_mb, offs_n, offs_n < hi, offs_d, head_dim, HAS_MASK)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(_visible(key_ok, kpos, qpos, HAS_POS), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -45,17 +67,18 @@ def _source_range(split_lo, split_hi, offset, length):
 @triton.jit(do_not_specialize=["num_splits", "keys_bucket"])
 def _forward_kernel(
     Q, OUT, LSE, PART_OUT, PART_LSE,
-    K0, V0, M0, K1, V1, M1, K2, V2, M2, K3, V3, M3,
+    K0, V0, M0, K1, V1, M1, K2, V2, M2, K3, V3, M3, P0, P1, P2, P3, QPOS,
     stride_qb, stride_qm, stride_qh,
     stride_ob, stride_om, stride_oh,
     ks0b, ks0n, ks0h, vs0b, vs0n, vs0h, ms0,
     ks1b, ks1n, ks1h, vs1b, vs1n, vs1h, ms1,
     ks2b, ks2n, ks2h, vs2b, vs2n, vs2h, ms2,
     ks3b, ks3n, ks3h, vs3b, vs3n, vs3h, ms3,
-    L0, L1, L2, L3,
+    L0, L1, L2, L3, ps0, ps1, ps2, ps3, stride_qpb,
     num_heads, kv_group, q_len, head_dim, split_size, num_splits, qk_scale, keys_bucket,
     NUM_SOURCES: tl.constexpr, HAS_M0: tl.constexpr, HAS_M1: tl.constexpr, HAS_M2: tl.constexpr,
-    HAS_M3: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_M3: tl.constexpr, HAS_P0: tl.constexpr, HAS_P1: tl.constexpr, HAS_P2: tl.constexpr,
+    HAS_P3: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # _program_tile's prologue, inline: through the helper ptxas gives the BLOCK_M = 64, D = 128 candidate
@@ -70,6 +93,10 @@ def _forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < q_len
     q = _load_rows(Q, b, h, stride_qb, stride_qh, offs_m, stride_qm, offs_d, row_ok, head_dim)
+    qpos, qpos_max = 0, 0  # query positions [BLOCK_M] and their max, read when a source has key positions
+    if HAS_P0 or HAS_P1 or HAS_P2 or HAS_P3:
+        qpos = _query_positions(QPOS, b, stride_qpb, offs_m, row_ok)
+        qpos_max = tl.max(qpos, 0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -78,20 +105,24 @@ def _forward_kernel(
     # the last split holds every key left (split_keys merges a sliver shorter than a key tile into it)
     split_hi = tl.where(pid_split == num_splits - 1, L0 + L1 + L2 + L3, split_lo + split_size)
     lo, hi = _source_range(split_lo, split_hi, 0, L0)
-    acc, m_i, l_i = _attend_source(acc, m_i, l_i, q, K0, V0, M0, ks0b, ks0n, ks0h, vs0b, vs0n, vs0h, ms0,
-                                   lo, hi, b, hk, offs_d, head_dim, qk_scale, HAS_M0, BLOCK_N, PRECISION)
+    acc, m_i, l_i = _attend_source(acc, m_i, l_i, q, K0, V0, M0, P0, qpos, qpos_max,
+                                   ks0b, ks0n, ks0h, vs0b, vs0n, vs0h, ms0, ps0,
+                                   lo, hi, b, hk, offs_d, head_dim, qk_scale, HAS_M0, HAS_P0, BLOCK_N, PRECISION)
     if NUM_SOURCES > 1:
         lo, hi = _source_range(split_lo, split_hi, L0, L1)
-        acc, m_i, l_i = _attend_source(acc, m_i, l_i, q, K1, V1, M1, ks1b, ks1n, ks1h, vs1b, vs1n, vs1h, ms1,
-                                       lo, hi, b, hk, offs_d, head_dim, qk_scale, HAS_M1, BLOCK_N, PRECISION)
+        acc, m_i, l_i = _attend_source(acc, m_i, l_i, q, K1, V1, M1, P1, qpos, qpos_max,
+                                       ks1b, ks1n, ks1h, vs1b, vs1n, vs1h, ms1, ps1,
+                                       lo, hi, b, hk, offs_d, head_dim, qk_scale, HAS_M1, HAS_P1, BLOCK_N, PRECISION)
     if NUM_SOURCES > 2:
         lo, hi = _source_range(split_lo, split_hi, L0 + L1, L2)
-        acc, m_i, l_i = _attend_source(acc, m_i, l_i, q, K2, V2, M2, ks2b, ks2n, ks2h, vs2b, vs2n, vs2h, ms2,
-                                       lo, hi, b, hk, offs_d, head_dim, qk_scale, HAS_M2, BLOCK_N, PRECISION)
+        acc, m_i, l_i = _attend_source(acc, m_i, l_i, q, K2, V2, M2, P2, qpos, qpos_max,
+                                       ks2b, ks2n, ks2h, vs2b, vs2n, vs2h, ms2, ps2,
+                                       lo, hi, b, hk, offs_d, head_dim, qk_scale, HAS_M2, HAS_P2, BLOCK_N, PRECISION)
     if NUM_SOURCES > 3:
         lo, hi = _source_range(split_lo, split_hi, L0 + L1 + L2, L3)
-        acc, m_i, l_i = _attend_source(acc, m_i, l_i, q, K3, V3, M3, ks3b, ks3n, ks3h, vs3b, vs3n, vs3h, ms3,
-                                       lo, hi, b, hk, offs_d, head_dim, qk_scale, HAS_M3, BLOCK_N, PRECISION)
+        acc, m_i, l_i = _attend_source(acc, m_i, l_i, q, K3, V3, M3, P3, qpos, qpos_max,
+                                       ks3b, ks3n, ks3h, vs3b, vs3n, vs3h, ms3, ps3,
+                                       lo, hi, b, hk, offs_d, head_dim, qk_scale, HAS_M3, HAS_P3, BLOCK_N, PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

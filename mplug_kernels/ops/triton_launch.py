@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import triton
 
+from mplug_kernels.backends.base import Positions
 from mplug_kernels.backends.kernel_inputs import forced_num_splits, interpreter_on, mask_bytes
 from mplug_kernels.occupancy import (
     KEY_TILE, SMLimits, ctas_per_sm, device_limits, fits_without_spills, split_keys, split_plan,
@@ -143,7 +144,7 @@ def _prune_forward(configs, named_args, **kwargs):
 
 _tuned_forward_kernel = triton.autotune(
     configs=FORWARD_CONFIGS,
-    key=["NUM_SOURCES", "BLOCK_M", "BLOCK_D", "keys_bucket"],
+    key=["NUM_SOURCES", "BLOCK_M", "BLOCK_D", "keys_bucket", "HAS_P0", "HAS_P1", "HAS_P2", "HAS_P3"],
     prune_configs_by={"early_config_prune": _prune_forward},
 )(_forward_kernel)
 
@@ -202,13 +203,33 @@ def _source_args(ks, vs, masks) -> Tuple[list, list, list, list]:
     return pointers, strides, has_mask, lengths
 
 
+def _position_args(q: torch.Tensor, positions: Optional[Positions]) -> Tuple[list, list, list]:
+    """([P0..P3, QPOS], their batch strides, which of the four source slots have key positions); q stands in
+    for what is missing (stride 0, never read)."""
+    keys = positions.keys if positions is not None else ()
+    present = [keys[i] if i < len(keys) else None for i in range(MAX_SOURCES)]
+    present.append(positions.queries if positions is not None else None)
+    pointers = [p if p is not None else q for p in present]
+    strides = [p.stride(0) if p is not None else 0 for p in present]
+    return pointers, strides, [p is not None for p in present[:MAX_SOURCES]]
+
+
+def _contiguous_positions(positions: Optional[Positions]) -> Optional[Positions]:
+    """Positions with a contiguous last dim (a copy only of those strided there)."""
+    if positions is None:
+        return None
+    fix = lambda p: p if p is None or p.stride(-1) == 1 else p.contiguous()
+    return Positions(tuple(fix(p) for p in positions.keys), fix(positions.queries))
+
+
 def forward_launches(
     q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
     softmax_scale: float, out: torch.Tensor, lse: torch.Tensor, plan: Tuple[int, int],
+    positions: Optional[Positions] = None,
 ) -> List[Launch]:
     """The forward kernel (tuned) and, with several splits, the combine kernel writing out/lse; q, ks, vs with
-    a contiguous last dim, masks as mask_bytes; plan (num_splits, split_size) from split_keys or split_plan
-    (the last split holds every key left). Partial-output buffers are allocated here."""
+    a contiguous last dim, masks as mask_bytes, positions (or None) contiguous; plan (num_splits, split_size)
+    from split_keys or split_plan (the last split holds every key left). Partial-output buffers are allocated here."""
     batch, q_len, heads, head_dim = q.shape
     block_m, block_d = _block_m(q_len, q.element_size()), _block_d(head_dim)
     num_splits, split_size = plan
@@ -217,13 +238,14 @@ def forward_launches(
     part_out = torch.empty((num_splits, batch * heads, q_len, block_d), **f32) if split else lse
     part_lse = torch.empty((num_splits, batch * heads, q_len), **f32) if split else lse
     pointers, strides, has_mask, lengths = _source_args(ks, vs, masks)
+    position_pointers, position_strides, has_pos = _position_args(q, positions)
     forward = Launch(
         _forward_kernel, (triton.cdiv(q_len, block_m), batch * heads, num_splits),
-        (q, out, lse, part_out, part_lse, *pointers, *_strides3(q), *_strides3(out), *strides, *lengths,
-         heads, heads // ks[0].shape[2], q_len, head_dim, split_size, num_splits, softmax_scale * LOG2E,
+        (q, out, lse, part_out, part_lse, *pointers, *position_pointers, *_strides3(q), *_strides3(out), *strides,
+         *lengths, *position_strides, heads, heads // ks[0].shape[2], q_len, head_dim, split_size, num_splits, softmax_scale * LOG2E,
          triton.next_power_of_2(triton.cdiv(split_size, 64))),
         dict(NUM_SOURCES=len(ks), HAS_M0=has_mask[0], HAS_M1=has_mask[1], HAS_M2=has_mask[2], HAS_M3=has_mask[3],
-             PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_D=block_d),
+             HAS_P0=has_pos[0], HAS_P1=has_pos[1], HAS_P2=has_pos[2], HAS_P3=has_pos[3], PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_D=block_d),
         tuned=True,
     )
     if not split:
@@ -282,24 +304,27 @@ def choose_split_plan(unsplit: Launch, total_keys: int) -> Tuple[int, int]:
 
 def forward(
     q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
-    masks: Sequence[Optional[torch.Tensor]], softmax_scale: float,
+    masks: Sequence[Optional[torch.Tensor]], softmax_scale: float, positions: Optional[Positions] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """out [B, Lq, H, D] and lse float32 [B, H, Lq] of q over the concatenated sources, no copies."""
+    """out [B, Lq, H, D] and lse float32 [B, H, Lq] of q over the concatenated sources (visible under positions,
+    or all), no copies; a query that sees no key gets zeros and lse -inf."""
     if len(ks) > MAX_SOURCES:
         raise ValueError(f"at most {MAX_SOURCES} key/value sources, got {len(ks)}")
     q = _last_dim_contiguous(q)
     ks = [_last_dim_contiguous(k) for k in ks]
     vs = [_last_dim_contiguous(v) for v in vs]
     masks = [mask_bytes(m) for m in masks]
+    positions = _contiguous_positions(positions)
     batch, q_len, heads, _ = q.shape
     out = q.new_empty(q.shape)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     total_keys = sum(k.shape[1] for k in ks)
-    unsplit = forward_launches(q, ks, vs, masks, softmax_scale, out, lse, split_keys(total_keys, 1, SPLIT_KEYS))[0]
+    whole = split_keys(total_keys, 1, SPLIT_KEYS)
+    unsplit = forward_launches(q, ks, vs, masks, softmax_scale, out, lse, whole, positions)[0]
     plan = choose_split_plan(unsplit, total_keys)
-    for launch in forward_launches(q, ks, vs, masks, softmax_scale, out, lse, plan):
+    for launch in forward_launches(q, ks, vs, masks, softmax_scale, out, lse, plan, positions):
         launch.run()
     return out, lse
 
@@ -308,10 +333,11 @@ def backward_launches(
     dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, ks: Sequence[torch.Tensor],
     vs: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]], out: torch.Tensor, lse: torch.Tensor,
     softmax_scale: float, deterministic: bool, dq_acc: torch.Tensor, dks: Sequence[torch.Tensor],
-    dvs: Sequence[torch.Tensor],
+    dvs: Sequence[torch.Tensor], positions: Optional[Positions] = None,
 ) -> List[Launch]:
     """delta, then per source dK/dV (dQ by atomics into dq_acc) or dK/dV and the deterministic dQ kernel;
-    inputs with a contiguous last dim, masks as mask_bytes, lse contiguous; allocates delta."""
+    inputs with a contiguous last dim, masks as mask_bytes, positions (or None) contiguous, lse contiguous;
+    allocates delta."""
     batch, q_len, heads, head_dim = q.shape
     delta = torch.empty((batch * heads, q_len), dtype=torch.float32, device=q.device)
     block_d = _block_d(head_dim)
@@ -325,21 +351,24 @@ def backward_launches(
     meta = dict(PRECISION=_precision(q.dtype), **backward_meta(q.element_size(), head_dim, q_len))
     common = (*_strides3(q), *_strides3(dout))
     kv_heads = ks[0].shape[2]  # grouped heads: dK/dV programs per K/V head, each summing its group
-    for k, v, mask, dk, dv in zip(ks, vs, masks, dks, dvs):
-        source = (*_strides3(k), *_strides3(v), mask.stride(0) if mask is not None else 0)
-        mask_arg = mask if mask is not None else k
+    position_pointers, position_strides, has_pos = _position_args(q, positions)
+    for i, (k, v, mask, dk, dv) in enumerate(zip(ks, vs, masks, dks, dvs)):
+        source = (*_strides3(k), *_strides3(v), mask.stride(0) if mask is not None else 0, position_strides[i],
+                  position_strides[-1])
+        inputs = (k, v, mask if mask is not None else k, position_pointers[i], position_pointers[-1])
         shape = (heads, heads // kv_heads, q_len, k.shape[1], head_dim, softmax_scale)
+        flags = dict(HAS_MASK=mask is not None, HAS_POS=has_pos[i])
         launches.append(Launch(
             _dkdv_kernel, (triton.cdiv(k.shape[1], meta["BLOCK_N"]), batch * kv_heads),
-            (q, dout, k, v, mask_arg, lse, delta, dk, dv, dq_acc, *common, *source, *_strides3(dk), *_strides3(dv),
+            (q, dout, *inputs, lse, delta, dk, dv, dq_acc, *common, *source, *_strides3(dk), *_strides3(dv),
              *_strides3(dq_acc), *shape),
-            dict(HAS_MASK=mask is not None, ATOMIC_DQ=not deterministic, **meta),
+            dict(**flags, ZERO_DEAD=positions is not None, ATOMIC_DQ=not deterministic, **meta),
         ))
         if deterministic:
             launches.append(Launch(
                 _dq_kernel, (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads),
-                (q, dout, k, v, mask_arg, lse, delta, dq_acc, *common, *source, *_strides3(dq_acc), *shape),
-                dict(HAS_MASK=mask is not None, **meta),
+                (q, dout, *inputs, lse, delta, dq_acc, *common, *source, *_strides3(dq_acc), *shape),
+                dict(**flags, **meta),
             ))
     return launches
 
@@ -347,19 +376,21 @@ def backward_launches(
 def backward(
     dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, ks: Sequence[torch.Tensor],
     vs: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]], out: torch.Tensor,
-    lse: torch.Tensor, softmax_scale: float, deterministic: bool,
+    lse: torch.Tensor, softmax_scale: float, deterministic: bool, positions: Optional[Positions] = None,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
-    """(dq, dks, dvs); deterministic=True computes dQ without atomics."""
+    """(dq, dks, dvs) of forward's inputs (positions as given to it); deterministic=True computes dQ without
+    atomics."""
     q, dout, out = _last_dim_contiguous(q), _last_dim_contiguous(dout), _last_dim_contiguous(out)
     ks = [_last_dim_contiguous(k) for k in ks]
     vs = [_last_dim_contiguous(v) for v in vs]
     masks = [mask_bytes(m) for m in masks]
+    positions = _contiguous_positions(positions)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return q.new_zeros(q.shape), [k.new_zeros(k.shape) for k in ks], [v.new_zeros(v.shape) for v in vs]
     dks = [k.new_empty(k.shape) for k in ks]
     dvs = [v.new_empty(v.shape) for v in vs]
     for launch in backward_launches(dout, dlse, q, ks, vs, masks, out, lse.contiguous(), softmax_scale,
-                                    deterministic, dq_acc, dks, dvs):
+                                    deterministic, dq_acc, dks, dvs, positions):
         launch.run()
     return dq_acc.to(q.dtype), dks, dvs

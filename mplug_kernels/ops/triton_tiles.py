@@ -1,7 +1,8 @@
 """Addressing and loading helpers (@triton.jit) that the forward and backward Triton kernels share.
 
 Layout [B, S, H, D] with any strides (last dim contiguous); offsets 64-bit. Masked keys and values are selected
-away, never multiplied by zero.
+away, never multiplied by zero. Positions (int32 [B, L], contiguous) decide visibility: key j is visible to query t
+iff its position <= t's.
 """
 import triton
 import triton.language as tl
@@ -50,12 +51,42 @@ def _load_key_tile(
 @triton.jit
 def _load_query_tile(
     Q, DO, LSE, DELTA, b, h, bh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
-    offs_m, q_len, offs_d, head_dim,
+    offs_m, q_len, offs_d, head_dim, ZERO_DEAD: tl.constexpr,
 ):
-    """q, dO tiles [BLOCK_M, BLOCK_D], their lse and delta rows, and which rows exist (backward)."""
+    """q, dO tiles [BLOCK_M, BLOCK_D], their lse and delta rows, and which rows exist (backward); with ZERO_DEAD
+    the q rows that saw no key (lse -inf) are selected to zero, so a NaN there cannot reach dK (0 * NaN is NaN)."""
     row_ok = offs_m < q_len
     q = _load_rows(Q, b, h, stride_qb, stride_qh, offs_m, stride_qm, offs_d, row_ok, head_dim)
     do = _load_rows(DO, b, h, stride_dob, stride_doh, offs_m, stride_dom, offs_d, row_ok, head_dim)
     lse = tl.load(LSE + bh * q_len + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * q_len + offs_m, mask=row_ok, other=0.0)
+    if ZERO_DEAD:
+        q = tl.where((lse == float("-inf"))[:, None], 0.0, q)
     return q, do, lse, delta, row_ok
+
+
+@triton.jit
+def _key_positions(POS, b, stride_pb, offs_n, in_range):
+    """int32 positions [BLOCK_N] of keys offs_n of batch row b; the largest int32 outside the range."""
+    return tl.load(POS + b * stride_pb + offs_n, mask=in_range, other=2147483647)
+
+
+@triton.jit
+def _query_positions(QPOS, b, stride_qpb, offs_m, row_ok):
+    """int32 positions [BLOCK_M] of queries offs_m of batch row b; the smallest int32 (but one) outside Lq."""
+    return tl.load(QPOS + b * stride_qpb + offs_m, mask=row_ok, other=-2147483647)
+
+
+@triton.jit
+def _tile_seen(kpos, qpos_max):
+    """Whether any key of a tile (positions [BLOCK_N]) is visible to a query at position qpos_max."""
+    return tl.min(kpos, 0) <= qpos_max
+
+
+@triton.jit
+def _visible(key_ok, kpos, qpos, HAS_POS: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] (or [1, BLOCK_N] without positions): key n attendable and its position <= query m's."""
+    ok = key_ok[None, :]
+    if HAS_POS:
+        ok = ok & (kpos[None, :] <= qpos[:, None])
+    return ok
