@@ -158,9 +158,9 @@ def case_runners(case: Case, ks, compile_flex: bool, requested=None) -> Tuple[Li
     return runners, skipped | peers_skipped
 
 
-def _raising(error: BaseException) -> Callable[[], object]:
+def _raising(error: Exception) -> Callable[[], object]:
     def fail():
-        raise RuntimeError(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        raise error
 
     return fail
 
