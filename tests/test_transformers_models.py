@@ -196,3 +196,18 @@ def test_is_causal_without_mask_matches_sdpa_or_names_its_reason(backend, kernel
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     assert reasons(fallback_messages(caught)) == expected_fallbacks(backend)
     assert kernel_calls == ([backend] if BACKENDS[backend].supports_positions else [])
+
+
+def test_causal_decoder_compiles_fullgraph_on_positions(kernel_calls):
+    """With a decoder mask given: without one, transformers under tracing adds its packed-sequence mask function
+    (it cannot check the positions without a host sync), which we do not recognise, so that call falls back."""
+    torch._dynamo.reset()
+    master = whisper_master().float()
+    eager, ours = (with_attention(master, torch.float32, name) for name in ("eager", attn_name("reference")))
+    generator = torch.Generator().manual_seed(6)
+    features, decoder_ids = torch.randn(2, 8, 32, generator=generator), torch.randint(3, 99, (2, 6), generator=generator)
+    inputs = dict(decoder_input_ids=decoder_ids, decoder_attention_mask=torch.ones(2, 6, dtype=torch.long),
+                  use_cache=False)
+    got = torch.compile(ours, fullgraph=True, backend="aot_eager")(features, **inputs).logits
+    torch.testing.assert_close(got, eager(features, **inputs).logits, atol=1e-4, rtol=1e-4)
+    assert len(kernel_calls) == 2 + 2 * 2  # traced: encoder self, decoder causal self and cross, all on our kernels
