@@ -13,6 +13,8 @@ from bench.common import Run, TimingPolicy, bench_dtype, default_device, write_r
 DEVICE = default_device()
 DTYPE = bench_dtype(DEVICE)
 CASES = owl3.grid_cases(owl3.GRIDS.quick)
+# float32 throughout; a GPU kernel may multiply in TF32 (10-bit mantissa)
+TOLERANCE = {"atol": 2e-5, "rtol": 1e-4} if DEVICE.type == "cpu" else {"atol": 5e-3, "rtol": 5e-3}
 
 
 def test_quick_grid_runs_and_labels_every_row(tmp_path):
@@ -41,4 +43,4 @@ def test_every_runner_matches_the_reference(case):
                 got = runner.attend(q, ks, vs)
             except RuntimeError:  # e.g. an SDPA kernel that takes no float32 or no mask on a GPU
                 continue
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda text: f"{runner.name}: {text}")
+        torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda text: f"{runner.name}: {text}")
