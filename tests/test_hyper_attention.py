@@ -193,3 +193,80 @@ def test_forward_within_twice_the_transcriptions_error(backend, dtype, name):
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_backward_within_twice_the_transcriptions_error(backend, dtype, name):
     _compare(backend, dtype, name, backward=True)
+
+
+def test_text_only_is_owl3s_causal_path():
+    layer = make_layer(seed=5).double()
+    hidden = scenario_inputs("one_image_each", seed=6)[0]
+    want = owl3_hyper_attention(dict(layer.named_parameters()), hidden, hidden.new_zeros(0, IMAGE_TOKENS, HIDDEN),
+                                [[], [], []])
+    torch.testing.assert_close(layer(hidden), want, rtol=0, atol=1e-12)
+    no_slots = pack_images(hidden.new_zeros(0, IMAGE_TOKENS, HIDDEN), [[], [], []])
+    assert no_slots[0].shape == (3, 0, IMAGE_TOKENS, HIDDEN)
+    torch.testing.assert_close(layer(hidden, *no_slots), want, rtol=0, atol=1e-12)
+
+
+def test_left_padding_with_shifted_positions_equals_the_unpadded_sample():
+    """Owl3's path masks no padding (so pads go right); ours takes attention_mask, so left padding works too."""
+    layer, pad = make_layer(seed=7).double(), 5
+    generator = torch.Generator().manual_seed(8)
+    hidden = random_tensor(1, TEXT, HIDDEN, dtype=torch.float64, generator=generator)
+    images = random_tensor(1, 2, IMAGE_TOKENS, HIDDEN, dtype=torch.float64, generator=generator)
+    image_positions = torch.tensor([[2, 9]], dtype=torch.int32, device=DEVICE)
+    unpadded = layer(hidden, images, image_positions)
+    padded_hidden = torch.cat([random_tensor(1, pad, HIDDEN, dtype=torch.float64, generator=generator), hidden], dim=1)
+    positions = torch.arange(TEXT + pad, device=DEVICE)[None] - pad
+    padded = layer(padded_hidden, images, image_positions, positions=positions, attention_mask=positions >= 0)
+    torch.testing.assert_close(padded[:, pad:], unpadded, rtol=0, atol=1e-12)
+
+
+def test_pack_images_lays_out_owl3s_inputs_per_sample():
+    embeds = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    images, positions, counts = pack_images(embeds, [[5], [], [1, 7, 9]])
+    assert images.shape == (3, 3, 2, 3) and positions.dtype == counts.dtype == torch.int32
+    assert torch.equal(images[0, 0], embeds[0]) and torch.equal(images[2], embeds[1:])
+    assert not images[0, 1:].any() and not images[1].any()
+    assert positions.tolist() == [[5, 0, 0], [0, 0, 0], [1, 7, 9]] and counts.tolist() == [1, 0, 3]
+
+
+def test_parameters_have_owl3s_names_and_shapes():
+    shapes = {name: tuple(p.shape) for name, p in HyperAttention(HIDDEN, HEADS, KV_HEADS).state_dict().items()}
+    kv = HIDDEN // HEADS * KV_HEADS
+    assert shapes == {"q_proj.weight": (HIDDEN, HIDDEN), "q_proj.bias": (HIDDEN,), "k_proj.weight": (kv, HIDDEN),
+                      "k_proj.bias": (kv,), "v_proj.weight": (kv, HIDDEN), "v_proj.bias": (kv,),
+                      "o_proj.weight": (HIDDEN, HIDDEN), "v_kv_proj.weight": (2 * kv, HIDDEN), "v_kv_proj.bias": (2 * kv,)}
+
+
+def test_inputs_are_not_modified():
+    hidden, image_embeds, media_offset, mask = scenario_inputs("mixed", seed=10)
+    inputs = (hidden, *pack_images(image_embeds, media_offset))
+    before = [x.clone() for x in (*inputs, mask)]
+    make_layer(seed=11).double()(*inputs, attention_mask=mask)
+    assert all(torch.equal(x, y) for x, y in zip(before, (*inputs, mask)))
+
+
+@pytest.mark.parametrize("change,error,match", [
+    ({"hidden_states": torch.zeros(2, 6, 64)}, ValueError, r"hidden_states must be \[B, L >= 1, 128\], got \(2, 6, 64\)"),
+    ({"hidden_states": torch.zeros(2, 6, 128, dtype=torch.int64)}, TypeError, "hidden_states must be a floating"),
+    ({"images": torch.zeros(2, 3, 5, 64)}, ValueError, r"images must be a tensor \[B=2, M, Lv >= 1, 128\]"),
+    ({"images": torch.zeros(2, 3, 5, 128, dtype=torch.float64)}, TypeError, "images .* must have hidden_states' dtype"),
+    ({"image_positions": torch.zeros(2, 3)}, ValueError, r"image_positions must be an int32 or int64 tensor \[2, 3\]"),
+    ({"image_positions": None}, ValueError, r"image_positions must be .* got NoneType"),
+    ({"image_counts": torch.zeros(3, dtype=torch.int32)}, ValueError, r"image_counts must be an int32 or int64 tensor \[2\]"),
+    ({"positions": torch.zeros(2, 5, dtype=torch.int32)}, ValueError, r"positions must be an int32 or int64 tensor \[2, 6\]"),
+    ({"attention_mask": torch.ones(2, 6)}, ValueError, r"attention_mask must be a bool tensor \[2, 6\]"),
+])
+def test_bad_inputs_raise_naming_the_argument(change, error, match):
+    arguments = {"hidden_states": torch.zeros(2, 6, HIDDEN), "images": torch.zeros(2, 3, 5, HIDDEN),
+                 "image_positions": torch.zeros(2, 3, dtype=torch.int32), "image_counts": None, **change}
+    with pytest.raises(error, match=match):
+        HyperAttention(HIDDEN, HEADS, KV_HEADS, backend="reference")(**arguments)
+
+
+def test_bad_construction_and_packing_raise():
+    with pytest.raises(ValueError, match="num_heads 3 must divide hidden_size 128"):
+        HyperAttention(HIDDEN, 3)
+    with pytest.raises(ValueError, match="num_kv_heads 3 must divide num_heads"):
+        HyperAttention(HIDDEN, HEADS, 3)
+    with pytest.raises(ValueError, match=r"image_embeds must be a tensor \[N, Lv, C\] with N = 3"):
+        pack_images(torch.zeros(2, 5, HIDDEN), [[1], [2, 3]])

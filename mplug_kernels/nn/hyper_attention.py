@@ -10,12 +10,17 @@ applies to the text) before they reach the attention; there is no gate in this r
 ``concat_attention``'s positional rule: the visual keys carry their image's position, the text keys their own.
 
 Images come padded, per sample: ``images`` [B, M, Lv, hidden], ``image_positions`` int [B, M] and ``image_counts``
-int [B] (slot m of sample b holds an image iff m < image_counts[b]); nothing loops over samples or reads a value
-back to the host. ``pack_images`` turns Owl3's inputs (all images [N, Lv, hidden], ``media_offset`` per sample)
-into this form. The layer takes the whole sequence at once (training, prefill): no KV cache, no dropout.
+int [B] (slot m of sample b holds an image iff m < image_counts[b]; None: every slot does); nothing loops over
+samples or reads a value back to the host. ``pack_images`` turns Owl3's inputs (all images [N, Lv, hidden], ``media_offset`` per sample)
+into this form (M = the most images of a sample). Text tokens are at ``positions`` int [B, L] (default 0..L-1; they
+give the rotary angle and the visibility, as Owl3's position_ids and token index do) and ``attention_mask`` bool
+[B, L] (True = a real token) hides padding from every query, which Owl3's hyper path does not (it pads on the right).
+The layer takes the whole sequence at once (training, prefill): no KV cache, no dropout (Owl3's attention_dropout is
+0). Where it sits: like Owl3's ``self_attn``, after the decoder layer's ``input_layernorm`` of text and images.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -38,16 +43,19 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
     return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1).to(x.dtype)
 
 
+def _describe(x) -> str:
+    return f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def pack_images(image_embeds: torch.Tensor, media_offset: Sequence[Sequence[int]]):
-    """Owl3's image_embeds [N, Lv, C] and media_offset (per sample, its images' positions) -> (images [B, M, Lv, C], image_positions int32 [B, M], image_counts int32 [B])."""
+    """Owl3's image_embeds [N, Lv, C] + media_offset -> images [B, M, Lv, C], image_positions int32 [B, M], image_counts int32 [B]."""
     counts = [len(offsets) for offsets in media_offset]
     if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3 or image_embeds.shape[0] != sum(counts):
-        shape = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
         raise ValueError(f"image_embeds must be a tensor [N, Lv, C] with N = {sum(counts)} (the images media_offset "
-                         f"lists), got {shape}")
+                         f"lists), got {_describe(image_embeds)}")
     device, slots = image_embeds.device, max(counts, default=0)
     sample = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
-    starts = torch.tensor([sum(counts[:b]) for b in range(len(counts))], device=device, dtype=torch.long)
+    starts = torch.tensor([0, *itertools.accumulate(counts)][:-1], dtype=torch.long, device=device)
     slot = torch.arange(sample.shape[0], device=device) - starts[sample]
     images = image_embeds.new_zeros(len(counts), slots, *image_embeds.shape[1:]).index_put((sample, slot), image_embeds)
     positions = torch.zeros(len(counts), slots, dtype=torch.int32, device=device)
@@ -58,33 +66,32 @@ def pack_images(image_embeds: torch.Tensor, media_offset: Sequence[Sequence[int]
 
 def _check_int(name: str, x, shape: Tuple[int, ...], meaning: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype not in INT_DTYPES or tuple(x.shape) != shape:
-        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be an int32 or int64 tensor {list(shape)} ({meaning}), got {got}")
+        raise ValueError(f"{name} must be an int32 or int64 tensor {list(shape)} ({meaning}), got {_describe(x)}")
 
 
 def _check_text(hidden_states, hidden_size: int, positions, attention_mask) -> None:
     """hidden_states float [B, L, hidden]; positions int [B, L] or None; attention_mask bool [B, L] or None."""
     if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
-        raise TypeError(f"hidden_states must be a floating torch.Tensor [B, L, {hidden_size}], got "
-                        f"{getattr(hidden_states, 'dtype', type(hidden_states).__name__)}")
+        raise TypeError(f"hidden_states must be a floating torch.Tensor [B, L, {hidden_size}], got {_describe(hidden_states)}")
     if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden_size or hidden_states.shape[1] == 0:
         raise ValueError(f"hidden_states must be [B, L >= 1, {hidden_size}], got {tuple(hidden_states.shape)}")
     batch_and_length = tuple(hidden_states.shape[:2])
     if positions is not None:
         _check_int("positions", positions, batch_and_length, "each token's position")
-    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool
-                                       or tuple(attention_mask.shape) != batch_and_length):
-        got = f"{tuple(attention_mask.shape)} {attention_mask.dtype}" if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must be a bool tensor {list(batch_and_length)} (True = a real token), got {got}")
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool \
+            or tuple(attention_mask.shape) != batch_and_length:
+        raise ValueError(f"attention_mask must be a bool tensor {list(batch_and_length)} (True = a real token), got "
+                         f"{_describe(attention_mask)}")
 
 
 def _check_images(images, image_positions, image_counts, hidden_states) -> None:
     """images [B, M, Lv, hidden] like hidden_states; image_positions int [B, M]; image_counts int [B] or None."""
     batch, hidden = hidden_states.shape[0], hidden_states.shape[-1]
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] != batch or images.shape[3] != hidden \
-            or images.shape[2] == 0:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a tensor [B={batch}, M, Lv >= 1, {hidden}], got {got}")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] != batch \
+            or images.shape[3] != hidden or images.shape[2] == 0:
+        raise ValueError(f"images must be a tensor [B={batch}, M, Lv >= 1, {hidden}], got {_describe(images)}")
     if images.dtype != hidden_states.dtype or images.device != hidden_states.device:
         raise TypeError(f"images ({images.dtype}, {images.device}) must have hidden_states' dtype and device "
                         f"({hidden_states.dtype}, {hidden_states.device})")
@@ -127,7 +134,7 @@ class HyperAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, images: Optional[torch.Tensor] = None,
                 image_positions: Optional[torch.Tensor] = None, image_counts: Optional[torch.Tensor] = None, *,
                 positions: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """hidden_states [B, L, hidden] (positions int [B, L], default 0..L-1; attention_mask bool [B, L]) over images [B, M, Lv, hidden] -> [B, L, hidden]."""
+        """hidden_states [B, L, hidden] over images [B, M, Lv, hidden] at image_positions [B, M] (image_counts [B]) -> [B, L, hidden]."""
         _check_text(hidden_states, self.q_proj.in_features, positions, attention_mask)
         batch, length, _ = hidden_states.shape
         if positions is None:
@@ -137,10 +144,13 @@ class HyperAttention(nn.Module):
         k = rotary(split_heads(self.k_proj(hidden_states), self.num_kv_heads), positions, self.rope_theta)
         ks, vs = [k], [split_heads(self.v_proj(hidden_states), self.num_kv_heads)]
         key_positions, masks = [positions], [attention_mask]
-        if images is not None and images.shape[1] > 0:
+        if images is not None:
             _check_images(images, image_positions, image_counts, hidden_states)
+        if images is not None and images.shape[1] > 0:
             image_k, image_v, image_pos, image_keep = self.visual_sources(images, image_positions, image_counts)
-            ks, vs, key_positions, masks = [image_k, *ks], [image_v, *vs], [image_pos, *key_positions], [image_keep, *masks]
-        out = concat_attention(q, ks, vs, None if all(m is None for m in masks) else masks, key_positions=key_positions,
-                               query_positions=positions, backend=self.backend)
+            ks, vs = [image_k, *ks], [image_v, *vs]
+            key_positions, masks = [image_pos, *key_positions], [image_keep, *masks]
+        masks = None if all(mask is None for mask in masks) else masks
+        out = concat_attention(q, ks, vs, masks, key_positions=key_positions, query_positions=positions,
+                               backend=self.backend)
         return self.o_proj(out.flatten(2))
