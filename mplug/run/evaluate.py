@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mplug.run import caption_eval, metrics
+from mplug.run import caption_eval, evaluate_nocaps, metrics
 from mplug.run.data.bad_images import with_placeholders, without_placeholders
 from mplug.run.data.video_dataset import MODEL_TASKS, VIDEO_TASKS
 from mplug.run.retrieval_shards import sharded_retrieval_scores
@@ -260,7 +260,7 @@ def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = 
     """Run the evaluation of ``task`` (see the module docstring) in this process of the job; returns the metrics on
     rank 0 (None elsewhere) after the files are written. --output is checked (and created) first: result files
     already there are refused unless ``overwrite``."""
-    from mplug.run import evaluate_nocaps, evaluate_video  # they import this module
+    from mplug.run import evaluate_video  # it imports this module
     from mplug.run.data import build_dataset, build_loader, load_tokenizer
     from mplug.run.data.video_dataset import VideoTestDataset
 
