@@ -385,12 +385,18 @@ class Run:
 
 def write_results(name: str, run: Run, rows: List[dict], out_dir: Optional[Path] = None,
                   ratios: Sequence[dict] = (), **extra) -> Path:
-    """Write {'environment': header, **extra, 'rows': rows, 'ratios': ratios} to out_dir/name.json; returns the path."""
+    """Write {'environment': header, **extra, 'rows': rows, 'ratios': ratios} to out_dir/name.json through a temporary
+    file and os.replace (a run killed mid-write leaves the previous file whole); returns the path."""
     out_dir = Path(out_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     payload = {"environment": run.header(rows, ratios), **extra, "rows": rows, "ratios": list(ratios)}
-    path.write_text(json.dumps(payload, indent=2))
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        partial.write_text(json.dumps(payload, indent=2))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

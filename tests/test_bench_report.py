@@ -103,3 +103,19 @@ def test_main_job_help_states_the_defaults_the_run_uses(capsys):
     assert (quick.threads, quick.budget) == (1, 0.0) and "1 with --quick" in text and "0 with --quick" in text
     assert default.backends == ["reference", "sdpa"] and "reference and sdpa in the CPU default run" in text
     assert default.json_dir.parent == common.RESULTS_DIR and default.json_dir.name[:8].isdigit()
+
+
+def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """write_results goes through a temporary file and os.replace: a failed write leaves the earlier file intact."""
+    run = common.Run(torch.device("cpu"), common.TimingPolicy.for_device(torch.device("cpu")))
+    path = common.write_results("rows", run, [{"a": 1}], tmp_path)
+    before = path.read_text()
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(common.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        common.write_results("rows", run, [{"a": 2}], tmp_path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.json"]
