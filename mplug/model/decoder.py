@@ -8,20 +8,17 @@ Which attention runs where:
 - causal self-attention, one new query per sequence (a cached generation step): ``co_attention``
   over the cached keys on the configured backend (a single query needs no causal mask);
 - causal self-attention over several queries (training, the uncached baseline, a cache's first
-  call): torch SDPA with an explicit causal + key-padding mask, whatever the backend, because the
-  mplug_kernels kernels have no causal mask.
+  call): ``co_attention`` on the configured backend with positional visibility (key j carries
+  position j, query t position past + t: key j is visible iff j <= past + t), no dense mask.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mplug_kernels import co_attention
-from mplug_kernels.backends.sdpa import zero_dead_rows
-from mplug_kernels.reference import never_empty
 from mplug_kernels._checks import check_mask
 from mplug_kernels.nn.co_attention import AttentionOutput, AttentionProjections, split_heads
 from mplug_kernels.nn.co_attention_stack import CoAttentionStack, LayerVisionKV, VisionKVCache
@@ -80,13 +77,10 @@ def causal_attention(q, k, v, key_mask, past_length: int, backend: str) -> torch
     """q [B, Lq, H, D] at positions past_length.. attends causally to k, v [B, Lk, H, D] under key_mask [B, Lk]."""
     if q.shape[1] == 1:
         return co_attention(q, k, v, key_mask, backend=backend)
-    positions = torch.arange(q.shape[1], device=q.device)[:, None] + past_length
-    causal = torch.arange(k.shape[1], device=q.device)[None, :] <= positions
-    keep, alive = never_empty(causal & key_mask[:, None, :])
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep[:, None]
-    ).transpose(1, 2)
-    return zero_dead_rows(out, alive)
+    batch = q.shape[0]
+    key_positions = torch.arange(k.shape[1], dtype=torch.int32, device=q.device).expand(batch, -1)
+    query_positions = (torch.arange(q.shape[1], dtype=torch.int32, device=q.device) + past_length).expand(batch, -1)
+    return co_attention(q, k, v, key_mask, key_positions=key_positions, query_positions=query_positions, backend=backend)
 
 
 class CausalSelfAttention(nn.Module):
