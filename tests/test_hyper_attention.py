@@ -220,6 +220,16 @@ def test_left_padding_with_shifted_positions_equals_the_unpadded_sample():
     torch.testing.assert_close(padded[:, pad:], unpadded, rtol=0, atol=1e-12)
 
 
+def test_traces_whole_with_no_graph_break_or_host_sync():
+    """torch.compile(fullgraph=True) refuses a graph break, which a loop over samples' data or .item() would cause."""
+    layer = make_layer(seed=12, backend="reference")
+    hidden, image_embeds, media_offset, mask = scenario_inputs("mixed", seed=13)
+    inputs = (hidden.float(), *pack_images(image_embeds.float(), media_offset))
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(*inputs, attention_mask=mask), layer(*inputs, attention_mask=mask), rtol=0, atol=0)
+
+
 def test_pack_images_lays_out_owl3s_inputs_per_sample():
     embeds = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     images, positions, counts = pack_images(embeds, [[5], [], [1, 7, 9]])
