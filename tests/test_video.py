@@ -7,7 +7,7 @@ import mplug_kernels
 from attention_testing import low_precision_baseline, assert_within_budget, reference64, skip_unless_supported
 from mplug import MPLUG, MPLUGConfig
 from mplug.tasks.video import (
-    answer_list_inputs, encode_video, rank_answers, vatex_caption, video_caption_generate, video_qa_generate, video_qa_rank,
+    answer_list_inputs, encode_video, encode_videos_in_chunks, rank_answers, vatex_caption, video_caption_generate, video_qa_generate, video_qa_rank,
     video_retrieval_scores,
 )
 
@@ -36,6 +36,15 @@ def test_video_memory_is_the_frame_encodings_concatenated(model):
     assert video.embeds.shape == (2, 3 * tokens, model.config.hidden_size)
     torch.testing.assert_close(video.embeds, torch.cat(per_frame, dim=1), rtol=1e-10, atol=1e-10)
     assert video.mask.all()
+
+
+def test_videos_encoded_in_chunks_equal_one_pass(model):
+    """Retrieval encodes batch_size videos at a time: the same VideoMemory as one batched pass (3 videos, chunks 2 + 1)."""
+    clips, _, _ = video_batch(videos=3)
+    frame_mask = torch.tensor([[True, False, True], [True, True, True], [False, True, True]])
+    whole, chunked = encode_video(model, clips, frame_mask), encode_videos_in_chunks(model, clips, frame_mask, 2)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_masked_frames_are_ignored(model):

@@ -63,6 +63,14 @@ def encode_video(model, frames: torch.Tensor, frame_mask: Optional[torch.Tensor]
     return VideoMemory(embeds.flatten(1, 2), mask, frame_mask)
 
 
+def encode_videos_in_chunks(model, frames: torch.Tensor, frame_mask: Optional[torch.Tensor], chunk: int) -> VideoMemory:
+    """encode_video of frames [N, T, 3, S, S] run chunk videos at a time (bounded visual-encoder activations), the
+    chunks' VideoMemory concatenated."""
+    frame_mask = check_frames(frames, frame_mask)
+    parts = [encode_video(model, f, m) for f, m in zip(frames.split(chunk), frame_mask.split(chunk))]
+    return VideoMemory(*(torch.cat(field) for field in zip(*parts)))
+
+
 def video_features(model, video: VideoMemory) -> torch.Tensor:
     """Normalised ITC features [B, E] of videos: vision_proj of the mean [CLS] state of their present frames."""
     batch, num_frames = video.frame_mask.shape
@@ -168,11 +176,12 @@ def video_retrieval_scores(model, frames, text_ids, text_mask=None, frame_mask=N
                            batch_size: int = 16) -> RetrievalScores:
     """Text-video retrieval over videos [Nv, T, 3, S, S] and texts [Nt, L]: ITC similarities of video_features and
     the text [CLS] features, then each query's top-k candidates (k_test 128) re-ranked by ITM match logit + ITC
-    similarity, as retrieval_vid_mplug.py:97,117 score them -> RetrievalScores."""
+    similarity, as retrieval_vid_mplug.py:97,117 score them -> RetrievalScores. Videos are encoded batch_size at a
+    time."""
     if not isinstance(k, int) or k < 1 or batch_size < 1:
         raise ValueError(f"k and batch_size must be positive ints, got k={k!r}, batch_size={batch_size!r}")
     text_mask = default_mask(text_ids, text_mask)
-    video = encode_video(model, frames, frame_mask)
+    video = encode_videos_in_chunks(model, frames, frame_mask, batch_size)
     text_embeds = model.text_encoder(text_ids, text_mask)
     text_feat = F.normalize(model.text_proj(text_embeds[:, 0]), dim=-1)
     itc = video_features(model, video) @ text_feat.t()
