@@ -260,11 +260,11 @@ def test_inputs_are_not_modified():
     ({"hidden_states": torch.zeros(2, 6, 128, dtype=torch.int64)}, TypeError, "hidden_states must be a floating"),
     ({"images": torch.zeros(2, 3, 5, 64)}, ValueError, r"images must be a tensor \[B=2, M, Lv >= 1, 128\]"),
     ({"images": torch.zeros(2, 3, 5, 128, dtype=torch.float64)}, TypeError, "images .* must have hidden_states' dtype"),
-    ({"image_positions": torch.zeros(2, 3)}, ValueError, r"image_positions must be an int32 or int64 tensor \[2, 3\]"),
+    ({"image_positions": torch.zeros(2, 3)}, ValueError, r"image_positions must be an int32 or int64 tensor \[2, 3\] on cpu"),
     ({"image_positions": None}, ValueError, r"image_positions must be .* got NoneType"),
     ({"image_counts": torch.zeros(3, dtype=torch.int32)}, ValueError, r"image_counts must be an int32 or int64 tensor \[2\]"),
     ({"positions": torch.zeros(2, 5, dtype=torch.int32)}, ValueError, r"positions must be an int32 or int64 tensor \[2, 6\]"),
-    ({"attention_mask": torch.ones(2, 6)}, ValueError, r"attention_mask must be a bool tensor \[2, 6\]"),
+    ({"attention_mask": torch.ones(2, 6)}, ValueError, r"attention_mask must be a bool tensor \[2, 6\] on cpu"),
 ])
 def test_bad_inputs_raise_naming_the_argument(change, error, match):
     arguments = {"hidden_states": torch.zeros(2, 6, HIDDEN), "images": torch.zeros(2, 3, 5, HIDDEN),

@@ -64,9 +64,10 @@ def pack_images(image_embeds: torch.Tensor, media_offset: Sequence[Sequence[int]
     return images, positions, torch.tensor(counts, dtype=torch.int32, device=device)
 
 
-def _check_int(name: str, x, shape: Tuple[int, ...], meaning: str) -> None:
-    if not isinstance(x, torch.Tensor) or x.dtype not in INT_DTYPES or tuple(x.shape) != shape:
-        raise ValueError(f"{name} must be an int32 or int64 tensor {list(shape)} ({meaning}), got {_describe(x)}")
+def _check_int(name: str, x, shape: Tuple[int, ...], meaning: str, device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in INT_DTYPES or tuple(x.shape) != shape or x.device != device:
+        got = f"{_describe(x)} on {x.device}" if isinstance(x, torch.Tensor) else _describe(x)
+        raise ValueError(f"{name} must be an int32 or int64 tensor {list(shape)} on {device} ({meaning}), got {got}")
 
 
 def _check_text(hidden_states, hidden_size: int, positions, attention_mask) -> None:
@@ -77,13 +78,13 @@ def _check_text(hidden_states, hidden_size: int, positions, attention_mask) -> N
         raise ValueError(f"hidden_states must be [B, L >= 1, {hidden_size}], got {tuple(hidden_states.shape)}")
     batch_and_length = tuple(hidden_states.shape[:2])
     if positions is not None:
-        _check_int("positions", positions, batch_and_length, "each token's position")
+        _check_int("positions", positions, batch_and_length, "each token's position", hidden_states.device)
     if attention_mask is None:
         return
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool \
-            or tuple(attention_mask.shape) != batch_and_length:
-        raise ValueError(f"attention_mask must be a bool tensor {list(batch_and_length)} (True = a real token), got "
-                         f"{_describe(attention_mask)}")
+            or tuple(attention_mask.shape) != batch_and_length or attention_mask.device != hidden_states.device:
+        raise ValueError(f"attention_mask must be a bool tensor {list(batch_and_length)} on {hidden_states.device} "
+                         f"(True = a real token), got {_describe(attention_mask)}")
 
 
 def _check_images(images, image_positions, image_counts, hidden_states) -> None:
@@ -95,9 +96,11 @@ def _check_images(images, image_positions, image_counts, hidden_states) -> None:
     if images.dtype != hidden_states.dtype or images.device != hidden_states.device:
         raise TypeError(f"images ({images.dtype}, {images.device}) must have hidden_states' dtype and device "
                         f"({hidden_states.dtype}, {hidden_states.device})")
-    _check_int("image_positions", image_positions, tuple(images.shape[:2]), "the text position of each image")
+    _check_int("image_positions", image_positions, tuple(images.shape[:2]), "the text position of each image",
+               images.device)
     if image_counts is not None:
-        _check_int("image_counts", image_counts, (batch,), "how many of the M slots of each sample hold an image")
+        _check_int("image_counts", image_counts, (batch,), "how many of the M slots of each sample hold an image",
+                   images.device)
 
 
 class HyperAttention(nn.Module):
@@ -121,7 +124,7 @@ class HyperAttention(nn.Module):
 
     def visual_sources(self, images, image_positions, image_counts):
         """(k, v [B, M*Lv, Hkv, D], key positions int32 [B, M*Lv], keep mask [B, M*Lv] or None) of the images."""
-        batch, slots, length, _ = images.shape
+        _, slots, length, _ = images.shape
         kv = self.v_kv_proj(images).unflatten(-1, (self.num_kv_heads, 2, self.head_dim)).flatten(1, 2)
         key, value = kv.unbind(dim=3)
         positions = image_positions.to(torch.int32).repeat_interleave(length, dim=1)
