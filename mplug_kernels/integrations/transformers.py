@@ -3,11 +3,11 @@
 ``register()`` adds an attention implementation, and the mask function that goes with it, under one name:
 ``BertModel.from_pretrained(..., attn_implementation=register())`` then runs cross-attention and bidirectional
 self-attention on ``mplug_kernels.co_attention``. ``apply_mplug_kernels_to_blip(model)`` patches BLIP's text
-attention, which does not dispatch through transformers' AttentionInterface. Causal attention (``is_causal`` without a mask, or
-a mask that our mask function built from transformers' plain causal mask function and a key padding mask) runs through
-positional visibility (key position <= query position). Calls the kernels cannot serve exactly (other per-query
-masks, attention dropout in training, attention weights requested) run transformers' own attention instead, with one
-warning per reason. This module imports transformers only when one of them is called.
+attention, which does not dispatch through transformers' AttentionInterface. Causal attention (``is_causal``
+without a mask, or a mask that our mask function built from transformers' plain causal mask function and a key
+padding mask) runs through positional visibility (key position <= query position). Calls the kernels cannot serve
+exactly (other per-query masks, attention dropout in training, attention weights requested) run transformers' own
+attention instead, with one warning per reason. This module imports transformers only when one of them is called.
 """
 from __future__ import annotations
 
