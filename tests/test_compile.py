@@ -123,3 +123,18 @@ def test_compile_fullgraph_auto_decode_with_per_row_cache_lengths():
             got, want = compiled(x, image_k, image_v, k_cache, v_cache, lengths), _decode_with_cache(
                 x, image_k, image_v, k_cache, v_cache, lengths)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_fullgraph_auto_resolves_baseline_availability_inside_the_trace(monkeypatch):
+    """From a cold cache, flash_attn/xformers availability (importlib) is first resolved while dynamo traces."""
+    from mplug_kernels.backends import BACKENDS, baselines
+
+    baselines._import_reason.cache_clear()
+    for backend in BACKENDS.values():
+        monkeypatch.delitem(backend.__dict__, "_resolved_unavailable_reason", raising=False)
+    generator = torch.Generator().manual_seed(6)
+    q, k, v = (random_tensor(2, n, 2, 16, dtype=torch.float32, generator=generator) for n in (1, 6, 6))
+    lengths = torch.tensor([3, 6], dtype=torch.int32, device=DEVICE)
+    _fullgraph_matches_eager(lambda q, k, v, lengths: mplug_kernels.co_attention(q, k, v, key_lengths=lengths),
+                             q, k, v, lengths)
+    assert "_resolved_unavailable_reason" in BACKENDS["flash_attn"].__dict__
