@@ -265,3 +265,42 @@ def test_deterministic_backward(backend, dtype, heads):
         assert torch.equal(runs[0], runs[1])
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_splits", [2, 3, 4])
+def test_triton_forced_splits_with_invisible_splits(dtype, num_splits):
+    """The Triton split-KV forward and its combine under positions: splits a row cannot see give lse -inf partials."""
+    test_forced_splits_with_invisible_splits("triton", dtype, num_splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+def test_triton_deterministic_backward(dtype, heads):
+    """The Triton dQ kernel without atomics under positions: within budget and bit-identical on a second run."""
+    test_deterministic_backward("triton", dtype, heads)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_nan_in_queries_that_see_no_key(deterministic):
+    """A NaN query row that sees no key (positions, no Python pre-pass) gives zeros, lse -inf and the gradients of
+    a zero row: no NaN reaches dK (0 * NaN) or anything else."""
+    q, ks, vs, masks, positions = inputs("invisible_rows", (4, 2), torch.float32, seed=9, requires_grad=False)
+    dead = ~dense_visibility(ks, masks, positions).any(-1)
+    poisoned = q.masked_fill(dead[:, :, None, None], float("nan"))
+    clean = q.masked_fill(dead[:, :, None, None], 0.0)
+    reasons = BACKENDS["triton"].reasons(AttentionCall.of(q, ks, vs, masks, True, positions))
+    if reasons:
+        pytest.skip(f"backend triton: {'; '.join(reasons)}")
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        results = []
+        for query in (poisoned, clean):
+            leaves = [x.clone().requires_grad_() for x in (query, *ks, *vs)]
+            out, lse = _call(leaves[0], leaves[1:2], leaves[2:], masks, positions, "triton", return_lse=True)
+            results.append([out, lse, *grads([out, _finite(lse)], leaves, [torch.ones_like(out), torch.ones_like(lse)])])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert (results[0][0][dead] == 0).all() and torch.isneginf(results[0][1].transpose(1, 2)[dead]).all()
+    for got, want in zip(results[0], results[1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
