@@ -1,7 +1,8 @@
 """Decoding over a cache whose valid length differs per batch row: key_lengths (int32 [B] per source) on every
 backend that takes the call, against a float64 oracle that slices each row's valid keys (no mask at all).
 
-A decode step is Lq = 1 per sequence, or several beams of one sequence folded into Lq (they share its cache)."""
+A decode step is Lq = 1 per sequence, or several beams of one sequence folded into Lq (they share its cache). On a
+GPU the step must not synchronise the host and must replay in a CUDA graph with new lengths (skipped elsewhere)."""
 from __future__ import annotations
 
 import pytest
@@ -155,3 +156,21 @@ def test_decode_step_does_not_synchronise_the_host():
         mplug_kernels.concat_attention(q, ks, vs, key_lengths=lengths)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a CUDA device")
+def test_decode_step_replays_in_a_cuda_graph_with_new_lengths():
+    q, ks, vs = decode_inputs(torch.float16, beams=2, kv_heads=2, seed=14)
+    lengths = _int32(LENGTHS)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        mplug_kernels.concat_attention(q, ks, vs, key_lengths=[None, lengths])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mplug_kernels.concat_attention(q, ks, vs, key_lengths=[None, lengths])
+    lengths.copy_(_int32([CACHE, 2, 0]))  # the next step's lengths, written into the captured buffer
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, mplug_kernels.concat_attention(q, ks, vs, key_lengths=[None, lengths]))
