@@ -28,6 +28,10 @@ GROUPED_CUDA_TESTS = ("tests/test_grouped_heads.py", "-k", "cuda")
 POSITIONS_CUDA_TESTS = ("tests/test_positions.py", "-k", "cuda")
 # the (Hq, Hkv) = (14, 2) cases (heads4) on the Triton interpreter
 GROUPED_TRITON_TESTS = ("tests/test_grouped_heads.py", "-k", "triton and heads4 and not deterministic")
+# positional visibility on the Triton interpreter: float32, Hq = Hkv forward/backward scenarios, forced splits,
+# the deterministic dQ and NaN queries that see no key
+TRITON_POSITION_TESTS = ("tests/test_positions.py", "-k",
+                         "triton and not dtype1 and not dtype3 and (heads0 or splits or deterministic or nan)")
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,26 @@ MUTATIONS = [
     Mutation("positions: CUDA backward skips key tiles by the first query position, not the largest",
              "csrc/visibility.cuh", "for (int64_t r = threadIdx.x; r < rows; r += kThreadsHere) {",
              "for (int64_t r = threadIdx.x; r < 1; r += kThreadsHere) {", POSITIONS_CUDA_TESTS),
+    *[Mutation(f"triton positions: {name}", f"mplug_kernels/ops/triton_{path}.py", original, planted,
+               TRITON_POSITION_TESTS) for name, path, original, planted in [
+        ("a key visible only if its position < the query's (not <=)", "tiles",
+         "ok = ok & (kpos[None, :] <= qpos[:, None])", "ok = ok & (kpos[None, :] < qpos[:, None])"),
+        ("every batch row reads row 0's query positions", "tiles",
+         "tl.load(QPOS + b * stride_qpb + offs_m,", "tl.load(QPOS + offs_m,"),
+        ("tile skip compares the tile's max key position (not min)", "tiles",
+         "return tl.min(kpos, 0) <= qpos_max", "return tl.max(kpos, 0) <= qpos_max"),
+        ("forward tile skip against the query block's min position (not max)", "forward",
+         "        qpos_max = tl.max(qpos, 0)\n\n    acc", "        qpos_max = tl.min(qpos, 0)\n\n    acc"),
+        ("backward keeps the q rows that see no key (NaN reaches dK)", "tiles",
+         'q = tl.where((lse == float("-inf"))[:, None], 0.0, q)', "q = q"),
+        ("dK/dV's batch-row max position skips the first query tile (K/V not loaded)", "backward",
+         "top = tl.full([BLOCK_M], -2147483647, dtype=tl.int32)\n    for start_m in range(0, q_len, BLOCK_M):",
+         "top = tl.full([BLOCK_M], -2147483647, dtype=tl.int32)\n    for start_m in range(BLOCK_M, q_len, BLOCK_M):"),
+        ("deterministic dQ kernel drops the positional mask of the tiles it computes", "backward",
+         "qk_scale, HAS_MASK, True, PRECISION)", "qk_scale, HAS_MASK, False, PRECISION)"),
+        ("combine of a row whose every split is -inf (sees no key) unguarded", "forward",
+         'max_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)', "max_safe = lse_max"),
+    ]],
 ]
 
 
