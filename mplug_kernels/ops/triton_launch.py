@@ -5,7 +5,9 @@ their shared tile helpers in triton_tiles; this module chooses block sizes, auto
 split-KV count (from the kernel's occupancy: mplug_kernels.occupancy), builds each Launch and runs it.
 Block sizes are chosen per head dim and dtype so that no launch spills or exceeds shared memory on sm_80 or
 sm_90; forward autotuning candidates that would are pruned before tuning (bench/static_triton.py compiles
-every launch ahead of time to check). Layout [B, S, H, D] with any strides (last dim contiguous).
+every launch ahead of time to check). Layout [B, S, H, D] with any strides (last dim contiguous). Positional
+visibility (Positions: int32 key positions per source, query positions) reaches the kernels as pointers under
+constexpr flags, so a launch without positions compiles to the same code.
 """
 from __future__ import annotations
 
@@ -242,10 +244,11 @@ def forward_launches(
     forward = Launch(
         _forward_kernel, (triton.cdiv(q_len, block_m), batch * heads, num_splits),
         (q, out, lse, part_out, part_lse, *pointers, *position_pointers, *_strides3(q), *_strides3(out), *strides,
-         *lengths, *position_strides, heads, heads // ks[0].shape[2], q_len, head_dim, split_size, num_splits, softmax_scale * LOG2E,
-         triton.next_power_of_2(triton.cdiv(split_size, 64))),
+         *lengths, *position_strides, heads, heads // ks[0].shape[2], q_len, head_dim, split_size, num_splits,
+         softmax_scale * LOG2E, triton.next_power_of_2(triton.cdiv(split_size, 64))),
         dict(NUM_SOURCES=len(ks), HAS_M0=has_mask[0], HAS_M1=has_mask[1], HAS_M2=has_mask[2], HAS_M3=has_mask[3],
-             HAS_P0=has_pos[0], HAS_P1=has_pos[1], HAS_P2=has_pos[2], HAS_P3=has_pos[3], PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_D=block_d),
+             HAS_P0=has_pos[0], HAS_P1=has_pos[1], HAS_P2=has_pos[2], HAS_P3=has_pos[3],
+             PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_D=block_d),
         tuned=True,
     )
     if not split:
