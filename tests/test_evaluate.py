@@ -3,10 +3,6 @@ one entry per input id (also from 2 gloo processes, equal to one process), metri
 written half."""
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +12,8 @@ from mplug import MPLUG
 from mplug.run import caption_eval, evaluate, metrics
 from mplug.run.run_config import load_config
 from mplug.run.runtime import CHECKPOINT_FORMAT, build_model
+from distributed import evaluate_two_processes
 from tiny_dataset import write_tiny_dataset
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,12 +37,6 @@ def vqa_run(tmp_path_factory):
     return config, tiny_checkpoint(config, "vqa")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run_cli(task, config, checkpoint, output, *extra):
     return evaluate.main(["--task", task, "--config", str(config), "--checkpoint", str(checkpoint),
                           "--output", str(output), *extra])
@@ -68,12 +57,7 @@ def test_vqa_one_entry_per_question_and_two_gloo_ranks_agree(vqa_run, tmp_path):
     expected = metrics.vqa_accuracy({e["question_id"]: e["answer"] for e in one}, {r["question_id"]: r["answer"] for r in records})
     assert scores["vqa_accuracy"] == pytest.approx(expected) and scores["scored_questions"] == 5
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
-               "mplug.run.evaluate", "--task", "vqa", "--config", str(config), "--checkpoint", str(checkpoint),
-               "--output", str(tmp_path / "two")]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    evaluate_two_processes("vqa", config, checkpoint, tmp_path / "two")
     assert read_json(tmp_path / "two" / "vqa_result.json") == one
     assert read_json(tmp_path / "two" / "metrics.json") == scores
 
@@ -123,12 +107,7 @@ def test_retrieval_on_two_gloo_ranks_equals_one_process(tmp_path):
     config = write_tiny_dataset(tmp_path / "data", "retrieval", n=5)
     checkpoint = tiny_checkpoint(config, "retrieval", seed=3)
     one = run_cli("retrieval", config, checkpoint, tmp_path / "one", "--set", "k_test=2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
-               "mplug.run.evaluate", "--task", "retrieval", "--config", str(config), "--checkpoint", str(checkpoint),
-               "--output", str(tmp_path / "two"), "--set", "k_test=2"]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    evaluate_two_processes("retrieval", config, checkpoint, tmp_path / "two", "--set", "k_test=2")
     assert read_json(tmp_path / "two" / "metrics.json") == {**one, "checkpoint": str(checkpoint)}
     assert (one["images"], one["texts"]) == (5, 10)
 
@@ -241,12 +220,7 @@ def test_undecodable_image_is_named_or_skipped_and_counted(tmp_path, batch_size)
     assert [e["question_id"] for e in read_json(tmp_path / "out" / "vqa_result.json")] == [1000, 1001, 1003, 1004]
     assert scores["skipped_records"] == 1 and scores["questions"] == 4
     if batch_size == 1:  # 2 gloo ranks: rank 0 (records 0, 2, 4) skips its second batch, the gathered order holds
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-                   "-m", "mplug.run.evaluate", "--task", "vqa", "--config", str(config), "--checkpoint", str(checkpoint),
-                   "--output", str(tmp_path / "two"), size, "--skip-bad-records"]
-        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stderr[-3000:]
+        evaluate_two_processes("vqa", config, checkpoint, tmp_path / "two", size, "--skip-bad-records")
         assert read_json(tmp_path / "two" / "vqa_result.json") == read_json(tmp_path / "out" / "vqa_result.json")
         assert read_json(tmp_path / "two" / "metrics.json") == scores
 

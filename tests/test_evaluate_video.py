@@ -2,10 +2,6 @@
 with PyAV, annotations in the authors' MSRVTT-QA (JSON lines), VATEX (JSON list) and MSR-VTT retrieval (JSON lines)
 formats, a tiny random model saved as mplug.run.train saves it; each metric recomputed from the model's own methods."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +14,7 @@ from mplug.run.evaluate_video import VIDEO_CONFIGS, config_source
 from mplug.run.run_config import load_config
 from mplug.run.runtime import CHECKPOINT_FORMAT, build_model
 from mplug.tasks.video import answer_list_inputs, vatex_caption
-from test_evaluate import free_port
+from distributed import evaluate_two_processes
 from tiny_dataset import write_vocab
 
 av = pytest.importorskip("av", reason="PyAV (the [video] extra) writes and reads the test videos")
@@ -164,11 +160,6 @@ def test_shipped_video_configs_load_by_name_with_the_authors_frames(name):
 def test_videoqa_on_two_gloo_ranks_equals_one_process(tmp_path):
     config, checkpoint, _ = video_run(tmp_path / "data", "videoqa")
     one = run_cli("videoqa", config, checkpoint, tmp_path / "one")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
-               "mplug.run.evaluate", "--task", "videoqa", "--config", str(config), "--checkpoint", str(checkpoint),
-               "--output", str(tmp_path / "two"), "--set", "batch_size_test=1"]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    evaluate_two_processes("videoqa", config, checkpoint, tmp_path / "two", "--set", "batch_size_test=1")
     assert (tmp_path / "two" / "videoqa_result.json").read_text() == (tmp_path / "one" / "videoqa_result.json").read_text()
     assert json.loads((tmp_path / "two" / "metrics.json").read_text()) == one
