@@ -93,7 +93,7 @@ def _forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < q_len
     q = _load_rows(Q, b, h, stride_qb, stride_qh, offs_m, stride_qm, offs_d, row_ok, head_dim)
-    qpos, qpos_max = 0, 0  # query positions [BLOCK_M] and their max, read when a source has key positions
+    qpos, qpos_max = None, None  # query positions [BLOCK_M] and their max, read when a source has key positions
     if HAS_P0 or HAS_P1 or HAS_P2 or HAS_P3:
         qpos = _query_positions(QPOS, b, stride_qpb, offs_m, row_ok)
         qpos_max = tl.max(qpos, 0)

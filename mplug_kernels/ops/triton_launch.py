@@ -205,15 +205,14 @@ def _source_args(ks, vs, masks) -> Tuple[list, list, list, list]:
     return pointers, strides, has_mask, lengths
 
 
-def _position_args(q: torch.Tensor, positions: Optional[Positions]) -> Tuple[list, list, list]:
-    """([P0..P3, QPOS], their batch strides, which of the four source slots have key positions); q stands in
-    for what is missing (stride 0, never read)."""
+def _position_args(positions: Optional[Positions]) -> Tuple[list, list, list]:
+    """([P0..P3, QPOS], their batch strides, which of the four source slots have key positions); None for what
+    is missing, so the JIT drops it from the kernel's parameters (a launch without positions compiles as before)."""
     keys = positions.keys if positions is not None else ()
     present = [keys[i] if i < len(keys) else None for i in range(MAX_SOURCES)]
     present.append(positions.queries if positions is not None else None)
-    pointers = [p if p is not None else q for p in present]
-    strides = [p.stride(0) if p is not None else 0 for p in present]
-    return pointers, strides, [p is not None for p in present[:MAX_SOURCES]]
+    strides = [p.stride(0) if p is not None else None for p in present]
+    return present, strides, [p is not None for p in present[:MAX_SOURCES]]
 
 
 def _contiguous_positions(positions: Optional[Positions]) -> Optional[Positions]:
@@ -240,7 +239,7 @@ def forward_launches(
     part_out = torch.empty((num_splits, batch * heads, q_len, block_d), **f32) if split else lse
     part_lse = torch.empty((num_splits, batch * heads, q_len), **f32) if split else lse
     pointers, strides, has_mask, lengths = _source_args(ks, vs, masks)
-    position_pointers, position_strides, has_pos = _position_args(q, positions)
+    position_pointers, position_strides, has_pos = _position_args(positions)
     forward = Launch(
         _forward_kernel, (triton.cdiv(q_len, block_m), batch * heads, num_splits),
         (q, out, lse, part_out, part_lse, *pointers, *position_pointers, *_strides3(q), *_strides3(out), *strides,
@@ -354,7 +353,7 @@ def backward_launches(
     meta = dict(PRECISION=_precision(q.dtype), **backward_meta(q.element_size(), head_dim, q_len))
     common = (*_strides3(q), *_strides3(dout))
     kv_heads = ks[0].shape[2]  # grouped heads: dK/dV programs per K/V head, each summing its group
-    position_pointers, position_strides, has_pos = _position_args(q, positions)
+    position_pointers, position_strides, has_pos = _position_args(positions)
     for i, (k, v, mask, dk, dv) in enumerate(zip(ks, vs, masks, dks, dvs)):
         source = (*_strides3(k), *_strides3(v), mask.stride(0) if mask is not None else 0, position_strides[i],
                   position_strides[-1])
