@@ -8,7 +8,7 @@
 //   key tile of every source (K and V double-buffered).
 // Masked keys, and query rows that see no key, are selected out, never multiplied: their K/V (Q/dO)
 // rows load as zeros and their P and dS are 0, so a NaN there reaches no gradient. Under positional
-// visibility (args.positional(), csrc/visibility.cuh) P and dS are also 0 where a key is positioned
+// visibility (the kPositions kernels, csrc/visibility.cuh) P and dS are also 0 where a key is positioned
 // after its query, and key tiles no query row can see are neither loaded nor computed.
 #pragma once
 
@@ -41,8 +41,9 @@ struct DkdvSmem {
   static constexpr size_t lse = douts + 2 * kQueryTile;  // stage s at lse + s * kRows
   static constexpr size_t delta = lse + 2 * kRows;
   static constexpr size_t dscores = delta + 2 * kRows;
-  static constexpr size_t query_positions = dscores + kBackwardKeys * kBackwardQueries * 2;  // as lse
-  static constexpr size_t bytes = query_positions + 2 * kRows;
+  static constexpr size_t bytes = dscores + kBackwardKeys * kBackwardQueries * 2;
+  static constexpr size_t query_positions = bytes;  // int32, as lse: the kPositions kernel only
+  static constexpr size_t positional_bytes = query_positions + 2 * kRows;
 };
 
 // Byte offsets of the deterministic dQ kernel's shared memory: swizzled Q and dO tiles, two stages
@@ -56,8 +57,9 @@ struct DqSmem {
   static constexpr size_t keys = douts + kQueryTile;  // stage s at keys + s * kKeyTile
   static constexpr size_t values = keys + 2 * kKeyTile;
   static constexpr size_t visible = values + 2 * kKeyTile;  // stage s at visible + s * kBackwardKeys
-  static constexpr size_t key_positions = visible + 2 * kBackwardKeys;  // int32, as visible
-  static constexpr size_t bytes = key_positions + 2 * kBackwardKeys * sizeof(int32_t);
+  static constexpr size_t bytes = visible + 2 * kBackwardKeys;
+  static constexpr size_t key_positions = bytes;  // int32, as visible: the kPositions kernel only
+  static constexpr size_t positional_bytes = key_positions + 2 * kBackwardKeys * sizeof(int32_t);
 };
 
 // Starts 16-byte asynchronous copies of the rows r of a [ROWS, D] slab for which keep(r) holds
@@ -118,7 +120,7 @@ struct LiveQueries {
 
 // Starts loading Q, dO, lse and delta of query rows [m0, m0 + kBackwardQueries) into one stage;
 // rows past the end or without keys load as zeros with lse -inf, so their probabilities are 0.
-template <typename T, int D>
+template <typename T, int D, bool kPositions>
 __device__ __forceinline__ void issue_query_tile(const AttentionArgs& args, unsigned char* smem, int stage, int64_t b,
                                                  int64_t h, int64_t m0) {
   using Smem = DkdvSmem<D>;
@@ -139,7 +141,7 @@ __device__ __forceinline__ void issue_query_tile(const AttentionArgs& args, unsi
       delta[r] = 0.0f;
     }
   }
-  if (args.positional()) {
+  if constexpr (kPositions) {
     issue_query_positions<kThreads>(args, b, m0, kBackwardQueries, live,
                                     reinterpret_cast<int32_t*>(smem + Smem::query_positions + stage * Smem::kRows));
   }
@@ -219,7 +221,7 @@ __device__ __forceinline__ void accumulate_dq_atomic(const AttentionArgs& args, 
 // The warp's dK^T/dV^T products of one query stage: S^T and dP^T [16 keys, 32 queries] from K, V
 // (rows key0..) and the stage's Q and dO; P^T and dS^T, selected to 0 for invisible keys; then
 // dV += P^T dO, dK += dS^T Q; dS^T rounded to T is returned for the dQ product.
-template <typename T, int D>
+template <typename T, int D, bool kPositions>
 __device__ __forceinline__ void dkdv_stage(const AttentionArgs& args, const unsigned char* smem, int stage, int key0,
                                            const bool (&visible)[2], const int32_t (&key_positions)[2],
                                            float (&dk)[D / kMmaN][4],
@@ -246,7 +248,7 @@ __device__ __forceinline__ void dkdv_stage(const AttentionArgs& args, const unsi
       dprobs[nt][i] = keep ? p * (dprobs[nt][i] - delta[m]) : 0.0f;
     }
   }
-  if (args.positional()) {
+  if constexpr (kPositions) {
     const int32_t* positions = reinterpret_cast<const int32_t*>(smem + Smem::query_positions + stage * Smem::kRows);
     const auto invisible = [&](int nt, int i) { return key_positions[i / 2] > positions[nt * kMmaN + acc_col(lane, i)]; };
     hide_by_position(scores, invisible);
@@ -260,7 +262,7 @@ __device__ __forceinline__ void dkdv_stage(const AttentionArgs& args, const unsi
 }
 
 // Starts loading K, V and the key visibility of key tile `t` into stage `stage` of the dQ kernel.
-template <typename T, int D>
+template <typename T, int D, bool kPositions>
 __device__ __forceinline__ void issue_dq_key_tile(const AttentionArgs& args, const TileWalk& walk, int64_t t,
                                                   unsigned char* smem, int stage, int64_t b, int64_t h) {
   using Smem = DqSmem<D>;
@@ -269,7 +271,7 @@ __device__ __forceinline__ void issue_dq_key_tile(const AttentionArgs& args, con
                        smem + Smem::values + stage * Smem::kKeyTile);
   uint8_t* visible = smem + Smem::visible + stage * kBackwardKeys;
   for (int n = threadIdx.x; n < kBackwardKeys; n += kThreads) visible[n] = key_visible(args.sources[tile.source], tile, b, n);
-  if (args.positional()) {
+  if constexpr (kPositions) {
     store_key_positions<kThreads, kBackwardKeys>(
         args.sources[tile.source], tile, b,
         reinterpret_cast<int32_t*>(smem + Smem::key_positions + stage * kBackwardKeys * sizeof(int32_t)));
@@ -311,7 +313,7 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const AttentionArgs arg
 // grid (key tiles of all sources x B*Hkv, key tiles of one K/V head adjacent): dK, dV of one key tile
 // over every query tile of each query head of the K/V head's group in turn (summed here, no atomics
 // between heads), and dQ by atomics when args.dq_accum is set.
-template <typename T, int D>
+template <typename T, int D, bool kPositions>
 __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs args) {
   using namespace backward;
   using Smem = DkdvSmem<D>;
@@ -328,20 +330,20 @@ __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs a
   const SourceView& source = args.sources[tile.source];
   const bool visible[2] = {key_visible(source, tile, b, key0 + acc_row(lane, 0)),
                            key_visible(source, tile, b, key0 + acc_row(lane, 2))};
-  int32_t key_positions[2];
+  int32_t key_positions[2] = {INT32_MIN, INT32_MIN};
+  bool seen = true;  // under positions: a tile whose keys no query sees is neither loaded nor computed
+  if constexpr (kPositions) {
 #pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    key_positions[k] = visible[k] ? key_position(source, b, tile.start + key0 + acc_row(lane, 2 * k)) : INT32_MAX;
+    for (int k = 0; k < 2; ++k) {
+      key_positions[k] = visible[k] ? key_position(source, b, tile.start + key0 + acc_row(lane, 2 * k)) : INT32_MAX;
+    }
+    const int32_t q_max = max_query_position<kThreads>(args, b, 0, args.q_len, [](int64_t) { return true; },
+                                                       reinterpret_cast<int32_t*>(smem + Smem::dscores));
+    seen = !__syncthreads_and(!tile_pending_key(source, tile, b).seen_below(q_max));
   }
-  // a tile whose keys are all padded, or positioned after every query, is neither loaded nor computed
-  const auto every_row = [](int64_t) { return true; };
-  const int32_t q_max = args.positional() ? max_query_position<kThreads>(args, b, 0, args.q_len, every_row,
-                                                                          reinterpret_cast<int32_t*>(smem + Smem::dscores))
-                                          : INT32_MAX;
-  const bool seen = !__syncthreads_and(!tile_pending_key(source, tile, b).seen_below(q_max));
   if (seen) {
     issue_key_tile<T, D>(args, tile, b, kv_h, smem + Smem::keys, smem + Smem::values);
-    issue_query_tile<T, D>(args, smem, 0, b, kv_h * group, 0);
+    issue_query_tile<T, D, kPositions>(args, smem, 0, b, kv_h * group, 0);
   }
   __pipeline_commit();
   float dk[D / kMmaN][4];
@@ -353,12 +355,12 @@ __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs a
   const int64_t steps = group * query_tiles;
   const auto head_of = [&](int64_t t) { return kv_h * group + t / query_tiles; };
   const auto issue_queries = [&](int64_t next, int stage) {
-    issue_query_tile<T, D>(args, smem, stage, b, head_of(next), (next % query_tiles) * kBackwardQueries);
+    issue_query_tile<T, D, kPositions>(args, smem, stage, b, head_of(next), (next % query_tiles) * kBackwardQueries);
   };
   for (int64_t t = 0; seen && t < steps; ++t) {
     const int stage = pipeline_step(t, steps, issue_queries);
     uint32_t ds_frags[kQueryTiles / 2][4];
-    dkdv_stage<T, D>(args, smem, stage, key0, visible, key_positions, dk, dv, ds_frags);
+    dkdv_stage<T, D, kPositions>(args, smem, stage, key0, visible, key_positions, dk, dv, ds_frags);
     if (args.dq_accum != nullptr) {
       stage_dscores(smem + Smem::dscores, key0, ds_frags);
       __syncthreads();
@@ -381,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs a
 
 // grid (query tiles of 64 rows x B*H, query tiles of one head adjacent): deterministic dQ of one
 // query tile over every key tile of every source; warp w owns query rows 16 w..
-template <typename T, int D>
+template <typename T, int D, bool kPositions>
 __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs args) {
   using namespace backward;
   using Smem = DqSmem<D>;
@@ -398,10 +400,11 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
   const TileWalk walk = TileWalk::over(args, 0, INT64_MAX);
 
   const LiveQueries live = LiveQueries::at(args, b, h, m0, kDqQueries);
-  // a key tile whose keys are all padded, or positioned after every live row, is neither loaded nor computed
-  const int32_t q_max = args.positional() ? max_query_position<kThreads>(args, b, m0, live.valid, live,
-                                                                          reinterpret_cast<int32_t*>(smem + Smem::keys))
-                                          : INT32_MAX;
+  // under positions: a key tile whose keys are all padded, or after every live row, is neither loaded nor computed
+  int32_t q_max = INT32_MAX;
+  if constexpr (kPositions) {
+    q_max = max_query_position<kThreads>(args, b, m0, live.valid, live, reinterpret_cast<int32_t*>(smem + Smem::keys));
+  }
   const auto pending_of = [&](int64_t t) {  // no key past the last tile
     const KeyTile tile = walk.at(t);
     return tile_pending_key(args.sources[tile.source], tile, b);
@@ -410,8 +413,9 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
                                         live);
   load_swizzled_async<T, D, kDqQueries>(smem + Smem::douts, element<const T>(args.dout, b, m0, h),
                                         args.dout.stride_s, live);
-  bool seen = !__syncthreads_and(!pending_of(0).seen_below(q_max));
-  if (seen) issue_dq_key_tile<T, D>(args, walk, 0, smem, 0, b, kv_h);
+  bool seen = true;
+  if constexpr (kPositions) seen = !__syncthreads_and(!pending_of(0).seen_below(q_max));
+  if (walk.total > 0 && seen) issue_dq_key_tile<T, D, kPositions>(args, walk, 0, smem, 0, b, kv_h);
   __pipeline_commit();
   // lse and delta of the lane's rows g and g + 8; rows past the end or without keys get lse -inf
   float lse[2];
@@ -422,19 +426,24 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
     const int r = row0 + acc_row(lane, 2 * half);
     lse[half] = live(r) ? live.lse[r] : -INFINITY;
     delta[half] = live(r) ? args.delta[(live.lse - args.lse) + r] : 0.0f;
-    row_positions[half] = args.positional() && live(r) ? query_position(args, b, m0 + r) : INT32_MIN;
+    row_positions[half] = kPositions && live(r) ? query_position(args, b, m0 + r) : INT32_MIN;
   }
   float dq[D / kMmaN][4];
   zero_accumulators(dq);
   const float scale_log2 = args.scale * kLog2e;
   const auto issue_keys = [&](int64_t next, int stage) {
-    issue_dq_key_tile<T, D>(args, walk, next, smem, stage, b, kv_h);
+    issue_dq_key_tile<T, D, kPositions>(args, walk, next, smem, stage, b, kv_h);
   };
-  PendingKey pending = pending_of(1);
+  PendingKey pending = kPositions ? pending_of(1) : PendingKey{INT32_MAX, 0u};
   for (int64_t t = 0; t < walk.total; ++t) {
     const bool tile_seen = seen;
-    const int stage = pipeline_step_seen(t, walk.total, pending.seen_below(q_max), seen, issue_keys);
-    pending = pending_of(t + 2);
+    int stage;
+    if constexpr (kPositions) {
+      stage = pipeline_step_seen(t, walk.total, pending.seen_below(q_max), seen, issue_keys);
+      pending = pending_of(t + 2);
+    } else {
+      stage = pipeline_step(t, walk.total, issue_keys);
+    }
     if (!tile_seen) continue;
     const unsigned char* keys = smem + Smem::keys + stage * Smem::kKeyTile;
     const uint8_t* visible = smem + Smem::visible + stage * kBackwardKeys;
@@ -451,7 +460,7 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
         dprobs[nt][i] = keep ? p * (dprobs[nt][i] - delta[i / 2]) : 0.0f;
       }
     }
-    if (args.positional()) {
+    if constexpr (kPositions) {
       const int32_t* positions =
           reinterpret_cast<const int32_t*>(smem + Smem::key_positions + stage * kBackwardKeys * sizeof(int32_t));
       hide_by_position(dprobs, [&](int nt, int i) { return positions[nt * kMmaN + acc_col(lane, i)] > row_positions[i / 2]; });
@@ -480,15 +489,22 @@ void backward_for_type(const AttentionArgs& args) {
   const int64_t num_bkv = args.batch * args.kv_head_count();  // dK/dV CTAs: one per K/V head, summing its group
   const int64_t key_tiles = total_key_tiles(args);
   const int64_t query_tiles = (args.q_len + kDqQueries - 1) / kDqQueries;
-  dispatch_head_dim(args.head_dim, [&](auto head_dim) {
+  // the positional kernels (args.positional()) are separate instantiations: the others stay as they were
+  const auto kernels = [&](auto head_dim, auto positional) {
     constexpr int D = decltype(head_dim)::value;
+    constexpr bool kPositions = decltype(positional)::value;
     if (key_tiles > 0) {
-      launch(dkdv_kernel<T, D>, "dkdv_kernel", dim3(static_cast<unsigned>(key_tiles * num_bkv)),
-             DkdvSmem<D>::bytes, args);
+      launch(dkdv_kernel<T, D, kPositions>, "dkdv_kernel", dim3(static_cast<unsigned>(key_tiles * num_bkv)),
+             kPositions ? DkdvSmem<D>::positional_bytes : DkdvSmem<D>::bytes, args);
     }
     if (args.dq_accum == nullptr && query_tiles > 0) {
-      launch(dq_kernel<T, D>, "dq_kernel", dim3(static_cast<unsigned>(query_tiles * num_bh)), DqSmem<D>::bytes, args);
+      launch(dq_kernel<T, D, kPositions>, "dq_kernel", dim3(static_cast<unsigned>(query_tiles * num_bh)),
+             kPositions ? DqSmem<D>::positional_bytes : DqSmem<D>::bytes, args);
     }
+  };
+  dispatch_head_dim(args.head_dim, [&](auto head_dim) {
+    if (args.positional()) return kernels(head_dim, std::true_type{});
+    kernels(head_dim, std::false_type{});
   });
 }
 

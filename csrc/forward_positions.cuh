@@ -10,40 +10,44 @@
 
 namespace mplug {
 
-// forward_kernel's shared memory, then three rotating int32 key position buffers (tile t: t % 3, as
-// its bias buffer); before the key loop the first also gathers the CTA's query positions.
-template <int D>
-struct PositionalSmem {
-  static constexpr int positions = static_cast<int>(ForwardSmem<D>::bytes);
-  static constexpr size_t bytes = positions + ForwardSmem<D>::kFlagBuffers * kBlockN * sizeof(int32_t);
-  static_assert(kForwardMaxWarps * 32 <= ForwardSmem<D>::kFlagBuffers * kBlockN, "the query scratch fits");
-};
-
-// The positions of this lane's rows g and g + 8 of its warp (INT32_MIN past the queries) and the largest
-// position of the CTA's query rows.
-struct RowPositions {
-  int32_t row[2];
+// The CTA's query positions: row r's (INT32_MIN past the queries), each warp's smallest (INT32_MAX
+// for a warp past the queries) and the CTA's largest.
+struct QueryPositions {
+  int32_t row[kForwardMaxWarps * kForwardWarpRows];
+  int32_t warp_min[kForwardMaxWarps];
   int32_t cta_max;
 };
 
-// Thread r reads the position of CTA row r; `scratch` (one int32 per thread) is free again on return.
+// forward_kernel's shared memory, then three rotating int32 key position buffers (tile t: t % 3, as
+// its bias buffer), then the QueryPositions.
+template <int D>
+struct PositionalSmem {
+  static constexpr int positions = static_cast<int>(ForwardSmem<D>::bytes);
+  static constexpr int queries = positions + ForwardSmem<D>::kFlagBuffers * kBlockN * sizeof(int32_t);
+  static constexpr size_t bytes = queries + sizeof(QueryPositions);
+};
+
+// Fills `queries` for the CTA's rows from cta_row0 on (thread r reads row r).
 template <int kThreadsHere>
-__device__ __forceinline__ RowPositions row_positions(const AttentionArgs& args, int64_t b, int64_t cta_row0,
-                                                      int warp_index, int32_t* scratch) {
+__device__ __forceinline__ void load_query_positions(const AttentionArgs& args, int64_t b, int64_t cta_row0,
+                                                     QueryPositions* queries) {
+  constexpr int kRows = kThreadsHere / 32 * kForwardWarpRows;
   const int64_t m = cta_row0 + threadIdx.x;
-  const bool row = threadIdx.x < kThreadsHere / 32 * kForwardWarpRows && m < args.q_len;
-  scratch[threadIdx.x] = row ? query_position(args, b, m) : INT32_MIN;
+  if (threadIdx.x < kRows) queries->row[threadIdx.x] = m < args.q_len ? query_position(args, b, m) : INT32_MIN;
   __syncthreads();
-  const int lane = threadIdx.x % 32;
-  RowPositions positions;
-  positions.row[0] = scratch[warp_index * kForwardWarpRows + lane_quad(lane)];
-  positions.row[1] = scratch[warp_index * kForwardWarpRows + lane_quad(lane) + 8];
-  positions.cta_max = INT32_MIN;
-  for (int r = 0; r < kThreadsHere / 32 * kForwardWarpRows; ++r) {
-    positions.cta_max = scratch[r] > positions.cta_max ? scratch[r] : positions.cta_max;
+  const int warp = static_cast<int>(threadIdx.x);
+  if (warp < kThreadsHere / 32) {
+    int32_t smallest = INT32_MAX;
+    for (int r = warp * kForwardWarpRows; r < (warp + 1) * kForwardWarpRows && cta_row0 + r < args.q_len; ++r) {
+      smallest = queries->row[r] < smallest ? queries->row[r] : smallest;
+    }
+    queries->warp_min[warp] = smallest;
+  } else if (warp == kThreadsHere / 32) {
+    int32_t largest = INT32_MIN;
+    for (int r = 0; r < kRows; ++r) largest = queries->row[r] > largest ? queries->row[r] : largest;
+    queries->cta_max = largest;
   }
   __syncthreads();
-  return positions;
 }
 
 // This thread's key k0 + threadIdx.x of a tile (none past `hi` or the tile).
@@ -81,9 +85,22 @@ __device__ __forceinline__ void issue_seen_tile(const AttentionArgs& args, int64
   issue_tile<T, D, kThreadsHere>(args, b, h, k0, seen == kBlockN, bias, stage, cursor);
 }
 
-// forward_kernel (same grid, pipeline and outputs) under positional visibility.
+// Whether every row of the warp (smallest position `warp_min`) sees every key of the tile: then its scores
+// need no masking.
+__device__ __forceinline__ bool warp_sees_whole_tile(const float* bias, const int32_t* positions, int32_t warp_min) {
+  const int n = 2 * (threadIdx.x % 32);
+  const float2 hidden = *reinterpret_cast<const float2*>(bias + n);
+  const uint2 key = *reinterpret_cast<const uint2*>(positions + n);
+  const bool seen = hidden.x == 0.0f && hidden.y == 0.0f && static_cast<int32_t>(key.x) <= warp_min &&
+                    static_cast<int32_t>(key.y) <= warp_min;
+  return __all_sync(0xffffffffu, seen);
+}
+
+// forward_kernel (same grid, pipeline and outputs) under positional visibility; a tile every row of a warp
+// sees takes forward_kernel's path for visible tiles (no masking), the others mask by position. Registers
+// capped at 255 rather than __launch_bounds__'s choice (168 at D = 64 spilled with the two paths).
 template <typename T, int D, int kWarps>
-__global__ void __launch_bounds__(kWarps * 32) positional_forward_kernel(const __grid_constant__ AttentionArgs args) {
+__global__ void __maxnreg__(255) positional_forward_kernel(const __grid_constant__ AttentionArgs args) {
   constexpr int kThreadsHere = kWarps * 32;
   using Smem = ForwardSmem<D>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -107,7 +124,8 @@ __global__ void __launch_bounds__(kWarps * 32) positional_forward_kernel(const _
   };
   auto following = [](int buffer) { return buffer + 1 == Smem::kFlagBuffers ? 0 : buffer + 1; };
 
-  const RowPositions queries = row_positions<kThreadsHere>(args, b, cta_row0, warp_index, positions_at(0));
+  QueryPositions* queries = reinterpret_cast<QueryPositions*>(smem + PositionalSmem<D>::queries);
+  load_query_positions<kThreadsHere>(args, b, cta_row0, queries);
   WarpState<D> warp;
   load_queries<T, D>(args, b, h, row0, args.scale < 0.0f ? 0x80008000u : 0u, warp.q);
 #pragma unroll
@@ -120,7 +138,7 @@ __global__ void __launch_bounds__(kWarps * 32) positional_forward_kernel(const _
   CopyCursor<T, D, kThreadsHere> cursor;
   int buffer = 0;
   int next_seen = __syncthreads_count(
-      publish_key(split_pending_key<kThreadsHere>(args, b, lo, hi), queries.cta_max, flags_at(0), positions_at(0)));
+      publish_key(split_pending_key<kThreadsHere>(args, b, lo, hi), queries->cta_max, flags_at(0), positions_at(0)));
   if (tiles > 0) issue_seen_tile<T, D, kThreadsHere>(args, b, kv_h, lo, next_seen, flags_at(0), stage_of(0), cursor);
   __pipeline_commit();
   PendingKey pending = split_pending_key<kThreadsHere>(args, b, lo + kBlockN, hi);
@@ -129,7 +147,7 @@ __global__ void __launch_bounds__(kWarps * 32) positional_forward_kernel(const _
     const int next_buffer = following(buffer);
     __pipeline_wait_prior(0);
     next_seen = __syncthreads_count(
-        publish_key(pending, queries.cta_max, flags_at(next_buffer), positions_at(next_buffer)));
+        publish_key(pending, queries->cta_max, flags_at(next_buffer), positions_at(next_buffer)));
     if (t + 1 < tiles) {
       issue_seen_tile<T, D, kThreadsHere>(args, b, kv_h, lo + int64_t{t + 1} * kBlockN, next_seen,
                                           flags_at(next_buffer), stage_of(t + 1), cursor);
@@ -141,10 +159,16 @@ __global__ void __launch_bounds__(kWarps * 32) positional_forward_kernel(const _
     buffer = next_buffer;
     if (skip || row0 >= args.q_len) continue;  // no row sees the tile; a warp past the queries only loads
     float s[kBlockN / 8][4];
-    tile_scores<T, D>(warp.q, stage_of(t) + Smem::keys, s);
-    mask_by_position(s, bias, positions, queries.row);
-    online_softmax<D>(s, scale_log2, warp);
-    accumulate_values<T, D>(s, stage_of(t) + Smem::values, warp.o);
+    if (warp_sees_whole_tile(bias, positions, queries->warp_min[warp_index])) {
+      tile_scores<T, D>(warp.q, stage_of(t) + Smem::keys, s);
+      online_softmax<D>(s, scale_log2, warp);
+      accumulate_values<T, D>(s, stage_of(t) + Smem::values, warp.o);
+    } else {
+      tile_scores<T, D>(warp.q, stage_of(t) + Smem::keys, s);
+      mask_by_position(s, bias, positions, queries->row + warp_index * kForwardWarpRows);
+      online_softmax<D>(s, scale_log2, warp);
+      accumulate_values<T, D>(s, stage_of(t) + Smem::values, warp.o);
+    }
   }
   __syncthreads();
   if (row0 < args.q_len) write_rows<T, D>(args, b, h, row0, warp, smem + warp_index * kForwardWarpRows * D * 2);

@@ -65,11 +65,12 @@ __device__ __forceinline__ int32_t max_query_position(const AttentionArgs& args,
   return block_max<kThreadsHere>(value, scratch);
 }
 
-// Forward: the scores of the warp's rows g and g + 8 (query positions row[0], row[1]) for the tile's
-// keys, -inf where the key is hidden (bias -inf) or positioned after the row.
+// Forward: the scores of the warp's rows g and g + 8 (of the warp's 16 query positions `rows`) for the
+// tile's keys, -inf where the key is hidden (bias -inf) or positioned after the row.
 __device__ __forceinline__ void mask_by_position(float (&s)[kBlockN / 8][4], const float* bias,
-                                                 const int32_t* positions, const int32_t (&row)[2]) {
+                                                 const int32_t* positions, const int32_t* rows) {
   const int lane = threadIdx.x % 32;
+  const int32_t row[2] = {rows[lane_quad(lane)], rows[lane_quad(lane) + 8]};
 #pragma unroll
   for (int j = 0; j < kBlockN / 8; ++j) {
     const int n = 8 * j + 2 * lane_in_quad(lane);

@@ -53,6 +53,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __maxnreg__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__
 #define __grid_constant__
@@ -586,6 +587,13 @@ inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
 inline float __shfl_sync(unsigned mask, float value, int source_lane) {
   mplug::emulator::check_full_mask(mask, "__shfl_sync");
   return mplug::emulator::exchange(value, source_lane);
+}
+
+// Whether `predicate` is non-zero in every lane of the warp (a butterfly of shuffles).
+inline int __all_sync(unsigned mask, int predicate) {
+  float all = predicate != 0 ? 1.0f : 0.0f;
+  for (int offset = 16; offset > 0; offset /= 2) all = std::fmin(all, __shfl_xor_sync(mask, all, offset));
+  return all != 0.0f;
 }
 
 inline float atomicAdd(float* address, float value) {
