@@ -34,6 +34,8 @@ EXTENSION = cuda_backend.load_extension()
 BUILT = not isinstance(EXTENSION, ImportError)
 needs_extension = pytest.mark.skipif(not BUILT, reason=f"no kernel extension: {EXTENSION}")
 NO_VIEW = (0, 0, 0, 0)
+# (k, v, mask, mask stride_b, length, dk, dv, key positions, their stride_b) of 64 keys without data
+NO_SOURCE = (NO_VIEW, NO_VIEW, 0, 0, 64, NO_VIEW, NO_VIEW, 0, 0)
 
 
 INSTALLED = cuda_backend.installed_extension()
@@ -44,7 +46,7 @@ def _forward_args(**overrides):
     """Keyword arguments of _C.attention_forward for a tiny call with null pointers."""
     args = dict(
         dtype="float16", shape=(1, 1, 1, 64), scale=0.125, q=NO_VIEW, out=NO_VIEW, lse=0,
-        sources=[(NO_VIEW, NO_VIEW, 0, 0, 64, NO_VIEW, NO_VIEW)], num_splits=1, split_size=64,
+        sources=[NO_SOURCE], num_splits=1, split_size=64,
         part_out=0, part_lse=0, stream=0,
     )
     args.update(overrides)
@@ -92,7 +94,9 @@ def test_extension_exports_every_kernel(which):
         (dict(dtype="float32"), "dtype must be 'float16' or 'bfloat16'"),
         (dict(shape=(1, 1, 1, 48)), "head_dim 48"),
         (dict(sources=[]), "sources must hold 1..4"),
-        (dict(sources=[(NO_VIEW, NO_VIEW, 0, 0, 64, NO_VIEW, NO_VIEW)] * 5), "sources must hold 1..4"),
+        (dict(sources=[NO_SOURCE] * 5), "sources must hold 1..4"),
+        (dict(query_positions=(16, 64)), "key positions and query positions must be given together"),
+        (dict(sources=[NO_SOURCE[:7] + (16, 64)]), "key positions and query positions must be given together"),
         (dict(num_splits=65), "num_splits must be in 1..64"),
         (dict(split_size=100), "split_size must be a positive multiple of 64"),
         (dict(num_splits=2), "split-KV needs part_out and part_lse"),

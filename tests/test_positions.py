@@ -304,3 +304,17 @@ def test_triton_nan_in_queries_that_see_no_key(deterministic):
     assert (results[0][0][dead] == 0).all() and torch.isneginf(results[0][1].transpose(1, 2)[dead]).all()
     for got, want in zip(results[0], results[1]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,dtype", [("cuda", torch.float16), ("cuda", torch.bfloat16)])
+def test_interleaved_key_positions(backend, dtype):
+    """Two interleaved key streams (even keys at 0-63, odd keys from 1001 on): the first 20 queries (positions
+    70-89) see only the even keys of a tile whose even keys they all see, the last 20 see some odd keys too."""
+    generator = torch.Generator().manual_seed(9)
+    keys = [j // 2 if j % 2 == 0 else 1000 + j for j in range(128)]
+    queries = [70 + r for r in range(20)] + [1000 + 4 * r for r in range(20, 40)]
+    positions = Positions((_int32([keys] * BATCH),), _int32([queries] * BATCH))
+    make = lambda length, h: random_tensor(BATCH, length, h, HEAD_DIM, dtype=dtype, generator=generator,
+                                           requires_grad=True)
+    q, k, v = make(len(queries), 4), make(len(keys), 2), make(len(keys), 2)
+    _compare(backend, dtype, q, [k], [v], [None], positions, seed=9, backward=True)
