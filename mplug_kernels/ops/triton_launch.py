@@ -56,6 +56,9 @@ BACKWARD_BLOCKS = {
     (2, 16): (64, 32, 4, 2), (2, 32): (64, 32, 4, 2), (2, 64): (64, 32, 8, 1), (2, 128): (32, 32, 8, 2),
     (4, 16): (32, 32, 8, 1), (4, 32): (32, 32, 8, 1), (4, 64): (16, 16, 4, 1), (4, 128): (16, 16, 8, 1),
 }
+# With positions the dK/dV kernel also holds key and query positions: at 64 query rows, fp16/bf16 D = 64 (255
+# registers without them) spills 108 bytes on sm_80 (compiled ahead of time), so it takes at most 32 rows.
+POSITIONS_DKDV_MAX_BLOCK_M = 32
 DELTA_META = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 COMBINE_META = {"num_warps": 4, "num_stages": 1}
 
@@ -354,6 +357,7 @@ def backward_launches(
     common = (*_strides3(q), *_strides3(dout))
     kv_heads = ks[0].shape[2]  # grouped heads: dK/dV programs per K/V head, each summing its group
     position_pointers, position_strides, has_pos = _position_args(positions)
+    dkdv_meta = meta if positions is None else {**meta, "BLOCK_M": min(meta["BLOCK_M"], POSITIONS_DKDV_MAX_BLOCK_M)}
     for i, (k, v, mask, dk, dv) in enumerate(zip(ks, vs, masks, dks, dvs)):
         source = (*_strides3(k), *_strides3(v), mask.stride(0) if mask is not None else 0, position_strides[i],
                   position_strides[-1])
@@ -364,7 +368,7 @@ def backward_launches(
             _dkdv_kernel, (triton.cdiv(k.shape[1], meta["BLOCK_N"]), batch * kv_heads),
             (q, dout, *inputs, lse, delta, dk, dv, dq_acc, *common, *source, *_strides3(dk), *_strides3(dv),
              *_strides3(dq_acc), *shape),
-            dict(**flags, ZERO_DEAD=positions is not None, ATOMIC_DQ=not deterministic, **meta),
+            dict(**flags, ZERO_DEAD=positions is not None, ATOMIC_DQ=not deterministic, **dkdv_meta),
         ))
         if deterministic:
             launches.append(Launch(
