@@ -105,19 +105,6 @@ __device__ __forceinline__ void to_a_fragments(uint32_t (&a)[NT / 2][4], const f
   }
 }
 
-// Selects the query rows of (b, h) from m0 on whose Q and dO load: rows that exist and see a key
-// (lse > -inf). The others load as zeros with lse -inf and delta 0, so a NaN in a query or dO of a
-// row without keys reaches no gradient.
-struct LiveQueries {
-  const float* lse;  // of row m0
-  int64_t valid;     // rows that exist
-
-  __device__ static LiveQueries at(const AttentionArgs& args, int64_t b, int64_t h, int64_t m0, int rows) {
-    return LiveQueries{args.lse + (b * args.heads + h) * args.q_len + m0, min(int64_t{rows}, args.q_len - m0)};
-  }
-  __device__ bool operator()(int r) const { return r < valid && lse[r] != -INFINITY; }
-};
-
 // Starts loading Q, dO, lse and delta of query rows [m0, m0 + kBackwardQueries) into one stage;
 // rows past the end or without keys load as zeros with lse -inf, so their probabilities are 0.
 template <typename T, int D, bool kPositions>

@@ -85,6 +85,19 @@ __device__ __forceinline__ void mask_by_position(float (&s)[kBlockN / 8][4], con
   }
 }
 
+// Selects the query rows of (b, h) from m0 on whose Q and dO load: rows that exist and see a key
+// (lse > -inf). The others load as zeros with lse -inf and delta 0, so a NaN in a query or dO of a
+// row without keys reaches no gradient.
+struct LiveQueries {
+  const float* lse;  // of row m0
+  int64_t valid;     // rows that exist
+
+  __device__ static LiveQueries at(const AttentionArgs& args, int64_t b, int64_t h, int64_t m0, int rows) {
+    return LiveQueries{args.lse + (b * args.heads + h) * args.q_len + m0, min(int64_t{rows}, args.q_len - m0)};
+  }
+  __device__ bool operator()(int r) const { return r < valid && lse[r] != -INFINITY; }
+};
+
 // Backward: x[nt][i] set to 0 where invisible(nt, i), element i of accumulator tile nt being
 // positioned after its query (the caller maps (nt, i) to a key and a query).
 template <int NT, typename Invisible>
