@@ -2,7 +2,8 @@
 
 ``triton_kernel_rows()`` builds the backend's own launches (mplug_kernels.ops.triton_launch's
 forward_launches / backward_launches) for mPLUG's shapes (B = 2, H = 12, keys [577 vision; 25 text] with masks,
-Lq in {25, 602} so BLOCK_M is 32 and 64) at every head dim and dtype, and compiles each kernel with
+Lq in {25, 602} so BLOCK_M is 32 and 64; at Lq = 602 also the forward, dK/dV and dQ with positional visibility,
+named "<kernel>+positions") at every head dim and dtype, and compiles each kernel with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and the signature, constexprs and
 16-divisibility attributes the JIT itself derives from those arguments at run time. The forward is compiled
 in each autotuning candidate of its dtype; candidates that spill or do not fit the arch are dropped, as the
@@ -106,13 +107,31 @@ def _launches(dtype_name: str, head_dim: int, q_len: int) -> List[Tuple[str, obj
             sources = (ks, vs, masks) if short else ([long_keys], [long_keys], [None])
             plan = at.split_keys(sum(KEY_LENS) if short else LONG_KEYS, splits, at.SPLIT_KEYS)
             named.append(("combine", at.forward_launches(q, *sources, 0.125, out, lse, plan)[1]))
+    positions = None if q_len == SPLIT_Q_LEN else _positions(q_len)
+    variants = [("", None)] + ([("+positions", positions)] if positions is not None else [])
+    if positions is not None:
+        named.append(("forward+positions", at.forward_launches(q, ks, vs, masks, 0.125, out, lse, unsplit, positions)[0]))
     dq_acc = torch.zeros(q.shape)
+    names = {at._delta_kernel: "delta", at._dkdv_kernel: "dkdv", at._dq_kernel: "dq"}
     for deterministic, dlse in ((False, lse), (True, None)):
-        launches = at.backward_launches(out, dlse, q, ks, vs, masks, out, lse, 0.125, deterministic, dq_acc,
-                                        [torch.empty_like(k) for k in ks], [torch.empty_like(v) for v in vs])
-        names = {at._delta_kernel: "delta", at._dkdv_kernel: "dkdv", at._dq_kernel: "dq"}
-        named += [(names[launch.kernel], launch) for launch in launches]
+        for suffix, given in variants:
+            launches = at.backward_launches(out, dlse, q, ks, vs, masks, out, lse, 0.125, deterministic, dq_acc,
+                                            [torch.empty_like(k) for k in ks], [torch.empty_like(v) for v in vs], given)
+            named += [(names[launch.kernel] + suffix, launch) for launch in launches
+                      if not (suffix and launch.kernel is at._delta_kernel)]
     return named
+
+
+def _positions(q_len: int):
+    """Owl3-like positional visibility at Lq = q_len: the image source's keys at position 3, the text keys causal."""
+    import torch
+
+    from mplug_kernels.backends.base import Positions
+
+    image = torch.full((BATCH, KEY_LENS[0]), 3, dtype=torch.int32)
+    text = torch.arange(KEY_LENS[1], dtype=torch.int32).expand(BATCH, -1).contiguous()
+    queries = torch.arange(q_len, dtype=torch.int32).expand(BATCH, -1).contiguous()
+    return Positions((image, text), queries)
 
 
 def _configs(launch) -> List[dict]:

@@ -232,6 +232,14 @@ def test_every_compiled_cuda_kernel_is_launched_by_a_launcher(cuda_rows):
     assert [describe(row) for row in cuda_rows if not row["launched"]] == []
 
 
+def test_positional_visibility_kernels_are_in_the_gate(cuda_rows, triton_rows):
+    """Issue 21: the kernels with key/query positions are compiled here, so the spill, shared-memory and hot-loop
+    checks below cover them (CUDA: positional_forward_kernel, the backward's kPositions instances; Triton: the
+    forward, dK/dV and dQ launched with positions)."""
+    assert "positional_forward_kernel" in {row["kernel"] for row in cuda_rows}
+    assert {"forward+positions", "dkdv+positions", "dq+positions"} <= {row["kernel"] for row in triton_rows}
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_no_kernel_spills_or_uses_local_memory(backend, request):
     rows = request.getfixturevalue(f"{backend}_rows")
