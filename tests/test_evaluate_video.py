@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from mplug.run import caption_eval, evaluate, metrics
+from mplug.run import caption_eval, evaluate, evaluate_rows, metrics
 from mplug.run.data.text import load_tokenizer
 from mplug.run.data.video import load_video
 from mplug.run.evaluate_video import VIDEO_CONFIGS, config_source
@@ -117,7 +117,7 @@ def test_video_caption_feeds_the_prompt_and_writes_vatex_captions(tmp_path, monk
     assert tokenizer.decode(seen[0][0]) == "[CLS] a picture of" and seen[0].shape[0] == 2
     output = model.video_caption_generate(frames_of(tmp_path / "data", COLOURS), prompt_ids=seen[0], num_beams=2,
                                           min_length=1, max_length=5)
-    expected = [vatex_caption(text) for text in evaluate.decode(tokenizer, output.sequences[:, 0], 102)]
+    expected = [vatex_caption(text) for text in evaluate_rows.decode(tokenizer, output.sequences[:, 0], 102)]
     assert results == [{"video_id": "red_clip", "caption": expected[0]}, {"video_id": "blue_clip", "caption": expected[1]}]
     assert all(entry["caption"].endswith(" .") for entry in results)
     references = [["A red square on a red background.", "Red shapes."], ["Blue circles.", "A picture of blue shapes!"]]

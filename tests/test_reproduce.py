@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from mplug.run import evaluate
+from mplug.run import evaluate_rows
 from mplug.run.data.augment import nlvr_swap
 from mplug.run.data.text import load_tokenizer
 from mplug.tasks.classification import VE_LABELS
@@ -19,7 +19,7 @@ def test_vqa_answers_decode_contractions_as_the_authors_tokenizer(tmp_path):
     rows = [tokenizer(text)["input_ids"] for text in ("don't", "it's red", "yes")]
     width = max(map(len, rows))
     ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
-    assert evaluate.decode(tokenizer, ids, tokenizer.sep_token_id) == ["don't", "it's red", "yes"]
+    assert evaluate_rows.decode(tokenizer, ids, tokenizer.sep_token_id) == ["don't", "it's red", "yes"]
 
 
 def _dataset(tmp_path, task, split="train", n=6, edit=None):

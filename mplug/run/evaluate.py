@@ -28,12 +28,13 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
-from mplug.run import caption_eval, evaluate_nocaps, metrics
+from mplug.run import caption_eval, evaluate_nocaps, evaluate_video, metrics
 from mplug.run.data.bad_images import with_placeholders, without_placeholders
+from mplug.run.evaluate_rows import plain_values, decode, gather_in_dataset_order, meta_rows, progress, unique
 from mplug.run.data.video_dataset import MODEL_TASKS, VIDEO_TASKS
 from mplug.run.retrieval_shards import sharded_retrieval_scores
 from mplug.run.output import check_result_output, finite_or_text
@@ -41,7 +42,7 @@ from mplug.run.run_config import load_config, run_arguments
 from mplug.tasks.classification import VE_LABELS
 from mplug.tasks.grounding import grounding_accuracy
 from mplug.run.runtime import (
-    all_gather_objects, atomic_write, autocast, barrier, build_model, close_distributed, init_distributed, is_main,
+    atomic_write, autocast, barrier, build_model, close_distributed, init_distributed, is_main,
     is_training_checkpoint, load_weights, to_device,
 )
 
@@ -93,43 +94,6 @@ def write_json_atomic(path: Path, value) -> None:
     atomic_write(path, lambda stream: json.dump(finite_or_text(value), stream, indent=1, allow_nan=False), binary=False)
 
 
-def _plain(value):
-    """A tensor element or list of them as Python values (for JSON)."""
-    return value.tolist() if isinstance(value, torch.Tensor) else value
-
-
-def meta_rows(meta: Dict[str, Sequence], size: int) -> List[dict]:
-    """A batch's meta (name -> one value per sample) as one dict per sample."""
-    for name, values in meta.items():
-        if len(values) != size:
-            raise ValueError(f"batch meta {name!r} holds {len(values)} values for a batch of {size}")
-    return [{name: _plain(values[i]) for name, values in meta.items()} for i in range(size)]
-
-
-def decode(tokenizer, sequences: torch.Tensor, eos_token_id: int) -> List[str]:
-    """Best-beam ids [B, T] -> text as the authors decode it (vqa_mplug.py:117, caption_mplug.py:122), each cut at its
-    first end token."""
-    texts = []
-    for ids in sequences.tolist():
-        end = ids.index(eos_token_id) if eos_token_id in ids else len(ids)
-        # transformers 4.14 (the authors' requirements.txt) cleaned up tokenization spaces by default ("don ' t" ->
-        # "don't"); transformers >= 5 does not, so ask for it. They keep special tokens other than [SEP]/[CLS]/[PAD].
-        text = tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=True)
-        for token in ("[SEP]", "[CLS]", "[PAD]"):
-            text = text.replace(token, "")
-        texts.append(text.strip())
-    return texts
-
-
-def _progress(loader, description: str):
-    """tqdm over ``loader`` on rank 0 (stderr), the plain loader elsewhere."""
-    if not is_main():
-        return loader
-    from tqdm.auto import tqdm
-
-    return tqdm(loader, desc=description, dynamic_ncols=True)
-
-
 def generate(model, loader, task: str, cfg: dict, tokenizer, device: torch.device) -> List[dict]:
     """This rank's generated text per sample in its sampler's order: the batch meta plus "answer" (vqa) or
     "caption" (caption), by beam search with the config's num_beams / min_length / max_length; {"skipped": reason}
@@ -137,7 +101,7 @@ def generate(model, loader, task: str, cfg: dict, tokenizer, device: torch.devic
     method = model.vqa_generate if task == "vqa" else model.caption_generate
     settings = dict(num_beams=cfg["num_beams"], min_length=cfg["min_length"], max_length=cfg["max_length"])
     rows = []
-    for batch in _progress(loader, f"evaluate {task}"):
+    for batch in progress(loader, f"evaluate {task}"):
         texts = []
         if batch["inputs"] is not None:
             with autocast(device):
@@ -154,7 +118,7 @@ def predict(model, loader, task: str, device: torch.device) -> List[dict]:
     record whose image could not be used (--skip-bad-records)."""
     method = getattr(model, PREDICT_METHODS[task])
     rows = []
-    for batch in _progress(loader, f"evaluate {task}"):
+    for batch in progress(loader, f"evaluate {task}"):
         predictions = []
         if batch["inputs"] is not None:
             with autocast(device):
@@ -164,28 +128,9 @@ def predict(model, loader, task: str, device: torch.device) -> List[dict]:
     return rows
 
 
-def gather_in_dataset_order(rows: List[dict], num_samples: int, world_size: int) -> List[dict]:
-    """Every rank's rows back in data set order: the test sampler (unshuffled, unpadded) gives rank r the samples
-    r, r + W, r + 2W, ..., so taking the ranks' rows in turn restores the order; each sample must come once."""
-    per_rank = all_gather_objects([rows])
-    longest = max(len(part) for part in per_rank)
-    ordered = [part[i] for i in range(longest) for part in per_rank if i < len(part)]
-    if len(ordered) != num_samples or len(per_rank) != world_size:
-        raise RuntimeError(f"gathered {len(ordered)} outputs from {len(per_rank)} ranks for {num_samples} test samples")
-    return ordered
-
-
-def _unique(rows: List[dict], key: str) -> None:
-    seen = set()
-    for row in rows:
-        if row[key] in seen:
-            raise ValueError(f"the test set holds {key} {row[key]!r} more than once")
-        seen.add(row[key])
-
-
 def vqa_outputs(rows: List[dict]):
     """(vqa_result.json entries, metrics): accuracy in percent over the questions whose records carry answers."""
-    _unique(rows, "question_id")
+    unique(rows, "question_id")
     results = [{"question_id": row["question_id"], "answer": row["answer"]} for row in rows]
     scored = {row["question_id"]: row["answers"] for row in rows if row.get("answers")}
     scores = {"questions": len(rows), "scored_questions": len(scored)}
@@ -197,7 +142,7 @@ def vqa_outputs(rows: List[dict]):
 def caption_outputs(rows: List[dict]):
     """(caption_result.json entries, metrics): the COCO caption metrics (mplug.run.caption_eval) against the records'
     reference sentences, or the reason they could not run (no java / pycocoevalcap)."""
-    _unique(rows, "image_id")
+    unique(rows, "image_id")
     results = [{"image_id": row["image_id"], "caption": row["caption"]} for row in rows]
     captions, references = [row["caption"] for row in rows], [row["references"] for row in rows]
     reason = caption_eval.unavailable_reason()
@@ -234,11 +179,11 @@ def retrieval_outputs(model, dataset, cfg: dict, device: torch.device):
 
     loader, _ = build_loader(dataset, cfg, train=False, rank=0, world_size=1)
     images, order, dropped = [], [], []
-    for batch in _progress(loader, "read retrieval images"):
+    for batch in progress(loader, "read retrieval images"):
         dropped += batch["dropped"]
         if batch["inputs"] is not None:
             images.append(batch["inputs"]["images"])
-            order += _plain(batch["meta"]["image_index"])
+            order += plain_values(batch["meta"]["image_index"])
     if order != sorted(order) or sorted(order + [drop["index"] for drop in dropped]) != list(range(len(dataset))):
         raise RuntimeError(f"the retrieval test loader gave images {order[:8]}.. instead of 0..{len(dataset) - 1} in order")
     if not order:
@@ -260,7 +205,6 @@ def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = 
     """Run the evaluation of ``task`` (see the module docstring) in this process of the job; returns the metrics on
     rank 0 (None elsewhere) after the files are written. --output is checked (and created) first: result files
     already there are refused unless ``overwrite``."""
-    from mplug.run import evaluate_video  # it imports this module
     from mplug.run.data import build_dataset, build_loader, load_tokenizer
     from mplug.run.data.video_dataset import VideoTestDataset
 
@@ -306,10 +250,9 @@ def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     """Entry point of ``python -m mplug.run.evaluate``: parse, evaluate, print the metrics on rank 0."""
-    from mplug.run.evaluate_video import config_source
 
     args = parse_args(argv)
-    cfg = load_config(config_source(args.config), args.overrides)
+    cfg = load_config(evaluate_video.config_source(args.config), args.overrides)
     scores = evaluate(args.task, cfg, args.checkpoint, args.output, args.skip_bad_records, args.overwrite, args.partial_load)
     close_distributed()
     if scores is not None:

@@ -20,7 +20,7 @@ import torch
 from mplug.run import caption_eval, metrics
 from mplug.run.data.bad_images import with_placeholders, without_placeholders
 from mplug.run.data.loader import build_loader
-from mplug.run.evaluate import _progress, _unique, decode, gather_in_dataset_order, meta_rows
+from mplug.run.evaluate_rows import decode, gather_in_dataset_order, meta_rows, progress, unique
 from mplug.run.run_config import CONFIG_DIR
 from mplug.run.runtime import autocast, is_main, to_device
 from mplug.tasks.video import answer_list_inputs, vatex_caption
@@ -53,7 +53,7 @@ def generated_rows(task: str, model, loader, dataset, cfg: dict, tokenizer, devi
         if task == "videoqa" else None
     field = "answer" if task == "videoqa" else "caption"
     rows = []
-    for batch in _progress(loader, f"evaluate {task}"):
+    for batch in progress(loader, f"evaluate {task}"):
         texts = []
         if batch["inputs"] is not None:
             inputs = to_device(batch["inputs"], device)
@@ -67,7 +67,7 @@ def generated_rows(task: str, model, loader, dataset, cfg: dict, tokenizer, devi
 
 def videoqa_outputs(rows: List[dict]):
     """(videoqa_result.json entries, metrics): accuracy = fraction of answers equal to the record's answer."""
-    _unique(rows, "question_id")
+    unique(rows, "question_id")
     results = [{"question_id": row["question_id"], "answer": row["answer"]} for row in rows]
     correct = sum(row["answer"] == row["label"] for row in rows)
     return results, {"questions": len(rows), "accuracy": correct / len(rows)}
@@ -75,7 +75,7 @@ def videoqa_outputs(rows: List[dict]):
 
 def video_caption_outputs(rows: List[dict]):
     """(video_caption_result.json entries, metrics): the COCO caption metrics against enCap, or why they could not run."""
-    _unique(rows, "video_id")
+    unique(rows, "video_id")
     results = [{"video_id": row["video_id"], "caption": row["caption"]} for row in rows]
     reason = caption_eval.unavailable_reason()
     if reason is not None:
@@ -88,7 +88,7 @@ def _all_videos(dataset, cfg: dict):
     """(frames [N, T, 3, S, S], frame_mask [N, T], the usable video indices, the dropped items) of the whole set."""
     loader, _ = build_loader(dataset, cfg, train=False, rank=0, world_size=1)
     videos, order, dropped = [], [], []
-    for batch in _progress(loader, "read retrieval videos"):
+    for batch in progress(loader, "read retrieval videos"):
         dropped += batch["dropped"]
         if batch["inputs"] is not None:
             videos += list(zip(batch["inputs"]["frames"], batch["inputs"]["frame_mask"]))

@@ -25,7 +25,8 @@ from mplug.run.data.grounding_augment import augment_train
 from mplug.run.data.grounding_transforms import letterbox_eval, pixel_box
 from mplug.run.data.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from mplug.run.data.prompt import generation_prompt_ids, training_prompt
-from mplug.run.data.records import BadRecords, answer_list, image_source, read_samples
+from mplug.run.data.records import BadRecords, answer_list, image_source
+from mplug.run.data.samples import read_samples
 from mplug.run.data.text import check_vocabulary
 from mplug.run.data.transforms import FINETUNE_SCALE, PRETRAIN_SCALE, eval_transform, train_transform
 from mplug.run.run_config import TASKS, build_model_config

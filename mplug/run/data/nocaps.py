@@ -3,7 +3,7 @@
 samples {"image", "image_id", "domain", "references"} in the file's image order, as records.caption_parser's test
 samples (references None for the test split, which has no annotations). A bad image entry or annotation raises
 ValueError("<file>: images: record <i>: <what>") or, with a BadRecords that skips, is dropped and reported.
-The caption test reader (records.read_samples) takes a test_file whose JSON is an object (not the Karpathy list) as
+The caption test reader (samples.read_samples) takes a test_file whose JSON is an object (not the Karpathy list) as
 nocaps (``is_nocaps_file``).
 """
 from __future__ import annotations

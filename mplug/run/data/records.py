@@ -309,19 +309,6 @@ def answer_list(cfg: dict) -> List[str]:
     return answers
 
 
-def read_samples(task: str, split: str, cfg: dict, bad: BadRecords) -> List[dict]:
-    """Every good sample of the task's split (train_file or test_file); caption test files that hold a JSON object
-    are nocaps files (mplug.run.data.nocaps)."""
-    key = "train_file" if split == "train" else "test_file"
-    files = annotation_files(cfg, key, task, split)
-    if (task, split) == ("caption", "test"):
-        from mplug.run.data.nocaps import is_nocaps_file, read_nocaps  # nocaps.py imports this module
-        if all(is_nocaps_file(file) for file in files):
-            root = config_path(cfg, "image_root", task, split)
-            return [sample for file in files for sample in read_nocaps(file, root, bad)]
-    return read_records(files, PARSERS[task](cfg, split), bad)
-
-
 def image_source(sample: dict) -> str:
     """'<file>: record <i>' of a sample, for errors raised when its image is opened."""
     file, index = sample["source"]
