@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out/gpu_check}"
 PYTHON="${PYTHON:-python}"
 BUDGET="${GPU_CHECK_SECONDS:-570}"
-STEPS=" ${GPU_CHECK_STEPS:-environment install info kernel_tests main_job estimate co_attention concat_attention owl3 fusion_layers model_tests bench_tests} "
+STEPS=" ${GPU_CHECK_STEPS:-environment install info kernel_tests main_job estimate co_attention concat_attention owl3 fusion_layers estimate_vs_measured model_tests bench_tests} "
 mkdir -p "$OUT"
 declare -A RESULTS=()
 
@@ -68,6 +68,9 @@ run_step estimate 30 "$PYTHON" -m bench.static --estimate --json "$OUT/estimate.
 for module in bench.bench_co_attention bench.bench_concat_attention bench.bench_owl3 bench.bench_fusion_layers; do
   run_step "${module#bench.bench_}" 90 "$PYTHON" -m "$module" --budget 0.2 --json-dir "$OUT"
 done
+# The ESTIMATE beside the measured cuda forward of the same shapes (printed into the log and the step's tail).
+run_step estimate_vs_measured 30 "$PYTHON" -m bench.estimate_vs_measured "$OUT/estimate.json" "$OUT/co_attention.json" \
+  "$OUT/concat_attention.json" --json "$OUT/estimate_vs_measured.json"
 run_step model_tests 150 sh -c 'printf "%s\n" "$@" | xargs -P 8 -I{} sh -c "$0" _ {}' "$PYTEST_ONE_FILE" "${MODEL_TESTS[@]}"
 run_step bench_tests 120 "$PYTHON" -m pytest bench -q -rs --quick --junitxml="$OUT/bench_tests.xml"
 
