@@ -138,13 +138,14 @@ def test_video_retrieval_recall_equals_the_models_scores(tmp_path):
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == scores
 
 
-def test_missing_video_is_named_or_skipped(tmp_path):
+def test_missing_video_is_named_or_skipped(tmp_path, capsys):
     config, checkpoint, _ = video_run(tmp_path / "data", "videoqa")
     (tmp_path / "data" / "videos" / "blue_clip.mp4").write_bytes(b"not a video")
     with pytest.raises(ValueError, match=r"test.json: record 1: cannot read video .*blue_clip.mp4"):
         run_cli("videoqa", config, checkpoint, tmp_path / "strict")
     scores = run_cli("videoqa", config, checkpoint, tmp_path / "out", "--skip-bad-records")
     assert scores["skipped_records"] == 1 and scores["questions"] == 1
+    assert "skipped 1 bad records whose video could not be used" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--task 'video_caption' \\(model task 'caption'\\) does not match the config"):
         run_cli("video_caption", config, checkpoint, tmp_path / "other")
 

@@ -238,7 +238,8 @@ def evaluate(task: str, cfg: dict, checkpoint, output, skip_bad_records: bool = 
                                else OUTPUTS[task](rows))
     if is_main():
         if bad_images:
-            print(f"skipped {len(bad_images)} bad records whose image could not be used, e.g. {bad_images[:3]}", file=sys.stderr)
+            medium = "video" if task in VIDEO_TASKS else "image"
+            print(f"skipped {len(bad_images)} bad records whose {medium} could not be used, e.g. {bad_images[:3]}", file=sys.stderr)
         skipped = getattr(dataset, "skipped", 0) + len(bad_images)
         scores = {"task": task, "checkpoint": os.fspath(checkpoint), "skipped_records": skipped, **scores}
         if results is not None:
