@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 
 from mplug import MPLUG, MPLUGConfig
 from mplug.run.data import build_dataset, load_tokenizer
+from mplug.run.data.grounding_augment import Augment
 from mplug.run.data.grounding_transforms import IMAGENET_MEAN, IMAGENET_STD
 from mplug.run.data.transforms import CLIP_MEAN, CLIP_STD
 from mplug.run.run_config import load_config
@@ -182,15 +183,17 @@ def test_bad_boxes_are_rejected(model):
 
 
 # ---- the data set: items letterboxed as the authors' make_transforms (AliceMind mPLUG/dataset/grounding_dataset.py:345-384)
-def red_box_dataset(tmp_path, split, bbox, text, max_tokens=16):
-    """A grounding data set of one 64 x 48 blue image with a red [x, y, w, h] box (the tiny config: image_size 32)."""
+def red_box_dataset(tmp_path, split, bbox, text, max_tokens=16, **overrides):
+    """A grounding data set of one 64 x 48 blue image with a red [x, y, w, h] box (the tiny config: image_size 32;
+    overrides: more config keys)."""
     cfg = load_config(str(write_tiny_dataset(tmp_path / "tiny", "grounding", n=1)))
     image = Image.new("RGB", (64, 48), (0, 0, 255))
     x, y, w, h = bbox
     ImageDraw.Draw(image).rectangle((x, y, x + w - 1, y + h - 1), fill=(255, 0, 0))
     image.save(tmp_path / "red.png")
     (tmp_path / "records.json").write_text(json.dumps([{"image": "red.png", "text": text, "bbox": list(bbox)}]))
-    cfg = {**cfg, f"{split}_file": str(tmp_path / "records.json"), "image_root": str(tmp_path), "max_tokens": max_tokens}
+    cfg = {**cfg, f"{split}_file": str(tmp_path / "records.json"), "image_root": str(tmp_path), "max_tokens": max_tokens,
+           **overrides}
     return build_dataset("grounding", split, cfg, load_tokenizer(cfg["vocab"]))
 
 
@@ -226,6 +229,22 @@ def test_train_items_are_augmented_with_box_and_query_following_the_image(tmp_pa
     assert sides == {"left", "right"}
     batch = dataset.collate([dataset[0]])
     torch.testing.assert_close(batch["inputs"]["boxes"], torch.tensor([dataset[0]["box"]]))
+
+
+def test_augmentation_switches_come_from_the_config(tmp_path):
+    # aug_scale false: the long side is always 32 (train_scales), so the 20-pixel-wide box of the 64-wide image is
+    # 10 px wide at every epoch ('left' in the query: never cropped); the authors' defaults draw 26..32
+    assert Augment.from_config(load_config("grounding_base")) == Augment(scale=True, crop=True, translate=True, blur=False)
+    fixed = red_box_dataset(tmp_path / "fixed", "train", (4, 8, 20, 32), "the red square on the left", aug_scale=False,
+                            aug_blur=True)
+    assert fixed.augment == Augment(scale=False, crop=True, translate=True, blur=True)
+    widths = set()
+    for epoch in range(6):
+        fixed.set_epoch(epoch)
+        widths.add(round(fixed[0]["box"][2] * 32, 3))
+    assert widths == {10.0}
+    with pytest.raises(ValueError, match="config key 'aug_crop' must be true or false, got 3"):
+        load_config("grounding_base", ["aug_crop=3"])
 
 
 def test_queries_are_cut_at_twenty_tokens(tmp_path):

@@ -11,6 +11,7 @@ SEED_LIMIT = 2**32 - 1 - 4096  # seed + rank, seed + worker id must stay numpy s
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's MAX_IMAGE_PIXELS: max_image_pixels' default (mplug.run.data.images)
 POSITIVE_INTS = ("image_size", "epochs", "batch_size_train", "batch_size_test", "log_every", "max_words", "max_tokens",
                  "answer_max_words", "num_beams", "max_length", "k_test")
+BOOLS = ("grad_checkpointing", "aug_scale", "aug_crop", "aug_translate", "aug_blur")
 NON_NEGATIVE_INTS = ("num_workers", "save_every", "min_length", "skip_non_finite_steps", "schedule.warmup_steps")
 # float key -> (may be null, upper bound or None)
 FLOATS = {"max_grad_norm": (False, None), "optimizer.lr": (False, None), "optimizer.lr_visual": (False, None),
@@ -129,6 +130,7 @@ def check_values(cfg: dict, tasks, models, path_keys) -> None:
     cfg["optimizer"]["betas"] = betas
     if not isinstance(cfg["prompt"], str):
         raise ValueError(f"config key 'prompt' must be a string, got {cfg['prompt']!r}")
-    if not isinstance(cfg["grad_checkpointing"], bool):
-        raise ValueError(f"config key 'grad_checkpointing' must be true or false, got {cfg['grad_checkpointing']!r}")
+    for key in BOOLS:
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"config key {key!r} must be true or false, got {cfg[key]!r}")
     check_paths(cfg, path_keys)

@@ -46,6 +46,11 @@ DEFAULTS = {
     "prompt": "",
     "num_frames": None,  # video evaluation: frames per video (null = the authors' count, mplug.run.data.video)
     "max_image_pixels": DEFAULT_MAX_PIXELS,
+    # grounding training augmentation switches (mplug.run.data.grounding_augment.Augment; the authors' aug_* keys)
+    "aug_scale": True,
+    "aug_crop": True,
+    "aug_translate": True,
+    "aug_blur": False,
     **{key: None for key in PATH_KEYS},
     **AUTHORS_DEFAULTS,
 }

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from mplug.run.data.augment import nlvr_swap
 from mplug.run.data.bad_images import BAD, bad_item, split_items
-from mplug.run.data.grounding_augment import augment_train
+from mplug.run.data.grounding_augment import Augment, augment_train
 from mplug.run.data.grounding_transforms import letterbox_eval, pixel_box
 from mplug.run.data.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from mplug.run.data.prompt import generation_prompt_ids, training_prompt
@@ -204,6 +204,10 @@ class GroundingDataset(TaskDataset):
     MPLUG.grounding_loss / ground attend to every visual token, as the authors' model_grounding_mplug.py:122 does
     (image_atts all ones), so padding is seen as the zero (mean-coloured) pixels it is."""
 
+    def __init__(self, task: str, split: str, cfg: dict, tokenizer, skip_bad_records: bool = False):
+        super().__init__(task, split, cfg, tokenizer, skip_bad_records)
+        self.augment = Augment.from_config(cfg)
+
     def load_image(self, index: int, rng: random.Random, path=None):
         """Sample index's decoded RGB image (__getitem__ letterboxes it with its box and query)."""
         return self.open_image(index, path)
@@ -215,7 +219,7 @@ class GroundingDataset(TaskDataset):
         image = item["image"]
         box = pixel_box(item["box"], image.width, image.height)
         if self.split == "train":
-            letterboxed, item["text"] = augment_train(image, box, item["text"], self.image_size, self.rng(index))
+            letterboxed, item["text"] = augment_train(image, box, item["text"], self.image_size, self.rng(index), self.augment)
         else:
             letterboxed = letterbox_eval(image, box, self.image_size)
         item.update(image=letterboxed.image, box=letterboxed.box.tolist())

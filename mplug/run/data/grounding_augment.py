@@ -36,6 +36,11 @@ class Augment(NamedTuple):
     translate: bool = True
     blur: bool = False
 
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Augment":
+        """The switches of a run config's aug_scale / aug_crop / aug_translate / aug_blur (absent: the defaults)."""
+        return cls(**{field: cfg.get(f"aug_{field}", default) for field, default in cls._field_defaults.items()})
+
 
 def train_scales(size: int, scale: bool = True) -> Tuple[int, ...]:
     """The long sides RandomResize draws from: size - (size // 20) * i for i in 0..6 with aug_scale, else size
