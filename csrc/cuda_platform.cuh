@@ -8,8 +8,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "attention.h"
 
@@ -100,12 +103,29 @@ __device__ __forceinline__ void ldmatrix_trans(uint32_t (&regs)[N], const void* 
   }
 }
 
+// Opts `kernel` in to `smem_bytes` of dynamic shared memory on the current device: once per kernel, device and
+// size (not on every call), and never at or below the 48 KB every kernel may use without it.
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, const char* name, size_t smem_bytes) {
+  constexpr size_t kDefaultLimit = 48 * 1024;
+  if (smem_bytes <= kDefaultLimit) return;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), name);
+  static std::mutex guard;
+  static std::set<std::tuple<const void*, int, size_t>> allowed;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, smem_bytes);
+  std::lock_guard<std::mutex> lock(guard);
+  if (allowed.count(key) != 0) return;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)),
+             name);
+  allowed.insert(key);
+}
+
 // Launches `kernel` with `threads` threads and `smem_bytes` of dynamic shared memory on the
 // call's stream; checks both the launch and the shared-memory opt-in.
 template <typename Kernel>
 void launch(Kernel kernel, const char* name, dim3 grid, int threads, size_t smem_bytes, const AttentionArgs& args) {
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)),
-             name);
+  allow_shared_memory(kernel, name, smem_bytes);
   kernel<<<grid, threads, smem_bytes, static_cast<cudaStream_t>(args.stream)>>>(args);
   check_cuda(cudaGetLastError(), name);
 }
@@ -114,8 +134,7 @@ void launch(Kernel kernel, const char* name, dim3 grid, int threads, size_t smem
 // and `smem_bytes` of dynamic shared memory (registers, shared memory and thread limits).
 template <typename Kernel>
 int ctas_per_multiprocessor(Kernel kernel, const char* name, int threads, size_t smem_bytes) {
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)),
-             name);
+  allow_shared_memory(kernel, name, smem_bytes);
   int ctas = 0;
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(&ctas, reinterpret_cast<const void*>(kernel), threads,
                                                                     smem_bytes, cudaOccupancyDefault),
