@@ -318,3 +318,20 @@ def test_interleaved_key_positions(backend, dtype):
                                            requires_grad=True)
     q, k, v = make(len(queries), 4), make(len(keys), 2), make(len(keys), 2)
     _compare(backend, dtype, q, [k], [v], [None], positions, seed=9, backward=True)
+
+
+def _strided(rows):
+    """rows [B, L] as a view with stride 2 along L (None stays None)."""
+    return None if rows is None else torch.stack([rows, rows], dim=-1)[..., 0]
+
+
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("cuda", torch.float16)])
+def test_strided_position_and_mask_rows_give_the_contiguous_result(backend, dtype):
+    """Key/query positions and masks whose L stride is not 1 reach the kernels as unit-stride rows."""
+    q, ks, vs, masks, positions = inputs("owl3_images", (4, 2), dtype, seed=5, requires_grad=False)
+    strided = Positions(tuple(_strided(p) for p in positions.keys), _strided(positions.queries))
+    assert strided.queries.stride(-1) == 2 and any(m is not None for m in masks)
+    want = _call(q, ks, vs, masks, positions, backend, return_lse=True)
+    got = _call(q, ks, vs, [_strided(m) for m in masks], strided, backend, return_lse=True)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)

@@ -18,7 +18,7 @@ import torch
 
 from mplug_kernels.backends.base import Backend, Positions
 from mplug_kernels.reference import alive_batch_rows, dead_queries_zeroed
-from mplug_kernels.backends.kernel_inputs import forced_num_splits, mask_bytes
+from mplug_kernels.backends.kernel_inputs import forced_num_splits, mask_bytes, unit_stride_rows
 from mplug_kernels.occupancy import split_keys, split_plan
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
@@ -105,16 +105,12 @@ def _rows(x: Optional[torch.Tensor]) -> Tuple[int, int]:
     return (0, 0) if x is None else (x.data_ptr(), x.stride(0))
 
 
-def _unit_stride(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return x if x is None or x.stride(-1) == 1 else x.contiguous()
-
-
 def _position_rows(positions: Optional[Positions]) -> Tuple[Optional[list], Optional[torch.Tensor]]:
     """(per source key positions or None, query positions), int32 rows with a unit stride along L; (None, None)
     without positions."""
     if positions is None:
         return None, None
-    return [_unit_stride(p) for p in positions.keys], _unit_stride(positions.queries)
+    return [unit_stride_rows(p) for p in positions.keys], unit_stride_rows(positions.queries)
 
 
 def _sources(ks, vs, masks, dks=None, dvs=None, key_positions=None) -> list:

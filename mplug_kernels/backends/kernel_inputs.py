@@ -30,8 +30,12 @@ def forced_num_splits() -> Optional[int]:
     return _forced_num_splits
 
 
+def unit_stride_rows(rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """rows [B, L] with a unit stride along L (a copy only when it is strided); None stays None."""
+    return rows if rows is None or rows.stride(-1) == 1 else rows.contiguous()
+
+
 def mask_bytes(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A bool [B, Lk] key mask as a uint8 view with a contiguous key axis (a copy only when it is strided)."""
-    if mask is None:
-        return None
-    return (mask if mask.stride(-1) == 1 else mask.contiguous()).view(torch.uint8)
+    rows = unit_stride_rows(mask)
+    return None if rows is None else rows.view(torch.uint8)
