@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_TESTS = ["tests/test_co_attention.py", "tests/test_concat_attention.py", "tests/test_cuda_extension.py",
-                "tests/test_forward_tall_tiles.py", "-k", "cuda and not valgrind"]
+# the 128-row-CTA cases first: the quickest to fail for a bug in the forward's warp math
+KERNEL_TESTS = ["tests/test_forward_tall_tiles.py", "tests/test_co_attention.py", "tests/test_concat_attention.py",
+                "tests/test_cuda_extension.py", "-k", "cuda and not valgrind"]
 BOUNDS_TEST = ["tests/test_cuda_extension.py", "-k", "valgrind"]
 BACKWARD_TESTS = ["tests/test_cuda_extension.py", "-k", "backward"]
 TRITON_SPLIT_TESTS = ("tests/test_co_attention.py", "-k", "triton and split")
