@@ -199,8 +199,9 @@ __device__ __forceinline__ void write_rows(const AttentionArgs& args, int64_t b,
 #pragma unroll
     for (int r = 0; r < kLaneRows; ++r) {
       const float* pair = accumulator(r, n);
+      const uint32_t packed = pack_b16x2<T>(pair[0] * normalizer[r], pair[1] * normalizer[r]);
       *reinterpret_cast<uint32_t*>(scratch + swizzled_offset<D>(lane_quad(lane) + 8 * r, 8 * n) +
-                                   4 * lane_in_quad(lane)) = pack_b16x2<T>(pair[0] * normalizer[r], pair[1] * normalizer[r]);
+                                   4 * lane_in_quad(lane)) = packed;
     }
   }
   __syncwarp();
