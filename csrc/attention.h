@@ -85,11 +85,24 @@ struct AttentionArgs {
 // Split-KV key ranges come from mplug_kernels.occupancy (split_plan, split_keys): split i holds keys
 // [i * split_size, (i + 1) * split_size), the last split every key left.
 
-// Warps per forward CTA, 16 query rows each (a warp past the queries only loads K/V): 2 for up
-// to 32 queries (25 queries: the MMAs cover 32 rows, 1.3x), 4 for longer query sequences and for
+// Warps per forward CTA, 16 query rows each (32 with forward_row_blocks 2; a warp past the queries only
+// loads K/V): 2 for up to 32 queries (25 queries: the MMAs cover 32 rows, 1.3x), 4 for longer query sequences and for
 // D = 128 (whose two-stage K/V tiles leave room for 3 CTAs per SM: 4 warps keep 12 warps per SM).
 constexpr int forward_warps(int64_t head_dim, int64_t q_len) { return q_len <= 32 && head_dim <= 96 ? 2 : 4; }
-inline int64_t forward_rows_per_cta(int64_t head_dim, int64_t q_len) { return 16 * forward_warps(head_dim, q_len); }
+
+// m16 row blocks per warp of forward_kernel: 2 (32 rows per warp, 128-row CTAs: every K/V fragment read
+// from shared memory feeds twice the MMAs, K/V read ceil(Lq / 128) times per (b, h)) from
+// kForwardTallQueries queries on where D <= 96 keeps the doubled Q, output and score registers without
+// spills; else 1. positional_forward_kernel keeps 1.
+constexpr int64_t kForwardTallQueries = 128;
+constexpr int forward_row_blocks(int64_t head_dim, int64_t q_len) {
+  return q_len >= kForwardTallQueries && head_dim <= 96 ? 2 : 1;
+}
+
+// Query rows of one forward CTA (of positional_forward_kernel when `positional`).
+inline int64_t forward_rows_per_cta(int64_t head_dim, int64_t q_len, bool positional = false) {
+  return 16 * forward_warps(head_dim, q_len) * (positional ? 1 : forward_row_blocks(head_dim, q_len));
+}
 
 // CTAs of the forward kernel for (dtype, head_dim, q_len) resident on one multiprocessor of the
 // current device (registers, shared memory, threads); the emulator models an H100's limits.

@@ -43,7 +43,8 @@ void attention_forward(const AttentionArgs& args) {
   for (int s = 0; s < args.num_sources; ++s) total_keys += args.sources[s].length;
   require(args.num_splits == 1 || (args.num_splits - 1) * args.split_size < total_keys,
           "num_splits * split_size leaves the last split without keys");
-  require(args.batch * args.heads * ceil_div(args.q_len, forward_rows_per_cta(args.head_dim, args.q_len)) <= kMaxGridX,
+  require(args.batch * args.heads * ceil_div(args.q_len, forward_rows_per_cta(args.head_dim, args.q_len, args.positional())) <=
+              kMaxGridX,
           "batch * heads * query tiles exceeds the CUDA grid limit");
   if (args.batch * args.heads * args.q_len == 0) return;
   if (args.dtype == ElementType::float16) {

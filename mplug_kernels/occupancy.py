@@ -26,14 +26,20 @@ COMBINE_START_S = 1.5e-6
 PARTIAL_BUDGET = 0.5
 # HBM bytes per second by architecture: A100 80GB (2.0 TB/s) and H100 SXM (3.35 TB/s); pass `bandwidth` for others.
 HBM_BANDWIDTH = {80: 2.0e12, 90: 3.35e12}
-# CTAs per SM of the CUDA forward by (arch, head dim, warps): nvcc 13.0's registers and shared memory as in
-# bench/results/static/kernels.json (tests/test_occupancy.py checks the two agree).
+# CTAs per SM of the CUDA forward by (arch, head dim, query rows per CTA): nvcc 13.0's registers and shared
+# memory as in bench/results/static/kernels.json (tests/test_occupancy.py checks the two agree). 128-row CTAs
+# (32 rows per warp) take 195-255 registers per thread: 2 CTAs, 8 warps per SM.
 CUDA_FORWARD_CTAS_PER_SM = {
-    (80, 32, 2): 8, (80, 32, 4): 4, (80, 64, 2): 4, (80, 64, 4): 3, (80, 80, 2): 3, (80, 80, 4): 3,
-    (80, 96, 2): 3, (80, 96, 4): 2, (80, 128, 4): 2,
-    (90, 32, 2): 8, (90, 32, 4): 4, (90, 64, 2): 6, (90, 64, 4): 3, (90, 80, 2): 5, (90, 80, 4): 2,
-    (90, 96, 2): 4, (90, 96, 4): 2, (90, 128, 4): 2,
+    (80, 32, 32): 8, (80, 32, 64): 4, (80, 64, 32): 4, (80, 64, 64): 3, (80, 80, 32): 3, (80, 80, 64): 3,
+    (80, 96, 32): 3, (80, 96, 64): 2, (80, 128, 64): 2,
+    (90, 32, 32): 8, (90, 32, 64): 4, (90, 64, 32): 6, (90, 64, 64): 3, (90, 80, 32): 5, (90, 80, 64): 2,
+    (90, 96, 32): 4, (90, 96, 64): 2, (90, 128, 64): 2,
+    (80, 32, 128): 2, (80, 64, 128): 2, (80, 80, 128): 2, (80, 96, 128): 2,
+    (90, 32, 128): 2, (90, 64, 128): 2, (90, 80, 128): 2, (90, 96, 128): 2,
 }
+# The CUDA forward's 128-row CTAs (csrc/attention.h forward_row_blocks): from this query length on, D <= 96.
+CUDA_TALL_QUERIES = 128
+CUDA_TALL_MAX_HEAD_DIM = 96
 # CTAs per SM assumed for the Triton forward where no compiled kernel is at hand (its tuned configs reach 2-4).
 TRITON_CTAS_PER_SM = 2
 
@@ -106,20 +112,25 @@ def split_keys(k_len: int, wanted_splits: int, key_tile: int = KEY_TILE) -> Tupl
 
 
 def forward_rows_per_cta(backend: str, q_len: int, head_dim: int, element_bytes: int) -> int:
-    """Query rows of one forward CTA: CUDA 16 per warp, 2 warps up to Lq = 32 (D <= 96) else 4 (csrc/attention.h
-    forward_warps); Triton BLOCK_M, 32 up to Lq = 32 or in fp32 else 64 (ops/triton_launch._block_m)."""
+    """Query rows of one forward CTA: CUDA 2 warps of 16 rows up to Lq = 32 (D <= 96), 4 warps of 32 rows from
+    Lq = 128 on (D <= 96), else 4 warps of 16 (csrc/attention.h forward_warps, forward_row_blocks; the positional
+    forward keeps 16-row warps); Triton BLOCK_M, 32 up to Lq = 32 or in fp32 else 64 (ops/triton_launch._block_m)."""
     if backend == "cuda":
-        return 32 if q_len <= 32 and head_dim <= 96 else 64
+        if q_len <= 32 and head_dim <= 96:
+            return 32
+        return 128 if q_len >= CUDA_TALL_QUERIES and head_dim <= CUDA_TALL_MAX_HEAD_DIM else 64
     return 32 if q_len <= 32 or element_bytes == 4 else 64
 
 
-def default_ctas_per_sm(backend: str, arch: int, q_len: int, head_dim: int, element_bytes: int) -> int:
+def default_ctas_per_sm(backend: str, arch: int, q_len: int, head_dim: int, element_bytes: int, *,
+                        rows_per_cta: Optional[int] = None) -> int:
     """CTAs per SM of the forward kernel as compiled by nvcc 13.0 (CUDA_FORWARD_CTAS_PER_SM, the static report's
-    numbers) where no compiled kernel is at hand; TRITON_CTAS_PER_SM for Triton, whose tuned config varies."""
+    numbers; rows_per_cta: that CUDA CTA height rather than the one launched) where no compiled kernel is at hand;
+    TRITON_CTAS_PER_SM for Triton, whose tuned config varies."""
     if backend != "cuda":
         return TRITON_CTAS_PER_SM
-    warps = forward_rows_per_cta("cuda", q_len, head_dim, element_bytes) // 16
-    return CUDA_FORWARD_CTAS_PER_SM[(arch if arch in SM_LIMITS else 90, head_dim, warps)]
+    rows = rows_per_cta or forward_rows_per_cta("cuda", q_len, head_dim, element_bytes)
+    return CUDA_FORWARD_CTAS_PER_SM[(arch if arch in SM_LIMITS else 90, head_dim, rows)]
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_TESTS = ["tests/test_co_attention.py", "tests/test_concat_attention.py", "tests/test_cuda_extension.py",
-                "-k", "cuda and not valgrind"]
+# the 128-row-CTA cases first: the quickest to fail for a bug in the forward's warp math
+KERNEL_TESTS = ["tests/test_forward_tall_tiles.py", "tests/test_co_attention.py", "tests/test_concat_attention.py",
+                "tests/test_cuda_extension.py", "-k", "cuda and not valgrind"]
 BOUNDS_TEST = ["tests/test_cuda_extension.py", "-k", "valgrind"]
 BACKWARD_TESTS = ["tests/test_cuda_extension.py", "-k", "backward"]
 TRITON_SPLIT_TESTS = ("tests/test_co_attention.py", "-k", "triton and split")
@@ -50,15 +51,21 @@ MUTATIONS = [
              "    next_visible = __syncthreads_and(flags == all_flags<kThreadsHere>());\n",
              "    next_visible = flags == all_flags<kThreadsHere>();\n"),
     Mutation("forward: output not rescaled by the new maximum", "csrc/forward_warp.cuh",
-             "      warp.o[n][2 * r] *= alpha;\n      warp.o[n][2 * r + 1] *= alpha;\n", ""),
+             "        out[n][2 * r] *= alpha;\n        out[n][2 * r + 1] *= alpha;\n", ""),
     Mutation("forward: wrong lane in a fragment (Q rows of the next quad)", "csrc/forward_warp.cuh",
-             "const int64_t row = row0 + lane_quad(lane) + 8 * (i % 2);",
-             "const int64_t row = row0 + lane_quad(lane ^ 4) + 8 * (i % 2);"),
+             "const int64_t row = row0 + 16 * block + lane_quad(lane) + 8 * (i % 2);",
+             "const int64_t row = row0 + 16 * block + lane_quad(lane ^ 4) + 8 * (i % 2);"),
     Mutation("forward: swizzle not undone when reading K", "csrc/forward_warp.cuh",
              "keys + swizzled_offset<D>(16 * n16 + x4_row_b(lane), 16 * ks + x4_col_b(lane))",
              "keys + ((16 * n16 + x4_row_b(lane)) * D + 16 * ks + x4_col_b(lane)) * 2"),
     Mutation("forward: missing quad-shuffle step of the row maximum", "csrc/forward_warp.cuh",
-             "    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));\n", ""),
+             "      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));\n", ""),
+    Mutation("forward: a 128-row tile's second warp row-block reading the first one's max (and sum)",
+             "csrc/forward_warp.cuh", "RunningSoftmax& row = warp.rows[2 * block + r];",
+             "RunningSoftmax& row = warp.rows[r];"),
+    Mutation("forward: a 128-row tile's second warp row-block loading the first one's Q rows", "csrc/forward_warp.cuh",
+             "const int64_t row = row0 + 16 * block + lane_quad(lane) + 8 * (i % 2);",
+             "const int64_t row = row0 + lane_quad(lane) + 8 * (i % 2);"),
     Mutation("forward: tile drops the first key of the second source", "csrc/forward_loads.cuh",
              "return static_cast<int>(key >= s1) +", "return static_cast<int>(key > s1) +"),
     Mutation("forward: one key past the split visible", "csrc/forward_loads.cuh",

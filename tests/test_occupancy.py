@@ -131,10 +131,16 @@ def test_split_cost_hand_computed():
     assert cost.seconds == pytest.approx(1.8e-6 + 1.5e-6 + 818400 / 3.35e12)
 
 
+def _cuda_forward_rows(config: str) -> int:
+    """Query rows per CTA of forward_kernel<T, D, warps[, row blocks]> from its template arguments."""
+    arguments = config.split(", ")
+    return 16 * int(arguments[2]) * (int(arguments[3]) if len(arguments) > 3 else 1)
+
+
 def test_cuda_ctas_per_sm_table_matches_the_static_report():
     if not STATIC_REPORT.exists():
         pytest.skip("no static report")
     rows = json.loads(STATIC_REPORT.read_text())["rows"]
-    found = {(row["arch"], row["head_dim"], int(row["config"].split(", ")[-1])): row["ctas_per_sm"]
+    found = {(row["arch"], row["head_dim"], _cuda_forward_rows(row["config"])): row["ctas_per_sm"]
              for row in rows if row["backend"] == "cuda" and row["kernel"] == "forward_kernel"}
     assert found and {key: CUDA_FORWARD_CTAS_PER_SM[key] for key in found} == found
