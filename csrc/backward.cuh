@@ -12,39 +12,14 @@
 // after its query, and key tiles no query row can see are neither loaded nor computed.
 #pragma once
 
-#include "visibility.cuh"
-#include "warp_tiles.cuh"
+#include "dkdv_queries.cuh"
 
 namespace mplug {
 // The backward's own names: kernels of other translation units may define helpers of the same name.
 namespace backward {
 
-constexpr int kBackwardKeys = kKeysPerTile;            // keys per dK/dV CTA, 16 per warp
-constexpr int kBackwardQueries = 32;                   // query rows per dK/dV pipeline stage
-constexpr int kDqQueries = kWarps * kMmaM;             // query rows per deterministic dQ CTA, 16 per warp
-constexpr int kQueryTiles = kBackwardQueries / kMmaN;  // 8-column accumulator tiles of S^T
-constexpr int kKeyTiles = kBackwardKeys / kMmaN;       // 8-column accumulator tiles of S
-static_assert(kBackwardKeys == kWarps * kMmaM, "each warp owns 16 keys of the dK/dV tile");
-
-// Byte offsets of the dK/dV kernel's shared memory: swizzled K and V tiles, two stages of Q, dO,
-// lse and delta, and dS^T [keys, queries] for the atomic dQ. After the loop the K and V tiles hold
-// the finished dK and dV on their way to global memory.
-template <int D>
-struct DkdvSmem {
-  static constexpr size_t kKeyTile = kBackwardKeys * D * 2;
-  static constexpr size_t kQueryTile = kBackwardQueries * D * 2;
-  static constexpr size_t kRows = kBackwardQueries * sizeof(float);
-  static constexpr size_t keys = 0;
-  static constexpr size_t values = keys + kKeyTile;
-  static constexpr size_t queries = values + kKeyTile;  // stage s at queries + s * kQueryTile
-  static constexpr size_t douts = queries + 2 * kQueryTile;
-  static constexpr size_t lse = douts + 2 * kQueryTile;  // stage s at lse + s * kRows
-  static constexpr size_t delta = lse + 2 * kRows;
-  static constexpr size_t dscores = delta + 2 * kRows;
-  static constexpr size_t bytes = dscores + kBackwardKeys * kBackwardQueries * 2;
-  static constexpr size_t query_positions = bytes;  // int32, as lse: the kPositions kernel only
-  static constexpr size_t positional_bytes = query_positions + 2 * kRows;
-};
+constexpr int kDqQueries = kWarps * kMmaM;        // query rows per deterministic dQ CTA, 16 per warp
+constexpr int kKeyTiles = kBackwardKeys / kMmaN;  // 8-column accumulator tiles of S
 
 // Byte offsets of the deterministic dQ kernel's shared memory: swizzled Q and dO tiles, two stages
 // of K, V and the visibility of their keys. After the loop the Q tile holds the finished dQ.
@@ -93,47 +68,6 @@ __device__ __forceinline__ void store_swizzled(T* rows, int64_t row_stride, cons
   }
 }
 
-// The A fragments (one per 16 columns) of a [16, NT * 8] accumulator rounded to T.
-template <typename T, int NT>
-__device__ __forceinline__ void to_a_fragments(uint32_t (&a)[NT / 2][4], const float (&acc)[NT][4]) {
-#pragma unroll
-  for (int ks = 0; ks < NT / 2; ++ks) {
-    a[ks][0] = pack_b16x2<T>(acc[2 * ks][0], acc[2 * ks][1]);
-    a[ks][1] = pack_b16x2<T>(acc[2 * ks][2], acc[2 * ks][3]);
-    a[ks][2] = pack_b16x2<T>(acc[2 * ks + 1][0], acc[2 * ks + 1][1]);
-    a[ks][3] = pack_b16x2<T>(acc[2 * ks + 1][2], acc[2 * ks + 1][3]);
-  }
-}
-
-// Starts loading Q, dO, lse and delta of query rows [m0, m0 + kBackwardQueries) into one stage;
-// rows past the end or without keys load as zeros with lse -inf, so their probabilities are 0.
-template <typename T, int D, bool kPositions>
-__device__ __forceinline__ void issue_query_tile(const AttentionArgs& args, unsigned char* smem, int stage, int64_t b,
-                                                 int64_t h, int64_t m0) {
-  using Smem = DkdvSmem<D>;
-  const LiveQueries live = LiveQueries::at(args, b, h, m0, kBackwardQueries);
-  load_swizzled_async<T, D, kBackwardQueries>(smem + Smem::queries + stage * Smem::kQueryTile,
-                                              element<const T>(args.q, b, m0, h), args.q.stride_s, live);
-  load_swizzled_async<T, D, kBackwardQueries>(smem + Smem::douts + stage * Smem::kQueryTile,
-                                              element<const T>(args.dout, b, m0, h), args.dout.stride_s, live);
-  float* lse = reinterpret_cast<float*>(smem + Smem::lse + stage * Smem::kRows);
-  float* delta = reinterpret_cast<float*>(smem + Smem::delta + stage * Smem::kRows);
-  const float* delta_rows = args.delta + (live.lse - args.lse);
-  for (int r = threadIdx.x; r < kBackwardQueries; r += kThreads) {
-    if (live(r)) {
-      __pipeline_memcpy_async(lse + r, live.lse + r, sizeof(float));
-      __pipeline_memcpy_async(delta + r, delta_rows + r, sizeof(float));
-    } else {
-      lse[r] = -INFINITY;
-      delta[r] = 0.0f;
-    }
-  }
-  if constexpr (kPositions) {
-    issue_query_positions<kThreads>(args, b, m0, kBackwardQueries, live,
-                                    reinterpret_cast<int32_t*>(smem + Smem::query_positions + stage * Smem::kRows));
-  }
-}
-
 // Starts loading K and V of one key tile into swizzled tiles; masked keys and keys past the tile
 // load as zeros.
 template <typename T, int D>
@@ -145,107 +79,6 @@ __device__ __forceinline__ void issue_key_tile(const AttentionArgs& args, const 
                                            visible);
   load_swizzled_async<T, D, kBackwardKeys>(values, element<const T>(source.v, b, tile.start, h), source.v.stride_s,
                                            visible);
-}
-
-// dS^T (rounded, as A fragments) into the swizzled [keys, queries] tile, at the warp's 16 key rows.
-__device__ __forceinline__ void stage_dscores(unsigned char* tile, int key0, const uint32_t (&ds)[kQueryTiles / 2][4]) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int ks = 0; ks < kQueryTiles / 2; ++ks) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      // register i of an A fragment: row g + 8 (i % 2), columns 2t + 8 (i / 2) + {0, 1}
-      const int row = key0 + lane_quad(lane) + 8 * (i % 2);
-      const int col = ks * kMmaK + 2 * lane_in_quad(lane) + 8 * (i / 2);
-      *reinterpret_cast<uint32_t*>(tile + swizzled_offset<kBackwardQueries>(row, col)) = ds[ks][i];
-    }
-  }
-}
-
-// address[0..1] += (x, y): one 8-byte atomic where the arch has it (sm_90), else two 4-byte ones.
-__device__ __forceinline__ void atomic_add_pair(float* address, float x, float y) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(address), make_float2(x, y));
-#else
-  atomicAdd(address, x);
-  atomicAdd(address + 1, y);
-#endif
-}
-
-// Adds scale * dS K of the current query tile to the float32 dQ accumulator in global memory: warp
-// w computes query rows 16 (w % 2).. and head columns (w / 2) D / 2.. from the staged dS^T and K.
-template <typename T, int D>
-__device__ __forceinline__ void accumulate_dq_atomic(const AttentionArgs& args, const unsigned char* dscores,
-                                                     const unsigned char* keys, int64_t b, int64_t h, int64_t m0) {
-  constexpr int kHalfTiles = D / 2 / kMmaN;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int row0 = kMmaM * (warp % 2);
-  const int col0 = (warp / 2) * (D / 2);
-  uint32_t ds[kBackwardKeys / kMmaK][4];
-#pragma unroll
-  for (int ks = 0; ks < kBackwardKeys / kMmaK; ++ks) {
-    // dS [queries, keys] is stored transposed: matrix i = lane / 8 holds keys 8 (i / 2).. and queries 8 (i % 2)..
-    const int key = ks * kMmaK + lane % 8 + 8 * (lane / 16);
-    const int query = row0 + 8 * ((lane / 8) % 2);
-    ldmatrix_trans<4>(ds[ks], dscores + swizzled_offset<kBackwardQueries>(key, query));
-  }
-  float dq[kHalfTiles][4];
-  zero_accumulators(dq);
-  warp_accumulate<T, D, kHalfTiles, kBackwardKeys / kMmaK>(dq, ds, keys, 0, col0);
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t m = m0 + row0 + acc_row(lane, 2 * half);
-    if (m >= args.q_len) continue;
-    float* row = args.dq_accum + ((b * args.q_len + m) * args.heads + h) * D + col0 + acc_col(lane, 0);
-#pragma unroll
-    for (int nt = 0; nt < kHalfTiles; ++nt) {
-      atomic_add_pair(row + nt * kMmaN, dq[nt][2 * half] * args.scale, dq[nt][2 * half + 1] * args.scale);
-    }
-  }
-}
-
-// The warp's dK^T/dV^T products of one query stage: S^T and dP^T [16 keys, 32 queries] from K, V
-// (rows key0..) and the stage's Q and dO; P^T and dS^T, selected to 0 for invisible keys; then
-// dV += P^T dO, dK += dS^T Q; dS^T rounded to T is returned for the dQ product.
-template <typename T, int D, bool kPositions>
-__device__ __forceinline__ void dkdv_stage(const AttentionArgs& args, const unsigned char* smem, int stage, int key0,
-                                           const bool (&visible)[2], const int32_t (&key_positions)[2],
-                                           float (&dk)[D / kMmaN][4],
-                                           float (&dv)[D / kMmaN][4], uint32_t (&ds_frags)[kQueryTiles / 2][4]) {
-  using Smem = DkdvSmem<D>;
-  const int lane = threadIdx.x % 32;
-  const unsigned char* queries = smem + Smem::queries + stage * Smem::kQueryTile;
-  const unsigned char* douts = smem + Smem::douts + stage * Smem::kQueryTile;
-  const float* lse = reinterpret_cast<const float*>(smem + Smem::lse + stage * Smem::kRows);
-  const float* delta = reinterpret_cast<const float*>(smem + Smem::delta + stage * Smem::kRows);
-  float scores[kQueryTiles][4];
-  float dprobs[kQueryTiles][4];
-  warp_rows_product<T, D, kQueryTiles>(scores, smem + Smem::keys, key0, queries);
-  warp_rows_product<T, D, kQueryTiles>(dprobs, smem + Smem::values, key0, douts);
-  const float scale_log2 = args.scale * kLog2e;
-#pragma unroll
-  for (int nt = 0; nt < kQueryTiles; ++nt) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int m = nt * kMmaN + acc_col(lane, i);
-      const bool keep = visible[i / 2];
-      const float p = keep ? probability_from_lse(scores[nt][i] * scale_log2, lse[m]) : 0.0f;
-      scores[nt][i] = p;
-      dprobs[nt][i] = keep ? p * (dprobs[nt][i] - delta[m]) : 0.0f;
-    }
-  }
-  if constexpr (kPositions) {
-    const int32_t* positions = reinterpret_cast<const int32_t*>(smem + Smem::query_positions + stage * Smem::kRows);
-    const auto invisible = [&](int nt, int i) { return key_positions[i / 2] > positions[nt * kMmaN + acc_col(lane, i)]; };
-    hide_by_position(scores, invisible);
-    hide_by_position(dprobs, invisible);
-  }
-  uint32_t p_frags[kQueryTiles / 2][4];
-  to_a_fragments<T, kQueryTiles>(p_frags, scores);
-  to_a_fragments<T, kQueryTiles>(ds_frags, dprobs);
-  warp_accumulate<T, D, D / kMmaN, kQueryTiles / 2>(dv, p_frags, douts, 0, 0);
-  warp_accumulate<T, D, D / kMmaN, kQueryTiles / 2>(dk, ds_frags, queries, 0, 0);
 }
 
 // Starts loading K, V and the key visibility of key tile `t` into stage `stage` of the dQ kernel.
@@ -328,32 +161,39 @@ __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs a
                                                        reinterpret_cast<int32_t*>(smem + Smem::dscores));
     seen = !__syncthreads_and(!tile_pending_key(source, tile, b).seen_below(q_max));
   }
+  const int64_t query_tiles = (args.q_len + kBackwardQueries - 1) / kBackwardQueries;
+  // step t: query tile t % query_tiles of the group's query head kv_h * group + t / query_tiles
+  const int64_t steps = group * query_tiles;
+  const QueryStep first{kv_h * group, 0};
   if (seen) {
     issue_key_tile<T, D>(args, tile, b, kv_h, smem + Smem::keys, smem + Smem::values);
-    issue_query_tile<T, D, kPositions>(args, smem, 0, b, kv_h * group, 0);
+    issue_query_rows<D, kPositions>(args, smem, row_slot(0), b, first);
+    if (steps > 1) issue_query_rows<D, kPositions>(args, smem, row_slot(1), b, first.next(args.q_len));
+    issue_query_tile<T, D>(args, smem, 0, b, first, LiveQueries::at(args, b, first.h, 0, kBackwardQueries));
   }
   __pipeline_commit();
   float dk[D / kMmaN][4];
   float dv[D / kMmaN][4];
   zero_accumulators(dk);
   zero_accumulators(dv);
-  const int64_t query_tiles = (args.q_len + kBackwardQueries - 1) / kBackwardQueries;
-  // step t: query tile t % query_tiles of the group's query head kv_h * group + t / query_tiles
-  const int64_t steps = group * query_tiles;
-  const auto head_of = [&](int64_t t) { return kv_h * group + t / query_tiles; };
+  QueryStep now = first;  // step t's query tile
+  // step `next` = t + 1's Q and dO, which rows load read from its row slot (landed a step ago); step t + 2's rows
   const auto issue_queries = [&](int64_t next, int stage) {
-    issue_query_tile<T, D, kPositions>(args, smem, stage, b, head_of(next), (next % query_tiles) * kBackwardQueries);
+    const QueryStep ahead = now.next(args.q_len);
+    const float* lse = reinterpret_cast<const float*>(smem + Smem::lse + row_slot(next) * Smem::kRows);
+    issue_query_tile<T, D>(args, smem, stage, b, ahead, [&](int r) { return lse[r] != -INFINITY; });
+    if (next + 1 < steps) issue_query_rows<D, kPositions>(args, smem, row_slot(next + 1), b, ahead.next(args.q_len));
   };
   for (int64_t t = 0; seen && t < steps; ++t) {
     const int stage = pipeline_step(t, steps, issue_queries);
     uint32_t ds_frags[kQueryTiles / 2][4];
-    dkdv_stage<T, D, kPositions>(args, smem, stage, key0, visible, key_positions, dk, dv, ds_frags);
+    dkdv_stage<T, D, kPositions>(args, smem, stage, row_slot(t), key0, visible, key_positions, dk, dv, ds_frags);
     if (args.dq_accum != nullptr) {
       stage_dscores(smem + Smem::dscores, key0, ds_frags);
       __syncthreads();
-      accumulate_dq_atomic<T, D>(args, smem + Smem::dscores, smem + Smem::keys, b, head_of(t),
-                                 (t % query_tiles) * kBackwardQueries);
+      accumulate_dq_atomic<T, D>(args, smem + Smem::dscores, smem + Smem::keys, b, now);
     }
+    now = now.next(args.q_len);
   }
   __pipeline_wait_prior(0);
   // every warp is done reading K and V before they are overwritten by dK and dV

@@ -61,6 +61,18 @@ __device__ __forceinline__ void warp_accumulate(float (&acc)[NT][4], const uint3
   }
 }
 
+// The A fragments (one per 16 columns) of a [16, NT * 8] accumulator rounded to T.
+template <typename T, int NT>
+__device__ __forceinline__ void to_a_fragments(uint32_t (&a)[NT / 2][4], const float (&acc)[NT][4]) {
+#pragma unroll
+  for (int ks = 0; ks < NT / 2; ++ks) {
+    a[ks][0] = pack_b16x2<T>(acc[2 * ks][0], acc[2 * ks][1]);
+    a[ks][1] = pack_b16x2<T>(acc[2 * ks][2], acc[2 * ks][3]);
+    a[ks][2] = pack_b16x2<T>(acc[2 * ks + 1][0], acc[2 * ks + 1][1]);
+    a[ks][3] = pack_b16x2<T>(acc[2 * ks + 1][2], acc[2 * ks + 1][3]);
+  }
+}
+
 template <int NT>
 __device__ __forceinline__ void zero_accumulators(float (&acc)[NT][4]) {
 #pragma unroll
