@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "attention.h"
+#include "key_tiles.h"
 #include "launchers.h"
 
 namespace mplug {
@@ -62,8 +63,7 @@ int forward_ctas_per_sm(ElementType dtype, int64_t head_dim, int64_t q_len) {
 
 void attention_backward(const AttentionArgs& args) {
   check_common(args);
-  int64_t key_tiles = 0;
-  for (int s = 0; s < args.num_sources; ++s) key_tiles += ceil_div(args.sources[s].length, kKeysPerTile);
+  const int64_t key_tiles = ConcatKeys::of(args).tile_count();  // tiles of the concatenated keys
   if (args.batch * args.heads == 0) return;
   require(args.batch * args.heads * std::max(key_tiles, args.q_len) <= kMaxGridX,
           "batch * heads * max(key tiles, q_len) exceeds the CUDA grid limit");

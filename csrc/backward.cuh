@@ -1,17 +1,19 @@
 // Backward kernels, register-resident (mma.sync m16n8k16, float32 accumulation):
 // - delta = rowsum(dO * O) - dlse;
-// - dK/dV: one CTA per key tile of one source, each warp owning 16 of its keys with their dK and dV
-//   in registers, over every query tile (Q, dO, lse and delta double-buffered through cp.async);
+// - dK/dV: one CTA per 64-key tile of the concatenated keys (rows possibly of several sources: key_tiles.h,
+//   backward_keys.cuh), each warp owning 16 of its keys with their dK and dV in registers, over every
+//   query tile (Q and dO double-buffered through cp.async, lse and delta a step ahead: dkdv_queries.cuh);
 //   S^T, P^T, dP^T and dS^T stay in registers, P^T and dS^T re-used as A operands; dQ by float32
 //   atomics when args.dq_accum is set, from dS^T staged in shared memory;
 // - dQ, deterministic (no atomics): one CTA per 64 query rows, each warp owning 16 rows, over every
-//   key tile of every source (K and V double-buffered).
+//   key tile of the concatenated keys (K and V double-buffered, the keys' visibility loaded a tile ahead).
 // Masked keys, and query rows that see no key, are selected out, never multiplied: their K/V (Q/dO)
 // rows load as zeros and their P and dS are 0, so a NaN there reaches no gradient. Under positional
 // visibility (the kPositions kernels, csrc/visibility.cuh) P and dS are also 0 where a key is positioned
 // after its query, and key tiles no query row can see are neither loaded nor computed.
 #pragma once
 
+#include "backward_keys.cuh"
 #include "dkdv_queries.cuh"
 
 namespace mplug {
@@ -22,7 +24,9 @@ constexpr int kDqQueries = kWarps * kMmaM;        // query rows per deterministi
 constexpr int kKeyTiles = kBackwardKeys / kMmaN;  // 8-column accumulator tiles of S
 
 // Byte offsets of the deterministic dQ kernel's shared memory: swizzled Q and dO tiles, two stages
-// of K, V and the visibility of their keys. After the loop the Q tile holds the finished dQ.
+// of K and V, and three rotating buffers of their keys' visibility (and positions): tile t's in buffer
+// t % 3, stored a step ahead before the barrier its copies wait for. After the loop the Q tile holds
+// the finished dQ.
 template <int D>
 struct DqSmem {
   static constexpr size_t kQueryTile = kDqQueries * D * 2;
@@ -31,10 +35,11 @@ struct DqSmem {
   static constexpr size_t douts = queries + kQueryTile;
   static constexpr size_t keys = douts + kQueryTile;  // stage s at keys + s * kKeyTile
   static constexpr size_t values = keys + 2 * kKeyTile;
-  static constexpr size_t visible = values + 2 * kKeyTile;  // stage s at visible + s * kBackwardKeys
-  static constexpr size_t bytes = visible + 2 * kBackwardKeys;
+  static constexpr int kKeyBuffers = 3;
+  static constexpr size_t visible = values + 2 * kKeyTile;  // buffer i at visible + i * kBackwardKeys
+  static constexpr size_t bytes = visible + kKeyBuffers * kBackwardKeys;
   static constexpr size_t key_positions = bytes;  // int32, as visible: the kPositions kernel only
-  static constexpr size_t positional_bytes = key_positions + 2 * kBackwardKeys * sizeof(int32_t);
+  static constexpr size_t positional_bytes = key_positions + kKeyBuffers * kBackwardKeys * sizeof(int32_t);
 };
 
 // Starts 16-byte asynchronous copies of the rows r of a [ROWS, D] slab for which keep(r) holds
@@ -68,34 +73,39 @@ __device__ __forceinline__ void store_swizzled(T* rows, int64_t row_stride, cons
   }
 }
 
-// Starts loading K and V of one key tile into swizzled tiles; masked keys and keys past the tile
-// load as zeros.
+// Starts loading K and V of key tile `t` into stage `stage` of the dQ kernel, its keys' visibility
+// already in key buffer `buffer`.
 template <typename T, int D>
-__device__ __forceinline__ void issue_key_tile(const AttentionArgs& args, const KeyTile& tile, int64_t b, int64_t h,
-                                               unsigned char* keys, unsigned char* values) {
-  const SourceView& source = args.sources[tile.source];
-  const auto visible = [&](int n) { return key_visible(source, tile, b, n); };
-  load_swizzled_async<T, D, kBackwardKeys>(keys, element<const T>(source.k, b, tile.start, h), source.k.stride_s,
-                                           visible);
-  load_swizzled_async<T, D, kBackwardKeys>(values, element<const T>(source.v, b, tile.start, h), source.v.stride_s,
-                                           visible);
+__device__ __forceinline__ void issue_dq_key_tile(const AttentionArgs& args, const ConcatKeys& keys, int64_t t,
+                                                  unsigned char* smem, int stage, int buffer, int64_t b, int64_t h) {
+  using Smem = DqSmem<D>;
+  const uint8_t* visible = smem + Smem::visible + buffer * kBackwardKeys;
+  issue_key_tile<T, D>(args, keys, keys.tile(t), b, h, smem + Smem::keys + stage * Smem::kKeyTile,
+                       smem + Smem::values + stage * Smem::kKeyTile, [&](int n) { return visible[n] != 0; });
 }
 
-// Starts loading K, V and the key visibility of key tile `t` into stage `stage` of the dQ kernel.
-template <typename T, int D, bool kPositions>
-__device__ __forceinline__ void issue_dq_key_tile(const AttentionArgs& args, const TileWalk& walk, int64_t t,
-                                                  unsigned char* smem, int stage, int64_t b, int64_t h) {
+// Step t of the dQ kernel's two-stage K/V pipeline (t = -1: its start): waits until tile t has landed,
+// stores the keys of tile t + 1 (`next_keys`, loaded a step ahead) into key buffer `next_buffer`, then at
+// the barrier (every warp done with step t - 1, the stores visible) finds whether some thread's key of
+// tile t + 1 is seen (always, without positions) and if so starts loading it by issue(t + 1, stage,
+// next_buffer) into the stage step t does not read. Returns whether tile t + 1 is seen.
+template <int D, bool kPositions, typename Issue>
+__device__ __forceinline__ bool dq_pipeline_step(int64_t t, int64_t count, const PendingKey& next_keys, int32_t q_max,
+                                                 unsigned char* smem, int next_buffer, const Issue& issue) {
   using Smem = DqSmem<D>;
-  const KeyTile tile = walk.at(t);
-  issue_key_tile<T, D>(args, tile, b, h, smem + Smem::keys + stage * Smem::kKeyTile,
-                       smem + Smem::values + stage * Smem::kKeyTile);
-  uint8_t* visible = smem + Smem::visible + stage * kBackwardKeys;
-  for (int n = threadIdx.x; n < kBackwardKeys; n += kThreads) visible[n] = key_visible(args.sources[tile.source], tile, b, n);
+  __pipeline_wait_prior(0);
+  store_pending_key<kPositions, kBackwardKeys>(
+      next_keys, smem + Smem::visible + next_buffer * kBackwardKeys,
+      reinterpret_cast<int32_t*>(smem + Smem::key_positions) + next_buffer * kBackwardKeys);
+  bool next_seen = true;
   if constexpr (kPositions) {
-    store_key_positions<kThreads, kBackwardKeys>(
-        args.sources[tile.source], tile, b,
-        reinterpret_cast<int32_t*>(smem + Smem::key_positions + stage * kBackwardKeys * sizeof(int32_t)));
+    next_seen = !__syncthreads_and(!next_keys.seen_below(q_max));
+  } else {
+    __syncthreads();
   }
+  if (t + 1 < count && next_seen) issue(t + 1, static_cast<int>((t + 1) % 2), next_buffer);
+  __pipeline_commit();
+  return next_seen;
 }
 
 // Step t of a two-stage cp.async pipeline over `count` tiles: waits until tile t (in stage t % 2)
@@ -130,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(const AttentionArgs arg
   if (lane == 0) args.delta[row] = sum - (args.dlse != nullptr ? args.dlse[row] : 0.0f);
 }
 
-// grid (key tiles of all sources x B*Hkv, key tiles of one K/V head adjacent): dK, dV of one key tile
+// grid (key tiles of the concatenated keys x B*Hkv, key tiles of one K/V head adjacent): dK, dV of one key tile
 // over every query tile of each query head of the K/V head's group in turn (summed here, no atomics
 // between heads), and dQ by atomics when args.dq_accum is set.
 template <typename T, int D, bool kPositions>
@@ -140,33 +150,33 @@ __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs a
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const TileWalk walk = TileWalk::over(args, 0, INT64_MAX);
+  const ConcatKeys keys = ConcatKeys::of(args);
   const int64_t group = args.kv_group();
-  const int64_t bkv = blockIdx.x / walk.total;
+  const int64_t bkv = blockIdx.x / keys.tile_count();
   const int64_t b = bkv / args.kv_head_count();
   const int64_t kv_h = bkv % args.kv_head_count();
-  const KeyTile tile = walk.at(blockIdx.x % walk.total);
+  const KeyTile tile = keys.tile(blockIdx.x % keys.tile_count());
   const int key0 = warp * kMmaM;
-  const SourceView& source = args.sources[tile.source];
-  const bool visible[2] = {key_visible(source, tile, b, key0 + acc_row(lane, 0)),
-                           key_visible(source, tile, b, key0 + acc_row(lane, 2))};
+  const auto visible_key = [&](int n) { return key_visible(args, keys, tile, b, n); };
+  const bool visible[2] = {visible_key(key0 + acc_row(lane, 0)), visible_key(key0 + acc_row(lane, 2))};
   int32_t key_positions[2] = {INT32_MIN, INT32_MIN};
   bool seen = true;  // under positions: a tile whose keys no query sees is neither loaded nor computed
   if constexpr (kPositions) {
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
-      key_positions[k] = visible[k] ? key_position(source, b, tile.start + key0 + acc_row(lane, 2 * k)) : INT32_MAX;
+      const int64_t key = tile.start + key0 + acc_row(lane, 2 * k);
+      key_positions[k] = visible[k] ? concat_key_position(args, keys, b, key) : INT32_MAX;
     }
     const int32_t q_max = max_query_position<kThreads>(args, b, 0, args.q_len, [](int64_t) { return true; },
                                                        reinterpret_cast<int32_t*>(smem + Smem::dscores));
-    seen = !__syncthreads_and(!tile_pending_key(source, tile, b).seen_below(q_max));
+    seen = !__syncthreads_and(!tile_pending_key(args, keys, tile, b).seen_below(q_max));
   }
   const int64_t query_tiles = (args.q_len + kBackwardQueries - 1) / kBackwardQueries;
   // step t: query tile t % query_tiles of the group's query head kv_h * group + t / query_tiles
   const int64_t steps = group * query_tiles;
   const QueryStep first{kv_h * group, 0};
   if (seen) {
-    issue_key_tile<T, D>(args, tile, b, kv_h, smem + Smem::keys, smem + Smem::values);
+    issue_key_tile<T, D>(args, keys, tile, b, kv_h, smem + Smem::keys, smem + Smem::values, visible_key);
     issue_query_rows<D, kPositions>(args, smem, row_slot(0), b, first);
     if (steps > 1) issue_query_rows<D, kPositions>(args, smem, row_slot(1), b, first.next(args.q_len));
     issue_query_tile<T, D>(args, smem, 0, b, first, LiveQueries::at(args, b, first.h, 0, kBackwardQueries));
@@ -201,15 +211,11 @@ __global__ void __launch_bounds__(kThreads, 2) dkdv_kernel(const AttentionArgs a
   stage_accumulator<T, D, D / kMmaN>(smem + Smem::keys, key0, 0, dk, args.scale);
   stage_accumulator<T, D, D / kMmaN>(smem + Smem::values, key0, 0, dv, 1.0f);
   __syncthreads();
-  const int64_t valid = tile.end - tile.start;
-  store_swizzled<T, D, kBackwardKeys>(element<T>(source.dk, b, tile.start, kv_h), source.dk.stride_s,
-                                      smem + Smem::keys, valid);
-  store_swizzled<T, D, kBackwardKeys>(element<T>(source.dv, b, tile.start, kv_h), source.dv.stride_s,
-                                      smem + Smem::values, valid);
+  store_key_gradients<T, D>(args, tile, b, kv_h, smem + Smem::keys, smem + Smem::values);
 }
 
 // grid (query tiles of 64 rows x B*H, query tiles of one head adjacent): deterministic dQ of one
-// query tile over every key tile of every source; warp w owns query rows 16 w..
+// query tile over every key tile of the concatenated keys; warp w owns query rows 16 w..
 template <typename T, int D, bool kPositions>
 __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs args) {
   using namespace backward;
@@ -224,7 +230,8 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
   const int64_t kv_h = h / args.kv_group();
   const int64_t m0 = static_cast<int64_t>(blockIdx.x % query_tiles) * kDqQueries;
   const int row0 = warp * kMmaM;
-  const TileWalk walk = TileWalk::over(args, 0, INT64_MAX);
+  const ConcatKeys keys = ConcatKeys::of(args);
+  const int64_t key_tiles = keys.tile_count();
 
   const LiveQueries live = LiveQueries::at(args, b, h, m0, kDqQueries);
   // under positions: a key tile whose keys are all padded, or after every live row, is neither loaded nor computed
@@ -232,18 +239,16 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
   if constexpr (kPositions) {
     q_max = max_query_position<kThreads>(args, b, m0, live.valid, live, reinterpret_cast<int32_t*>(smem + Smem::keys));
   }
-  const auto pending_of = [&](int64_t t) {  // no key past the last tile
-    const KeyTile tile = walk.at(t);
-    return tile_pending_key(args.sources[tile.source], tile, b);
+  // this thread's key of tile t (none past the last tile), loaded a step before its buffer is stored
+  const auto pending_of = [&](int64_t t) { return tile_pending_key(args, keys, keys.tile(t), b); };
+  const auto issue_keys = [&](int64_t next, int stage, int buffer) {
+    issue_dq_key_tile<T, D>(args, keys, next, smem, stage, buffer, b, kv_h);
   };
   load_swizzled_async<T, D, kDqQueries>(smem + Smem::queries, element<const T>(args.q, b, m0, h), args.q.stride_s,
                                         live);
   load_swizzled_async<T, D, kDqQueries>(smem + Smem::douts, element<const T>(args.dout, b, m0, h),
                                         args.dout.stride_s, live);
-  bool seen = true;
-  if constexpr (kPositions) seen = !__syncthreads_and(!pending_of(0).seen_below(q_max));
-  if (walk.total > 0 && seen) issue_dq_key_tile<T, D, kPositions>(args, walk, 0, smem, 0, b, kv_h);
-  __pipeline_commit();
+  bool seen = dq_pipeline_step<D, kPositions>(-1, key_tiles, pending_of(0), q_max, smem, 0, issue_keys);
   // lse and delta of the lane's rows g and g + 8; rows past the end or without keys get lse -inf
   float lse[2];
   float delta[2];
@@ -258,25 +263,22 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
   float dq[D / kMmaN][4];
   zero_accumulators(dq);
   const float scale_log2 = args.scale * kLog2e;
-  const auto issue_keys = [&](int64_t next, int stage) {
-    issue_dq_key_tile<T, D, kPositions>(args, walk, next, smem, stage, b, kv_h);
-  };
-  PendingKey pending = kPositions ? pending_of(1) : PendingKey{INT32_MAX, 0u};
-  for (int64_t t = 0; t < walk.total; ++t) {
+  PendingKey pending = pending_of(1);
+  int buffer = 0;  // key buffer of tile t: t % 3
+  for (int64_t t = 0; t < key_tiles; ++t) {
     const bool tile_seen = seen;
-    int stage;
-    if constexpr (kPositions) {
-      stage = pipeline_step_seen(t, walk.total, pending.seen_below(q_max), seen, issue_keys);
-      pending = pending_of(t + 2);
-    } else {
-      stage = pipeline_step(t, walk.total, issue_keys);
-    }
+    const int stage = static_cast<int>(t % 2);
+    const int next_buffer = buffer + 1 == Smem::kKeyBuffers ? 0 : buffer + 1;
+    seen = dq_pipeline_step<D, kPositions>(t, key_tiles, pending, q_max, smem, next_buffer, issue_keys);
+    pending = pending_of(t + 2);
+    const int tile_buffer = buffer;
+    buffer = next_buffer;
     if (!tile_seen) continue;
-    const unsigned char* keys = smem + Smem::keys + stage * Smem::kKeyTile;
-    const uint8_t* visible = smem + Smem::visible + stage * kBackwardKeys;
+    const unsigned char* k_tile = smem + Smem::keys + stage * Smem::kKeyTile;
+    const uint8_t* visible = smem + Smem::visible + tile_buffer * kBackwardKeys;
     float scores[kKeyTiles][4];
     float dprobs[kKeyTiles][4];
-    warp_rows_product<T, D, kKeyTiles>(scores, smem + Smem::queries, row0, keys);
+    warp_rows_product<T, D, kKeyTiles>(scores, smem + Smem::queries, row0, k_tile);
     warp_rows_product<T, D, kKeyTiles>(dprobs, smem + Smem::douts, row0, smem + Smem::values + stage * Smem::kKeyTile);
 #pragma unroll
     for (int nt = 0; nt < kKeyTiles; ++nt) {
@@ -288,13 +290,12 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
       }
     }
     if constexpr (kPositions) {
-      const int32_t* positions =
-          reinterpret_cast<const int32_t*>(smem + Smem::key_positions + stage * kBackwardKeys * sizeof(int32_t));
+      const int32_t* positions = reinterpret_cast<const int32_t*>(smem + Smem::key_positions) + tile_buffer * kBackwardKeys;
       hide_by_position(dprobs, [&](int nt, int i) { return positions[nt * kMmaN + acc_col(lane, i)] > row_positions[i / 2]; });
     }
     uint32_t ds_frags[kKeyTiles / 2][4];
     to_a_fragments<T, kKeyTiles>(ds_frags, dprobs);
-    warp_accumulate<T, D, D / kMmaN, kKeyTiles / 2>(dq, ds_frags, keys, 0, 0);
+    warp_accumulate<T, D, D / kMmaN, kKeyTiles / 2>(dq, ds_frags, k_tile, 0, 0);
   }
   __pipeline_wait_prior(0);
   // each warp overwrites only its own Q rows, which no other warp reads
@@ -303,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, 2) dq_kernel(const AttentionArgs arg
   store_swizzled<T, D, kDqQueries>(element<T>(args.dq, b, m0, h), args.dq.stride_s, smem + Smem::queries, live.valid);
 }
 
-inline int64_t total_key_tiles(const AttentionArgs& args) { return TileWalk::over(args, 0, INT64_MAX).total; }
+inline int64_t total_key_tiles(const AttentionArgs& args) { return ConcatKeys::of(args).tile_count(); }
 
 template <typename T>
 void backward_for_type(const AttentionArgs& args) {

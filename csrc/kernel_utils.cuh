@@ -56,11 +56,15 @@ __device__ __forceinline__ T* element(const TensorView& view, int64_t b, int64_t
   return static_cast<T*>(view.data) + b * view.stride_b + s * view.stride_s + h * view.stride_h;
 }
 
-// Whether key `start + n` of a tile is visible: inside the tile and not padded.
-__device__ __forceinline__ bool key_visible(const SourceView& source, const KeyTile& tile, int64_t b, int n) {
+// Whether key `start + n` of a tile of the concatenated keys is visible: inside the tile and not padded
+// in its own source.
+__device__ __forceinline__ bool key_visible(const AttentionArgs& args, const ConcatKeys& keys, const KeyTile& tile,
+                                            int64_t b, int n) {
   const int64_t key = tile.start + n;
   if (key >= tile.end) return false;
-  return source.mask == nullptr || source.mask[b * source.mask_stride_b + key] != 0;
+  const KeyRow at = keys.locate(key);
+  const SourceView& source = args.sources[at.source];
+  return source.mask == nullptr || source.mask[b * source.mask_stride_b + at.row] != 0;
 }
 
 template <int D>

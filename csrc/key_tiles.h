@@ -1,5 +1,5 @@
-// Enumeration of the key tiles of a range of the virtual concatenation of all key sources; shared
-// by the kernels and the host-side unit test.
+// The backward's key tiles: kKeysPerTile-key tiles of the virtual concatenation of all key sources, a
+// tile's rows possibly from several sources; shared by the kernels and the host-side unit test.
 #pragma once
 
 #include <cstdint>
@@ -9,48 +9,42 @@
 
 namespace mplug {
 
-// Keys [start, end) of one source: one tile of at most kKeysPerTile keys.
+// Keys [start, end) of the concatenated key index: one tile of at most kKeysPerTile keys.
 struct KeyTile {
-  int source;
   int64_t start;
   int64_t end;
 };
 
-MPLUG_HD int64_t clamp_to(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+// Where concatenated key `key` lives: row `row` of source `source`.
+struct KeyRow {
+  int source;
+  int64_t row;
+};
 
-// The key tiles of the concatenated sources restricted to [lo, hi), source by source; a tile never
-// crosses a source boundary.
-struct TileWalk {
-  int64_t lo[kMaxSources];
-  int64_t hi[kMaxSources];
-  int64_t count[kMaxSources];
-  int64_t total;
+// Where the sources start in the concatenated key index (source s holds keys [start(s), start(s + 1))),
+// and its tiles: tile t holds keys [t kKeysPerTile, min((t + 1) kKeysPerTile, total)).
+struct ConcatKeys {
+  int64_t s1, s2, s3, total;
 
-  MPLUG_HD static TileWalk over(const AttentionArgs& args, int64_t lo, int64_t hi) {
-    TileWalk walk;
-    walk.total = 0;
-    int64_t offset = 0;
-    for (int s = 0; s < kMaxSources; ++s) {
-      const int64_t length = s < args.num_sources ? args.sources[s].length : 0;
-      walk.lo[s] = clamp_to(lo - offset, 0, length);
-      walk.hi[s] = clamp_to(hi - offset, 0, length);
-      walk.count[s] = (walk.hi[s] - walk.lo[s] + kKeysPerTile - 1) / kKeysPerTile;
-      walk.total += walk.count[s];
-      offset += length;
-    }
-    return walk;
+  MPLUG_HD static ConcatKeys of(const AttentionArgs& args) {
+    int64_t start[kMaxSources + 1] = {0, 0, 0, 0, 0};
+    for (int s = 0; s < kMaxSources; ++s) start[s + 1] = start[s] + (s < args.num_sources ? args.sources[s].length : 0);
+    return ConcatKeys{start[1], start[2], start[3], start[4]};
   }
-
-  MPLUG_HD KeyTile at(int64_t index) const {
-    for (int s = 0; s < kMaxSources; ++s) {
-      if (index < count[s]) {
-        const int64_t start = lo[s] + index * kKeysPerTile;
-        const int64_t end = start + kKeysPerTile < hi[s] ? start + kKeysPerTile : hi[s];
-        return KeyTile{s, start, end};
-      }
-      index -= count[s];
-    }
-    return KeyTile{0, 0, 0};
+  // The source holding `key` (for key < total; an empty source holds none).
+  MPLUG_HD int source_of(int64_t key) const {
+    return static_cast<int>(key >= s1) + static_cast<int>(key >= s2) + static_cast<int>(key >= s3);
+  }
+  MPLUG_HD int64_t start(int s) const { return s == 0 ? 0 : (s == 1 ? s1 : (s == 2 ? s2 : (s == 3 ? s3 : total))); }
+  MPLUG_HD KeyRow locate(int64_t key) const {
+    const int s = source_of(key);
+    return KeyRow{s, key - start(s)};
+  }
+  MPLUG_HD int64_t tile_count() const { return (total + kKeysPerTile - 1) / kKeysPerTile; }
+  // Tile t (empty, start >= end, past the last tile).
+  MPLUG_HD KeyTile tile(int64_t t) const {
+    const int64_t start = t * kKeysPerTile;
+    return KeyTile{start, start + kKeysPerTile < total ? start + kKeysPerTile : total};
   }
 };
 

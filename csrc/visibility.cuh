@@ -124,32 +124,31 @@ __device__ __forceinline__ void issue_query_positions(const AttentionArgs& args,
   }
 }
 
-// Backward: the positions of key tile `tile`'s keys into `positions` (INT32_MAX past the tile).
-template <int kThreadsHere, int kKeys>
-__device__ __forceinline__ void store_key_positions(const SourceView& source, const KeyTile& tile, int64_t b,
-                                                    int32_t* positions) {
-  for (int n = threadIdx.x; n < kKeys; n += kThreadsHere) {
-    positions[n] = tile.start + n < tile.end ? key_position(source, b, tile.start + n) : INT32_MAX;
+// The position of concatenated key `key` in batch row b, from its own source.
+__device__ __forceinline__ int32_t concat_key_position(const AttentionArgs& args, const ConcatKeys& keys, int64_t b,
+                                                       int64_t key) {
+  const KeyRow at = keys.locate(key);
+  return key_position(args.sources[at.source], b, at.row);
+}
+
+// This thread's key threadIdx.x of key tile `tile` of the concatenated keys, from its own source (none
+// past the tile's end).
+__device__ __forceinline__ PendingKey tile_pending_key(const AttentionArgs& args, const ConcatKeys& keys,
+                                                       const KeyTile& tile, int64_t b) {
+  const int64_t key = tile.start + threadIdx.x;
+  const KeyRow at = keys.locate(key);
+  return pending_key(args.sources[at.source], b, at.row, key < tile.end);
+}
+
+// Backward: stores this thread's pending key (key threadIdx.x of a tile) into the tile's visibility bytes
+// (its mask byte as loaded, non-zero: kept) and, under positions, its key positions, both as they are:
+// nothing reads the loads before the store (a masked key is hidden by its byte whatever its position).
+template <bool kPositions, int kKeys>
+__device__ __forceinline__ void store_pending_key(const PendingKey& key, uint8_t* visible, int32_t* positions) {
+  if (threadIdx.x < kKeys) {
+    visible[threadIdx.x] = static_cast<uint8_t>(key.kept);
+    if constexpr (kPositions) positions[threadIdx.x] = key.position;
   }
-}
-
-// This thread's key threadIdx.x of key tile `tile` (none past its end).
-__device__ __forceinline__ PendingKey tile_pending_key(const SourceView& source, const KeyTile& tile, int64_t b) {
-  return pending_key(source, b, tile.start + threadIdx.x, tile.start + threadIdx.x < tile.end);
-}
-
-// Step t of a two-stage cp.async pipeline (as backward::pipeline_step) whose barrier also finds whether
-// some thread's key of tile t + 1 is seen (`key_seen`: this thread's) into `next_seen`: a tile no
-// thread sees is not loaded. Returns tile t's stage.
-template <typename Issue>
-__device__ __forceinline__ int pipeline_step_seen(int64_t t, int64_t count, bool key_seen, bool& next_seen,
-                                                  const Issue& issue) {
-  const int stage = static_cast<int>(t % 2);
-  __pipeline_wait_prior(0);
-  next_seen = !__syncthreads_and(!key_seen);
-  if (t + 1 < count && next_seen) issue(t + 1, 1 - stage);
-  __pipeline_commit();
-  return stage;
 }
 
 }  // namespace mplug

@@ -298,9 +298,9 @@ def test_cuda_combine_keeps_4_loads_in_flight(cuda_rows):
 HOT_LOOP_WAITS = {
     "forward": "forward_kernel (every dtype, D and warps; nvcc 13.0 sm_90): 3 CALL per hot loop, masked_key_flags "
                "is __noinline__ and consumes its mask-byte load before it returns",
-    "backward": "dq_kernel (every dtype and D; nvcc 13.0 sm_90): 13-21 LDG results read before the first MMA "
-                "(LiveQueries / key_visible: LDG -> FSETP -> @P LDGSTS); on sm_80 dkdv_kernel and dq_kernel also end "
-                "their loop with @P CALL.REL.NOINC to the instruction after the back branch (ptxas' loop exit, 1 CALL)",
+    "backward": "dkdv_kernel (every dtype and D; nvcc 13.0 sm_90): 2 CALL and 21-28 LDG results read before the "
+                "first MMA (LiveQueries in issue_query_tile: LDG -> FSETP -> @P LDGSTS); dq_kernel is clean (its key "
+                "visibility and positions load a tile ahead)",
 }
 
 

@@ -1,9 +1,11 @@
 // Host test of the kernels' host/device helpers: row_math.h (streaming softmax, split merging and
-// lse recomputation agree with a direct double-precision softmax) and key_tiles.h (the tiles of
-// every split cover each key of the concatenated sources exactly once). Exit status 0 on success.
+// lse recomputation agree with a direct double-precision softmax) and key_tiles.h (the 64-key tiles
+// of the concatenated sources cover each key exactly once, each located in its own source). Exit
+// status 0 on success.
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "key_tiles.h"
@@ -100,44 +102,43 @@ void expect(bool condition, const char* what) {
   }
 }
 
-// Walks the tiles of every split of the concatenated sources and checks they cover each key once.
-void check_tile_walk(const std::vector<int64_t>& lengths, int64_t split_size) {
+// Walks the tiles of the concatenated sources and checks they cover each key once, in order, each key
+// located in its own source.
+void check_key_tiles(const std::vector<int64_t>& lengths) {
   mplug::AttentionArgs args;
   args.num_sources = static_cast<int>(lengths.size());
-  int64_t total = 0;
-  std::vector<int64_t> offsets;
+  std::vector<std::pair<int, int64_t>> expected;  // (source, row) of each concatenated key
   for (size_t s = 0; s < lengths.size(); ++s) {
     args.sources[s].length = lengths[s];
-    offsets.push_back(total);
-    total += lengths[s];
+    for (int64_t row = 0; row < lengths[s]; ++row) expected.emplace_back(static_cast<int>(s), row);
   }
-  std::vector<int> covered(static_cast<size_t>(total), 0);
-  for (int64_t split_lo = 0; split_lo < std::max<int64_t>(total, 1); split_lo += split_size) {
-    const mplug::TileWalk walk = mplug::TileWalk::over(args, split_lo, split_lo + split_size);
-    for (int64_t t = 0; t < walk.total; ++t) {
-      const mplug::KeyTile tile = walk.at(t);
-      expect(tile.source >= 0 && tile.source < args.num_sources, "tile source in range");
-      expect(tile.end - tile.start >= 1 && tile.end - tile.start <= mplug::kKeysPerTile, "tile holds 1..64 keys");
-      expect(tile.start >= 0 && tile.end <= lengths[tile.source], "tile inside its source");
-      for (int64_t key = tile.start; key < tile.end; ++key) {
-        const int64_t virtual_key = offsets[tile.source] + key;
-        expect(virtual_key >= split_lo && virtual_key < split_lo + split_size, "tile inside its split");
-        ++covered[static_cast<size_t>(virtual_key)];
-      }
+  const int64_t total = static_cast<int64_t>(expected.size());
+  const mplug::ConcatKeys keys = mplug::ConcatKeys::of(args);
+  expect(keys.total == total, "total keys");
+  expect(keys.tile_count() == (total + mplug::kKeysPerTile - 1) / mplug::kKeysPerTile, "ceil(total / 64) tiles");
+  int64_t next = 0;
+  for (int64_t t = 0; t < keys.tile_count(); ++t) {
+    const mplug::KeyTile tile = keys.tile(t);
+    expect(tile.start == next, "tiles consecutive");
+    expect(tile.end - tile.start >= 1 && tile.end - tile.start <= mplug::kKeysPerTile, "tile holds 1..64 keys");
+    expect(tile.end - tile.start == mplug::kKeysPerTile || tile.end == total, "only the last tile is short");
+    for (int64_t key = tile.start; key < tile.end; ++key) {
+      const mplug::KeyRow at = keys.locate(key);
+      expect(at.source == expected[static_cast<size_t>(key)].first, "key in its source");
+      expect(at.row == expected[static_cast<size_t>(key)].second, "key at its row");
     }
+    next = tile.end;
   }
-  for (int count : covered) expect(count == 1, "every key covered exactly once");
+  expect(next == total, "every key covered");
+  expect(keys.tile(keys.tile_count()).start >= keys.tile(keys.tile_count()).end, "no keys past the last tile");
 }
 
 }  // namespace
 
 int main() {
-  for (int64_t split_size : {64, 128, 320, 1 << 20}) {
-    check_tile_walk({577}, split_size);
-    check_tile_walk({257, 25}, split_size);
-    check_tile_walk({0, 63, 65, 1}, split_size);
-    check_tile_walk({901, 0, 30, 128}, split_size);
-    check_tile_walk({0}, split_size);
+  for (const std::vector<int64_t>& lengths : std::vector<std::vector<int64_t>>{
+           {577}, {25, 577}, {257, 25}, {25, 77, 3}, {0, 63, 65, 1}, {901, 0, 30, 128}, {1, 2, 3, 4}, {0}}) {
+    check_key_tiles(lengths);
   }
   std::mt19937 generator(1234);
   std::normal_distribution<float> normal(0.0f, 3.0f);
