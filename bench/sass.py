@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 MMA_OPCODES = ("HMMA", "HGMMA")
 BRANCH_OPCODES = ("BRA", "JMP")
+INSTRUCTION_BYTES = 16  # every sm_80 / sm_90 SASS instruction
 PLAIN_LOAD_OPCODES = ("LD", "LDS", "LDG")
 
 _ARCH = re.compile(r"(?:code for|\.target)\s+sm_(\d+)")
@@ -349,11 +350,25 @@ def max_loads_in_flight(instructions: List[Instruction]) -> int:
     return max(best, loads + ldgsts)
 
 
+def is_loop_exit_call(body: List[Instruction], position: int) -> bool:
+    """Whether body[position] is ptxas' loop exit (seen on sm_80): ``@P CALL.REL.NOINC`` to the instruction right
+    after the unconditional back branch that follows it. NOINC pushes no return address: it leaves the loop (once,
+    when P holds) with the warp kept converged; no function is called and nothing runs out of line."""
+    call = body[position]
+    if call.base != "CALL" or "NOINC" not in call.modifiers or position + 1 >= len(body):
+        return False
+    back = body[position + 1]
+    target = re.search(r"0x([0-9a-fA-F]+)", call.operands)
+    return (back.base == "BRA" and _is_unconditional(back) and target is not None
+            and int(target.group(1), 16) == back.address + INSTRUCTION_BYTES)
+
+
 def count_loop(body: List[Instruction]) -> dict:
-    """Static counts of one loop: instructions, MMA, LDSM, LDGSTS, generic LD/ST, LDS/STS, BAR, CALL, loads
-    used before the first MMA, per MMA."""
+    """Static counts of one loop: instructions, MMA, LDSM, LDGSTS, generic LD/ST, LDS/STS, BAR, CALL (ptxas' loop
+    exits, is_loop_exit_call, apart), loads used before the first MMA, per MMA."""
     bases = [instruction.base for instruction in body]
     mma = sum(base in MMA_OPCODES for base in bases)
+    exits = sum(is_loop_exit_call(body, position) for position in range(len(body)))
     return {
         "instructions": len(body),
         "mma": mma,
@@ -365,7 +380,8 @@ def count_loop(body: List[Instruction]) -> dict:
         "sts": bases.count("STS"),
         "bar": bases.count("BAR"),
         "mma_operands_from_plain_loads": mma_operands_from_plain_loads(body),
-        "calls": bases.count("CALL"),
+        "calls": bases.count("CALL") - exits,
+        "loop_exit_calls": exits,
         "loads_used_before_mma": loads_used_before_first_mma(body),
         "instructions_per_mma": round(len(body) / mma, 2) if mma else None,
         "ldsm_per_mma": round(bases.count("LDSM") / mma, 3) if mma else None,
