@@ -137,6 +137,7 @@ AttentionArgs make_args(ElementType dtype, int head_dim, const Shape& shape) {
     source.positions = shape.positions ? reinterpret_cast<const int32_t*>(dummy) : nullptr;
   }
   args.query_positions = shape.positions ? reinterpret_cast<const int32_t*>(dummy) : nullptr;
+  args.key_tile_words = shape.masks ? reinterpret_cast<uint64_t*>(dummy) : nullptr;
   return args;
 }
 

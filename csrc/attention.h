@@ -75,6 +75,9 @@ struct AttentionArgs {
   const float* dlse = nullptr; // [B, H, Lq] contiguous, optional
   float* delta = nullptr;      // workspace [B, H, Lq]
   void* stream = nullptr;      // cudaStream_t
+  // forward with masks, without positions: int64 [B, ceil(keys / 64)] workspace, word [b, t] holding bit n where
+  // key 64 t + n of the concatenated sources exists and its mask keeps it (filled by the forward before use)
+  uint64_t* key_tile_words = nullptr;
 
   // Query heads per K/V head: query head h reads K/V head h / kv_group(); dK/dV of a K/V head sum its group.
   MPLUG_HD int64_t kv_group() const { return kv_heads > 0 ? heads / kv_heads : 1; }

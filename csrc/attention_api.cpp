@@ -41,7 +41,13 @@ void attention_forward(const AttentionArgs& args) {
   require(args.num_splits == 1 || (args.part_out != nullptr && args.part_lse != nullptr),
           "split-KV needs part_out and part_lse buffers");
   int64_t total_keys = 0;
-  for (int s = 0; s < args.num_sources; ++s) total_keys += args.sources[s].length;
+  bool masked = false;
+  for (int s = 0; s < args.num_sources; ++s) {
+    total_keys += args.sources[s].length;
+    masked = masked || args.sources[s].mask != nullptr;
+  }
+  require(!masked || args.positional() || args.key_tile_words != nullptr,
+          "a masked forward needs key_tile_words (int64 [B, ceil(keys / 64)])");
   require(args.num_splits == 1 || (args.num_splits - 1) * args.split_size < total_keys,
           "num_splits * split_size leaves the last split without keys");
   require(args.batch * args.heads * ceil_div(args.q_len, forward_rows_per_cta(args.head_dim, args.q_len, args.positional())) <=

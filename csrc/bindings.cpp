@@ -63,12 +63,13 @@ mplug::AttentionArgs make_args(const std::string& dtype, const Shape& shape, dou
 void forward(const std::string& dtype, const Shape& shape, double scale, const View& q, const View& out,
              uintptr_t lse, const std::vector<Source>& sources, int num_splits, int64_t split_size,
              uintptr_t part_out, uintptr_t part_lse, uintptr_t stream, int64_t kv_heads,
-             const Positions& query_positions) {
+             const Positions& query_positions, uintptr_t key_tile_words) {
   mplug::AttentionArgs args = make_args(dtype, shape, scale, q, out, lse, sources, stream, kv_heads, query_positions);
   args.num_splits = num_splits;
   args.split_size = split_size;
   args.part_out = reinterpret_cast<float*>(part_out);
   args.part_lse = reinterpret_cast<float*>(part_lse);
+  args.key_tile_words = reinterpret_cast<uint64_t*>(key_tile_words);
   mplug::attention_forward(args);
 }
 
@@ -106,10 +107,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward", &forward, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"), py::arg("shape"),
         py::arg("scale"), py::arg("q"), py::arg("out"), py::arg("lse"), py::arg("sources"), py::arg("num_splits"),
         py::arg("split_size"), py::arg("part_out"), py::arg("part_lse"), py::arg("stream"), py::arg("kv_heads") = 0,
-        py::arg("query_positions") = Positions{0, 0},
+        py::arg("query_positions") = Positions{0, 0}, py::arg("key_tile_words") = 0,
         "out [B, Lq, H, D] and lse [B, H, Lq] of q over the concatenated sources [B, Lk_i, kv_heads, D] (split-KV "
         "when num_splits > 1; kv_heads 0 means H; query_positions (data_ptr, stride_b) of int32 [B, Lq]: key j of "
-        "a source with positions is visible to query m iff its position <= the query's)");
+        "a source with positions is visible to query m iff its position <= the query's; key_tile_words: an int64 "
+        "[B, ceil(keys / 64)] workspace, needed with masks and without positions)");
   m.def("attention_backward", &backward, py::call_guard<py::gil_scoped_release>(), py::arg("dtype"),
         py::arg("shape"), py::arg("scale"), py::arg("q"), py::arg("out"), py::arg("lse"), py::arg("sources"),
         py::arg("dout"), py::arg("dq"), py::arg("dq_accum"), py::arg("dlse"), py::arg("delta"), py::arg("stream"),

@@ -18,13 +18,23 @@ struct QueryPositions {
   int32_t cta_max;
 };
 
-// forward_kernel's shared memory, then three rotating int32 key position buffers (tile t: t % 3, as
-// its bias buffer), then the QueryPositions.
+// forward_kernel's shared memory, then three rotating key bias buffers, one float per key (0 where some
+// row of the CTA can see the key, else -inf; tile t uses buffer t % 3: written one tile ahead, read by the
+// copies and the compute of its tile), three rotating int32 key position buffers (as the bias buffers),
+// then the QueryPositions.
 template <int D>
 struct PositionalSmem {
-  static constexpr int positions = static_cast<int>(ForwardSmem<D>::bytes);
-  static constexpr int queries = positions + ForwardSmem<D>::kFlagBuffers * kBlockN * sizeof(int32_t);
+  static constexpr int kKeyBuffers = 3;
+  static constexpr int bias = static_cast<int>(ForwardSmem<D>::bytes);
+  static constexpr int positions = bias + kKeyBuffers * kBlockN * sizeof(float);
+  static constexpr int queries = positions + kKeyBuffers * kBlockN * sizeof(int32_t);
   static constexpr size_t bytes = queries + sizeof(QueryPositions);
+};
+
+// issue_tile's test of row n of a tile: whether its bias is 0.
+struct BiasVisible {
+  const float* bias;
+  __device__ __forceinline__ bool operator()(int row) const { return bias[row] == 0.0f; }
 };
 
 // Fills `queries` for the CTA's rows from cta_row0 on (thread r reads row r).
@@ -50,15 +60,23 @@ __device__ __forceinline__ void load_query_positions(const AttentionArgs& args, 
   __syncthreads();
 }
 
-// This thread's key k0 + threadIdx.x of a tile (none past `hi` or the tile).
+// This thread's key k0 + threadIdx.x of a tile (none past `hi` or the tile): its position and mask byte,
+// loaded a tile ahead and read only at the next barrier (publish_key).
 template <int kThreadsHere>
-__device__ __forceinline__ PendingKey split_pending_key(const AttentionArgs& args, int64_t b, int64_t k0, int64_t hi) {
+__device__ __forceinline__ PendingKey split_pending_key(const AttentionArgs& args, const SourceStarts& starts,
+                                                        int64_t b, int64_t k0, int64_t hi) {
   static_assert(kThreadsHere >= kBlockN, "one key per thread");
   const int64_t key = k0 + threadIdx.x;
-  const bool exists = threadIdx.x < kBlockN && key < hi;
-  const SourceStarts starts = source_starts(args);
-  const int s = exists ? starts.source_of(key) : 0;
-  return pending_key(args.sources[s], b, key - starts.start(s), exists);
+  PendingKey pending{INT32_MAX, 0u};
+  if (threadIdx.x < kBlockN && key < hi) {
+    const int s = starts.source_of(key);
+    const SourceView& source = args.sources[s];
+    const int64_t j = key - starts.start(s);
+    pending = PendingKey{INT32_MIN, 1u};
+    if (source.positions != nullptr) pending.position = source.positions[b * source.positions_stride_b + j];
+    if (source.mask != nullptr) pending.kept = source.mask[b * source.mask_stride_b + j];
+  }
+  return pending;
 }
 
 // Writes this thread's key into its tile's bias (0 where some row of the CTA can see it, else -inf) and
@@ -70,19 +88,6 @@ __device__ __forceinline__ bool publish_key(const PendingKey& key, int32_t cta_m
     positions[threadIdx.x] = key.position;
   }
   return seen;
-}
-
-// issue_tile for a tile some row can see (`seen` of its kBlockN keys); a tile no row sees is skipped and
-// the cursor re-found at the next loaded tile.
-template <typename T, int D, int kThreadsHere>
-__device__ __forceinline__ void issue_seen_tile(const AttentionArgs& args, int64_t b, int64_t h, int64_t k0, int seen,
-                                                const float* bias, unsigned char* stage,
-                                                CopyCursor<T, D, kThreadsHere>& cursor) {
-  if (seen == 0) {
-    cursor.end = -1;
-    return;
-  }
-  issue_tile<T, D, kThreadsHere>(args, b, h, k0, seen == kBlockN, bias, stage, cursor);
 }
 
 // Whether every row of the warp (smallest position `warp_min`) sees every key of the tile: then its scores
@@ -97,8 +102,8 @@ __device__ __forceinline__ bool warp_sees_whole_tile(const float* bias, const in
 }
 
 // forward_kernel (same grid, pipeline and outputs) under positional visibility; a tile every row of a warp
-// sees takes forward_kernel's path for visible tiles (no masking), the others mask by position. Registers
-// capped at 255 rather than __launch_bounds__'s choice (168 at D = 64 spilled with the two paths).
+// sees needs no masking, the others mask by position. Registers capped at 255 rather than
+// __launch_bounds__'s choice (168 at D = 64 spilled).
 template <typename T, int D, int kWarps>
 __global__ void __maxnreg__(255) positional_forward_kernel(const __grid_constant__ AttentionArgs args) {
   constexpr int kThreadsHere = kWarps * 32;
@@ -112,17 +117,20 @@ __global__ void __maxnreg__(255) positional_forward_kernel(const __grid_constant
   const int warp_index = threadIdx.x / 32;
   const int64_t cta_row0 = (blockIdx.x % query_tiles) * (kWarps * kForwardWarpRows);
   const int64_t row0 = cta_row0 + warp_index * kForwardWarpRows;
-  const int64_t total = source_starts(args).total;
+  const SourceStarts starts = source_starts(args);
+  const int64_t total = starts.total;
   const int64_t lo = static_cast<int64_t>(blockIdx.y) * args.split_size;
   const int64_t hi = blockIdx.y + 1 == args.num_splits ? total : min(lo + args.split_size, total);
   const int tiles = hi > lo ? static_cast<int>((hi - lo + kBlockN - 1) / kBlockN) : 0;
   const float scale_log2 = fmaxf(fabsf(args.scale) * kLog2e, FLT_MIN);
   auto stage_of = [&](int t) { return smem + (t % kForwardStages) * Smem::kStageBytes; };
-  auto flags_at = [&](int buffer) { return reinterpret_cast<float*>(smem + Smem::flags) + buffer * kBlockN; };
+  auto flags_at = [&](int buffer) {
+    return reinterpret_cast<float*>(smem + PositionalSmem<D>::bias) + buffer * kBlockN;
+  };
   auto positions_at = [&](int buffer) {
     return reinterpret_cast<int32_t*>(smem + PositionalSmem<D>::positions) + buffer * kBlockN;
   };
-  auto following = [](int buffer) { return buffer + 1 == Smem::kFlagBuffers ? 0 : buffer + 1; };
+  auto following = [](int buffer) { return buffer + 1 == PositionalSmem<D>::kKeyBuffers ? 0 : buffer + 1; };
 
   QueryPositions* queries = reinterpret_cast<QueryPositions*>(smem + PositionalSmem<D>::queries);
   load_query_positions<kThreadsHere>(args, b, cta_row0, queries);
@@ -135,69 +143,61 @@ __global__ void __maxnreg__(255) positional_forward_kernel(const __grid_constant
   }
   warp.rows[0] = warp.rows[1] = empty_softmax();
 
-  CopyCursor<T, D, kThreadsHere> cursor;
+  // tile t's bias and position buffer and count of keys some row sees (buffer, seen), tile t + 1's (next_buffer,
+  // next_seen, published) and the loads of this thread's key of tile t + 2 (pending)
   int buffer = 0;
-  int next_seen = __syncthreads_count(
-      publish_key(split_pending_key<kThreadsHere>(args, b, lo, hi), queries->cta_max, flags_at(0), positions_at(0)));
-  if (tiles > 0) issue_seen_tile<T, D, kThreadsHere>(args, b, kv_h, lo, next_seen, flags_at(0), stage_of(0), cursor);
-  __pipeline_commit();
-  PendingKey pending = split_pending_key<kThreadsHere>(args, b, lo + kBlockN, hi);
-  for (int t = 0; t < tiles; ++t) {
-    const bool skip = next_seen == 0;
-    const int next_buffer = following(buffer);
+  int seen = 0;
+  int next_buffer = 0;
+  int next_seen = __syncthreads_count(publish_key(split_pending_key<kThreadsHere>(args, starts, b, lo, hi),
+                                                  queries->cta_max, flags_at(0), positions_at(0)));
+  PendingKey pending = split_pending_key<kThreadsHere>(args, starts, b, lo + kBlockN, hi);
+  auto visibility = [&]() {
+    return TileVisibility<BiasVisible>{next_seen != 0, next_seen == kBlockN, BiasVisible{flags_at(next_buffer)}};
+  };
+  auto next_tile = [&](int t) {
+    buffer = next_buffer;
+    seen = next_seen;
+    next_buffer = following(buffer);
     __pipeline_wait_prior(0);
-    next_seen = __syncthreads_count(
-        publish_key(pending, queries->cta_max, flags_at(next_buffer), positions_at(next_buffer)));
-    if (t + 1 < tiles) {
-      issue_seen_tile<T, D, kThreadsHere>(args, b, kv_h, lo + int64_t{t + 1} * kBlockN, next_seen,
-                                          flags_at(next_buffer), stage_of(t + 1), cursor);
-      pending = split_pending_key<kThreadsHere>(args, b, lo + int64_t{t + 2} * kBlockN, hi);
-    }
-    __pipeline_commit();
+    next_seen = __syncthreads_count(publish_key(pending, queries->cta_max, flags_at(next_buffer),
+                                                positions_at(next_buffer)));
+    pending = split_pending_key<kThreadsHere>(args, starts, b, lo + int64_t{t + 2} * kBlockN, hi);
+    return visibility();
+  };
+  auto compute = [&](int t) {
+    if (seen == 0 || row0 >= args.q_len) return;  // no row sees the tile; a warp past the queries only loads
     const float* bias = flags_at(buffer);
     const int32_t* positions = positions_at(buffer);
-    buffer = next_buffer;
-    if (skip || row0 >= args.q_len) continue;  // no row sees the tile; a warp past the queries only loads
     float s[kBlockN / 8][4];
-    if (warp_sees_whole_tile(bias, positions, queries->warp_min[warp_index])) {
-      tile_scores<T, D>(warp.q, stage_of(t) + Smem::keys, s);
-      online_softmax<D>(s, scale_log2, warp);
-      accumulate_values<T, D>(s, stage_of(t) + Smem::values, warp.o);
-    } else {
-      tile_scores<T, D>(warp.q, stage_of(t) + Smem::keys, s);
+    tile_scores<T, D>(warp.q, stage_of(t) + Smem::keys, s);
+    if (!warp_sees_whole_tile(bias, positions, queries->warp_min[warp_index])) {
       mask_by_position(s, bias, positions, queries->row + warp_index * kForwardWarpRows);
-      online_softmax<D>(s, scale_log2, warp);
-      accumulate_values<T, D>(s, stage_of(t) + Smem::values, warp.o);
     }
-  }
+    online_softmax<D>(s, scale_log2, warp);
+    accumulate_values<T, D>(s, stage_of(t) + Smem::values, warp.o);
+  };
+  key_loop<T, D, kThreadsHere>(args, b, kv_h, lo, tiles, visibility(), stage_of, next_tile, compute);
   __syncthreads();
   if (row0 < args.q_len) write_rows<T, D>(args, b, h, row0, warp, smem + warp_index * kForwardWarpRows * D * 2);
 }
 
-// Calls body(positional_forward_kernel<T, D, warps>, threads, shared bytes) as with_forward_kernel picks warps.
-template <typename T, typename Body>
-void with_positional_forward_kernel(int64_t head_dim, int64_t q_len, Body&& body) {
-  dispatch_head_dim(head_dim, [&](auto head_dim_constant) {
-    constexpr int D = decltype(head_dim_constant)::value;
-    if constexpr (forward_warps(D, 1) == 2) {
-      if (forward_warps(D, q_len) == 2) return body(positional_forward_kernel<T, D, 2>, 64, PositionalSmem<D>::bytes);
-    }
-    return body(positional_forward_kernel<T, D, kForwardMaxWarps>, kForwardMaxWarps * 32, PositionalSmem<D>::bytes);
-  });
-}
+// positional_forward_kernel by element type, head dim and warps, its name and its shared memory bytes.
+struct PositionalForward {
+  static constexpr const char* kName = "positional_forward_kernel";
+  static constexpr bool kTallRows = false;  // 16-row warps only
+  template <typename T, int D, int kWarps>
+  static constexpr auto kernel() { return positional_forward_kernel<T, D, kWarps>; }
+  template <int D>
+  static constexpr size_t smem_bytes() { return PositionalSmem<D>::bytes; }
+};
 
-// The forward of `args`: positional_forward_kernel when it carries positions, else forward_kernel; then the combine.
+// The forward of `args`: positional_forward_kernel when it carries positions, else the key tile words (with masks)
+// and forward_kernel; then the combine.
 template <typename T>
 void forward_any(const AttentionArgs& args) {
-  if (!args.positional()) return forward_for_type<T>(args);
-  with_positional_forward_kernel<T>(args.head_dim, args.q_len, [&](auto kernel, int threads, size_t smem_bytes) {
-    const int64_t rows_per_cta = threads / 32 * kForwardWarpRows;
-    const int64_t query_tiles = (args.q_len + rows_per_cta - 1) / rows_per_cta;
-    const dim3 grid(static_cast<unsigned>(args.batch * args.heads * query_tiles),
-                    static_cast<unsigned>(args.num_splits));
-    launch(kernel, "positional_forward_kernel", grid, threads, smem_bytes, args);
-  });
-  launch_combine<T>(args);
+  if (args.positional()) return forward_for_type<T, PositionalForward>(args);
+  launch_key_tile_words(args);
+  forward_for_type<T>(args);
 }
 
 }  // namespace mplug

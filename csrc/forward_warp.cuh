@@ -67,26 +67,6 @@ __device__ __forceinline__ void tile_scores(const uint32_t (&q)[kRowBlocks * D /
   }
 }
 
-// Adds the key bias (-inf for hidden keys) to the scores. A hidden key's K row is zeros (never
-// loaded), so its score is 0 (or NaN where the query row holds inf or NaN, a NaN row anyway):
-// a NaN stored in a hidden key never reaches the row. Every row block takes the same bias.
-template <int kRowBlocks = 1>
-__device__ __forceinline__ void add_key_bias(float (&s)[kRowBlocks * kBlockN / 8][4], const float* bias) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int j = 0; j < kBlockN / 8; ++j) {
-    const float2 pair = *reinterpret_cast<const float2*>(bias + 8 * j + 2 * lane_in_quad(lane));
-#pragma unroll
-    for (int block = 0; block < kRowBlocks; ++block) {
-      float* scores = s[block * kBlockN / 8 + j];
-      scores[0] += pair.x;
-      scores[1] += pair.y;
-      scores[2] += pair.x;
-      scores[3] += pair.y;
-    }
-  }
-}
-
 // Folds the tile's scores into the running softmax of rows g and g + 8 of every row block (maxima
 // reduced within the lane's quad by two shuffles), rescales the output accumulators and turns s into
 // probabilities. Scores are unscaled, scale_log2 >= 0; row sums stay per lane until the end.

@@ -278,6 +278,54 @@ def test_nan_key_gives_nan_lse_exactly_where_out_is_nan(forced_splits, num_split
 
 
 @needs_extension
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_nan_query_of_a_fully_masked_batch_row_gives_zeros(forced_splits, num_splits):
+    """Issue 20 item 3: the kernel (no Python pre-pass) gives a query row that sees no key output 0 and lse -inf, even
+    when the query holds NaN or inf; the other batch row is untouched."""
+    generator = torch.Generator().manual_seed(20)
+    q, k1, v1, k2, v2 = (random_tensor(2, n, 2, 64, dtype=torch.bfloat16, generator=generator)
+                         for n in (7, 130, 130, 70, 70))
+    masks = [torch.ones(2, 130, dtype=torch.bool), torch.ones(2, 70, dtype=torch.bool)]
+    masks[0][1], masks[1][1] = False, False
+    q[1, 2, 0, 5], q[1, 4, 1, :] = float("nan"), float("inf")
+    skip_unless_supported("cuda", q, [k1, k2], [v1, v2], masks)
+    forced_splits(num_splits)
+    device = cuda_backend.kernel_device_type()
+    inputs = [x.to(device) for x in (q, k1, k2, v1, v2, *masks)]
+    out, lse = cuda_backend.forward(inputs[0], inputs[1:3], inputs[3:5], inputs[5:], 0.125)
+    assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu())) and bool((lse[1] == -float("inf")).all())
+    first = ([x[:1] for x in xs] for xs in ([k1, k2], [v1, v2], masks))
+    ks, vs, first_masks = first
+    _, _, _, out64, lse64 = reference64(q[:1], ks, vs, first_masks, 0.125)
+    baseline_out, baseline_lse = low_precision_baseline(q[:1], ks, vs, first_masks, 0.125)
+    assert_within_budget("out", out[:1].cpu(), out64, baseline_out, factor=2)
+    assert_within_budget("lse", lse[:1].cpu(), lse64, baseline_lse, factor=2)
+
+
+@needs_extension
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_key_tiles_with_one_kept_key_are_not_skipped(forced_splits, num_splits):
+    """Issue 20 item 3: a key tile is skipped only when no key of it is kept: tiles holding exactly one kept key
+    (first, last, or one in the middle of the tile), next to fully masked tiles, match the reference."""
+    generator = torch.Generator().manual_seed(21)
+    q, k, v = (random_tensor(3, n, 2, 64, dtype=torch.float16, generator=generator) for n in (20, 300, 300))
+    mask = torch.zeros(3, 300, dtype=torch.bool)
+    mask[0, 0:64] = True
+    mask[0, 64 + 37] = True   # tile 1: one key, tile 2 none, tile 3: its last key
+    mask[0, 255] = True
+    mask[1, 128] = True       # only the first key of tile 2
+    mask[2, 299] = True       # only the last key
+    skip_unless_supported("cuda", q, [k], [v], [mask])
+    forced_splits(num_splits)
+    device = cuda_backend.kernel_device_type()
+    out, lse = cuda_backend.forward(q.to(device), [k.to(device)], [v.to(device)], [mask.to(device)], 0.125)
+    _, _, _, out64, lse64 = reference64(q, [k], [v], [mask], 0.125)
+    baseline_out, baseline_lse = low_precision_baseline(q, [k], [v], [mask], 0.125)
+    assert_within_budget("out", out.cpu(), out64, baseline_out, factor=2)
+    assert_within_budget("lse", lse.cpu(), lse64, baseline_lse, factor=2)
+
+
+@needs_extension
 def test_concurrent_calls_from_threads_match_serial_ones():
     """Issue 16 item 9: four threads calling co_attention(backend="cuda") at once (the binding releases the GIL;
     the emulator serialises launches, a GPU runs each on its thread's current stream) get the serial results."""

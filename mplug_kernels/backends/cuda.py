@@ -17,7 +17,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from mplug_kernels.backends.base import Backend, Positions
-from mplug_kernels.reference import alive_batch_rows, dead_queries_zeroed
 from mplug_kernels.backends.kernel_inputs import forced_num_splits, mask_bytes, unit_stride_rows
 from mplug_kernels.occupancy import split_keys, split_plan
 
@@ -179,7 +178,10 @@ def forward(
     total_keys = sum(k.shape[1] for k in ks)
     with _on_device(q.device):
         num_splits, split_size = _split(extension, q, total_keys)
-    part_out = part_lse = None
+    part_out = part_lse = key_tile_words = None
+    if positions is None and any(m is not None for m in masks):
+        key_tile_words = torch.empty((batch, -(-total_keys // extension.KEYS_PER_TILE)), dtype=torch.int64,
+                                     device=q.device)
     if num_splits > 1:
         part_out = torch.empty((num_splits, batch * heads, q_len, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((num_splits, batch * heads, q_len), dtype=torch.float32, device=q.device)
@@ -188,7 +190,7 @@ def forward(
             dtype=DTYPE_NAMES[q.dtype], shape=tuple(q.shape), scale=softmax_scale, q=_view(q), out=_view(out),
             lse=lse.data_ptr(), sources=_sources(ks, vs, masks, key_positions=key_positions), num_splits=num_splits,
             split_size=split_size, part_out=_pointer(part_out), part_lse=_pointer(part_lse), stream=_stream(q.device),
-            kv_heads=ks[0].shape[2], query_positions=_rows(query_positions),
+            kv_heads=ks[0].shape[2], query_positions=_rows(query_positions), key_tile_words=_pointer(key_tile_words),
         )
     return out, lse
 
@@ -254,9 +256,8 @@ class CudaBackend(Backend):
         return 15 if call.device_type == "cuda" else 99
 
     def forward(self, q, ks, vs, masks, scale, positions=None):
-        if positions is not None:  # the positional kernel selects hidden scores out: a row seeing no key is 0
-            return forward(q, ks, vs, masks, scale, positions)
-        return forward(dead_queries_zeroed(q, alive_batch_rows(ks, masks)), ks, vs, masks, scale)
+        # the kernels select hidden scores out and skip tiles without a visible key: a row seeing no key is 0
+        return forward(q, ks, vs, masks, scale, positions)
 
     def backward(self, dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic, positions=None):
         return backward(dout, dlse, q, ks, vs, masks, out, lse, scale, deterministic, positions)

@@ -133,6 +133,9 @@ int run_case(const Case& c) {
     args.part_out = part_out.get();
     args.part_lse = part_lse.get();
   }
+  // the masks' key tile words, exactly [B, ceil(keys / 64)]
+  auto key_tile_words = uninitialised<uint64_t>(B * ((total_keys + mplug::kKeysPerTile - 1) / mplug::kKeysPerTile));
+  if (c.masked) args.key_tile_words = key_tile_words.get();
   mplug::attention_forward(args);
   int nans = count_nan_halves(out.get(), q_elements) + count_nan_floats(lse.get(), rows);
 
