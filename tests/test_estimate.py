@@ -26,11 +26,11 @@ def test_connected_layer_compute_side_by_hand():
     # H100, B = 8, H = 12, Lq = Lk = 602, 128-row CTAs: 8 x 12 x 5 = 480 CTAs, the busiest SM runs ceil(480 / 132)
     # = 4 of 10 key tiles each; a tile's MMAs 4 x 128 x 64 x 64 flops at 660 TFLOP/s / 132 = 0.4194 us outlast its
     # ldmatrix reads (4 warps x 16 KiB at 128 B x 1.83 GHz = 0.2798 us): 1 us + 40 x 0.4194 us = 17.78 us.
-    row = estimate("H100", 8, 602, 602)
+    row = estimate("H100", 8, 602, 602, rows_per_cta=128)
     assert (row["rows_per_cta"], row["ctas"], row["kv_reads"], row["bound"]) == (128, 480, 5, "compute")
     assert row["estimate_us"] == pytest.approx(17.78, abs=0.01)
     # 64-row CTAs (before): 960 CTAs, 8 on the busiest SM, each tile's ldmatrix reads (0.2798 us) outlast its MMAs
     # (0.2097 us): 1 us + 80 x 0.2798 us = 23.38 us, and every key read 10 times
-    before = estimate("H100", 8, 602, 602, rows_per_cta=64)
-    assert (before["ctas"], before["kv_reads"]) == (960, 10)
+    before = estimate("H100", 8, 602, 602)  # what D = 64 launches (128-row CTAs only for D <= 32)
+    assert (before["rows_per_cta"], before["ctas"], before["kv_reads"]) == (64, 960, 10)
     assert before["estimate_us"] == pytest.approx(23.38, abs=0.01)

@@ -1,5 +1,5 @@
 """The CUDA forward's 128-row CTAs (32 query rows per warp, two m16 row blocks sharing each K/V fragment) that it
-launches from Lq = 128 on (D <= 96; D = 128 keeps 64-row CTAs): odd query lengths, masks, several sources, forced
+launches from Lq = 128 on (D <= 32; wider heads keep 64-row CTAs): odd query lengths, masks, several sources, forced
 splits and grouped heads, against a float64 reference (on the emulator where no GPU is present)."""
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ from attention_testing import (
 
 # (batch, Lq, Hq, Hkv, D, source lengths, mask kind, dtype, forced splits): the emulator is slow, so few cases
 CASES = [
-    (1, 129, 1, 1, 64, (131,), "none", torch.bfloat16, None),            # one row past the first 128-row tile
-    (2, 200, 2, 2, 64, (25, 150), "padding", torch.float16, None),       # two sources, a tile spanning them
-    (2, 200, 1, 1, 64, (190,), "one_row_fully_masked", torch.bfloat16, None),
-    (1, 577, 1, 1, 64, (577,), "padding", torch.bfloat16, None),         # the connected layer's length
-    (1, 200, 2, 2, 64, (300,), "padding", torch.bfloat16, 3),            # forced split-KV partials
+    (1, 129, 1, 1, 32, (131,), "none", torch.bfloat16, None),            # one row past the first 128-row tile
+    (2, 200, 2, 2, 32, (25, 150), "padding", torch.float16, None),       # two sources, a tile spanning them
+    (2, 200, 1, 1, 32, (190,), "one_row_fully_masked", torch.bfloat16, None),
+    (1, 577, 1, 1, 32, (577,), "padding", torch.bfloat16, None),         # the connected layer's length
+    (1, 200, 2, 2, 32, (300,), "padding", torch.bfloat16, 3),            # forced split-KV partials
     (1, 129, 4, 2, 32, (70, 13), "one_row_fully_masked", torch.float16, None),  # grouped heads
-    (1, 200, 1, 1, 96, (140,), "padding", torch.bfloat16, None),         # the widest D with 128-row CTAs
+    (1, 200, 1, 1, 64, (140,), "padding", torch.bfloat16, None),         # D = 64: 64-row CTAs from Lq 128 on
     (1, 150, 1, 1, 128, (100,), "padding", torch.float16, None),         # D = 128: 64-row CTAs from Lq 128 on
 ]
 
@@ -65,8 +65,8 @@ def test_cuda_tall_tile_forward_matches_reference(batch, q_len, q_heads, kv_head
     assert all(torch.equal(before, after) for before, after in zip(inputs, (q, *ks, *vs)))
 
 
-@pytest.mark.parametrize("q_len, head_dim, rows", [(127, 64, 64), (128, 64, 128), (577, 32, 128), (602, 96, 128),
+@pytest.mark.parametrize("q_len, head_dim, rows", [(127, 32, 64), (128, 32, 128), (577, 32, 128), (602, 64, 64),
                                                    (602, 128, 64)])
 def test_python_mirror_of_the_cuda_rows_per_cta(q_len, head_dim, rows):
-    """occupancy.forward_rows_per_cta mirrors csrc/attention.h: 128-row CTAs from Lq = 128 on where D <= 96."""
+    """occupancy.forward_rows_per_cta mirrors csrc/attention.h: 128-row CTAs from Lq = 128 on where D <= 32."""
     assert forward_rows_per_cta("cuda", q_len, head_dim, 2) == rows
