@@ -168,3 +168,12 @@ def test_extras_table_lists_what_setup_installs():
         included = [m.group(1) for m in (re.fullmatch(r"`\[(\w+)\]`'s", item) for item in items) if m]  # another extra's
         named = {re.split(r"[<>= ]", item)[0] for item in items if not item.startswith("`[")}
         assert named.union(*(extras[extra] for extra in included)) == extras[name], name
+
+
+def test_the_planted_bug_count_is_the_mutation_lists():
+    """The README's "plants N known bugs" is tests/kernel_mutations.py's MUTATIONS."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import kernel_mutations
+
+    claimed = re.search(r"kernel_mutations.py` plants (\d+) known bugs", README.read_text())
+    assert claimed and int(claimed.group(1)) == len(kernel_mutations.MUTATIONS)
