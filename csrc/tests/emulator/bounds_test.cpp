@@ -170,7 +170,7 @@ int main() {
       {2, 1, 1, 128, {577}, false, 9, false},  // 9 splits, the last one 65 keys (a 1-key sliver merged)
       {1, 2, 40, 80, {70, 64}, true, 3, true},  // 2 splits: 64 keys, then 70
       {1, 1, 5, 96, {1}, false, 0, false},
-      {1, 1, 131, 64, {200}, true, 2, false},  // 128-row CTAs (the second holds 3 rows), 2 splits
+      {1, 1, 131, 32, {200}, true, 2, false},  // 128-row CTAs (D = 32; the second holds 3 rows), 2 splits
       {1, 2, 130, 32, {70, 9}, true, 0, true},  // 128-row CTAs writing T output and lse
   };
   int nans = 0;
