@@ -392,7 +392,7 @@ def ptxas_usage(text: str) -> Dict[Tuple[int, str], Dict[str, int]]:
     """{(arch, entry function): {"registers", "stack", "spill_stores", "spill_loads", "shared"}} from the
     ``ptxas -v`` (``nvcc -Xptxas -v``) log; "shared" is the static shared memory in bytes."""
     usage: Dict[Tuple[int, str], Dict[str, int]] = {}
-    current = None
+    current, described = None, None
     for line in text.splitlines():
         entry = re.search(r"Compiling entry function '([^']+)' for 'sm_(\d+)", line)
         if entry:
@@ -401,8 +401,12 @@ def ptxas_usage(text: str) -> Dict[Tuple[int, str], Dict[str, int]]:
             continue
         if current is None:
             continue
+        properties = re.search(r"Function properties for (\S+)", line)
+        if properties:  # the entry's own, or an out-of-line device function's that follows it
+            described = properties.group(1)
+            continue
         frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if frame:
+        if frame and described == current[1]:
             usage[current].update(stack=int(frame.group(1)), spill_stores=int(frame.group(2)),
                                   spill_loads=int(frame.group(3)))
         registers = re.search(r"Used (\d+) registers", line)

@@ -89,6 +89,8 @@ ptxas info    : Function properties for _Z6kernelv
     48 bytes stack frame, 40 bytes spill stores, 24 bytes spill loads
 ptxas info    : Used 255 registers, used 1 barriers, 2048 bytes smem, 1216 bytes cmem[0]
 ptxas info    : Compile time = 1.0 ms
+ptxas info    : Function properties for _Z6calleev
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Compiling entry function '_Z6kernelv' for 'sm_90'
 ptxas info    : Function properties for _Z6kernelv
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
