@@ -117,11 +117,8 @@ __device__ __forceinline__ void accumulate_values(const float (&p)[kRowBlocks * 
     uint32_t a[kRowBlocks][4];
 #pragma unroll
     for (int block = 0; block < kRowBlocks; ++block) {
-      const float(*pair)[4] = p + block * kBlockN / 8 + 2 * k16;
-      a[block][0] = pack_b16x2<T>(pair[0][0], pair[0][1]);
-      a[block][1] = pack_b16x2<T>(pair[0][2], pair[0][3]);
-      a[block][2] = pack_b16x2<T>(pair[1][0], pair[1][1]);
-      a[block][3] = pack_b16x2<T>(pair[1][2], pair[1][3]);
+      const int j = block * kBlockN / 8 + 2 * k16;
+      pack_a_fragment<T>(a[block], p[j], p[j + 1]);
     }
 #pragma unroll
     for (int d16 = 0; d16 < D / 16; ++d16) {

@@ -93,4 +93,14 @@ __device__ __forceinline__ uint32_t pack_b16x2(float lo, float hi) {
   return bits;
 }
 
+// The A fragment of 16 columns of a float accumulator: its two 8-column tiles `left` and `right` rounded to T
+// (register i: row g + 8 (i % 2), columns 2t + 8 (i / 2) + {0, 1}).
+template <typename T>
+__device__ __forceinline__ void pack_a_fragment(uint32_t (&a)[4], const float (&left)[4], const float (&right)[4]) {
+  a[0] = pack_b16x2<T>(left[0], left[1]);
+  a[1] = pack_b16x2<T>(left[2], left[3]);
+  a[2] = pack_b16x2<T>(right[0], right[1]);
+  a[3] = pack_b16x2<T>(right[2], right[3]);
+}
+
 }  // namespace mplug

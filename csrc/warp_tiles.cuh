@@ -66,10 +66,7 @@ template <typename T, int NT>
 __device__ __forceinline__ void to_a_fragments(uint32_t (&a)[NT / 2][4], const float (&acc)[NT][4]) {
 #pragma unroll
   for (int ks = 0; ks < NT / 2; ++ks) {
-    a[ks][0] = pack_b16x2<T>(acc[2 * ks][0], acc[2 * ks][1]);
-    a[ks][1] = pack_b16x2<T>(acc[2 * ks][2], acc[2 * ks][3]);
-    a[ks][2] = pack_b16x2<T>(acc[2 * ks + 1][0], acc[2 * ks + 1][1]);
-    a[ks][3] = pack_b16x2<T>(acc[2 * ks + 1][2], acc[2 * ks + 1][3]);
+    pack_a_fragment<T>(a[ks], acc[2 * ks], acc[2 * ks + 1]);
   }
 }
 
