@@ -104,6 +104,10 @@ constexpr int forward_row_blocks(int64_t head_dim, int64_t q_len) {
   return q_len >= kForwardTallQueries && head_dim <= kForwardTallMaxHeadDim ? 2 : 1;
 }
 
+// The minimum CTAs per SM that forward_kernel's __launch_bounds__ asks of ptxas (0: none, ptxas' own register
+// choice): at D = 96, 8 warps per SM (a budget of 255 registers; ptxas' own choice, 168 on sm_80, spilled 4 bytes).
+constexpr int forward_min_ctas_per_sm(int head_dim, int warps) { return head_dim == 96 ? 8 / warps : 0; }
+
 // Query rows of one forward CTA (of positional_forward_kernel when `positional`).
 inline int64_t forward_rows_per_cta(int64_t head_dim, int64_t q_len, bool positional = false) {
   return 16 * forward_warps(head_dim, q_len) * (positional ? 1 : forward_row_blocks(head_dim, q_len));

@@ -20,7 +20,7 @@ namespace mplug {
 // A tile without a visible key is skipped; a query row that sees no key (every key padded) ends with
 // output 0 and lse -inf, whatever its query holds.
 template <typename T, int D, int kWarps, int kRowBlocks = 1>
-__global__ void __launch_bounds__(kWarps * 32) forward_kernel(const __grid_constant__ AttentionArgs args) {
+__global__ void __launch_bounds__(kWarps * 32, forward_min_ctas_per_sm(D, kWarps)) forward_kernel(const __grid_constant__ AttentionArgs args) {
   constexpr int kThreadsHere = kWarps * 32;
   constexpr int kWarpRows = kRowBlocks * kForwardWarpRows;
   using Smem = ForwardSmem<D>;

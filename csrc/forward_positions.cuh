@@ -11,11 +11,12 @@
 namespace mplug {
 
 // The CTA's query positions: row r's (INT32_MIN past the queries), each warp's smallest (INT32_MAX
-// for a warp past the queries) and the CTA's largest.
+// for a warp past the queries) and the CTA's largest; and each warp's stamp slot (warp_sees_whole_tile, 0 at first).
 struct QueryPositions {
   int32_t row[kForwardMaxWarps * kForwardWarpRows];
   int32_t warp_min[kForwardMaxWarps];
   int32_t cta_max;
+  int32_t hidden_stamp[kForwardMaxWarps];
 };
 
 // forward_kernel's shared memory, then three rotating key bias buffers, one float per key (0 where some
@@ -52,6 +53,7 @@ __device__ __forceinline__ void load_query_positions(const AttentionArgs& args, 
       smallest = queries->row[r] < smallest ? queries->row[r] : smallest;
     }
     queries->warp_min[warp] = smallest;
+    queries->hidden_stamp[warp] = 0;
   } else if (warp == kThreadsHere / 32) {
     int32_t largest = INT32_MIN;
     for (int r = 0; r < kRows; ++r) largest = queries->row[r] > largest ? queries->row[r] : largest;
@@ -91,14 +93,20 @@ __device__ __forceinline__ bool publish_key(const PendingKey& key, int32_t cta_m
 }
 
 // Whether every row of the warp (smallest position `warp_min`) sees every key of the tile: then its scores
-// need no masking.
-__device__ __forceinline__ bool warp_sees_whole_tile(const float* bias, const int32_t* positions, int32_t warp_min) {
+// need no masking. Without a warp vote (whose divergence fallback ptxas calls inside the loop on sm_80): a lane
+// with a key some row of the warp cannot see writes the tile's `stamp` (> 0, new each tile) into the warp's
+// slot; after __syncwarp the slot holds the stamp iff some lane did. The slot is rewritten only after the
+// next tile's barrier, when every lane has read it.
+__device__ __forceinline__ bool warp_sees_whole_tile(const float* bias, const int32_t* positions, int32_t warp_min,
+                                                     int32_t stamp, int32_t* slot) {
   const int n = 2 * (threadIdx.x % 32);
   const float2 hidden = *reinterpret_cast<const float2*>(bias + n);
   const uint2 key = *reinterpret_cast<const uint2*>(positions + n);
   const bool seen = hidden.x == 0.0f && hidden.y == 0.0f && static_cast<int32_t>(key.x) <= warp_min &&
                     static_cast<int32_t>(key.y) <= warp_min;
-  return __all_sync(0xffffffffu, seen);
+  if (!seen) *slot = stamp;
+  __syncwarp();
+  return *slot != stamp;
 }
 
 // forward_kernel (same grid, pipeline and outputs) under positional visibility; a tile every row of a warp
@@ -170,7 +178,8 @@ __global__ void __maxnreg__(255) positional_forward_kernel(const __grid_constant
     const int32_t* positions = positions_at(buffer);
     float s[kBlockN / 8][4];
     tile_scores<T, D>(warp.q, stage_of(t) + Smem::keys, s);
-    if (!warp_sees_whole_tile(bias, positions, queries->warp_min[warp_index])) {
+    if (!warp_sees_whole_tile(bias, positions, queries->warp_min[warp_index], t + 1,
+                              queries->hidden_stamp + warp_index)) {
       mask_by_position(s, bias, positions, queries->row + warp_index * kForwardWarpRows);
     }
     online_softmax<D>(s, scale_log2, warp);
