@@ -95,11 +95,11 @@ constexpr int forward_warps(int64_t head_dim, int64_t q_len) { return q_len <= 3
 
 // m16 row blocks per warp of forward_kernel: 2 (32 rows per warp, 128-row CTAs: every K/V fragment read
 // from shared memory feeds twice the MMAs, K/V read ceil(Lq / 128) times per (b, h)) from
-// kForwardTallQueries queries on where D <= kForwardTallMaxHeadDim keeps the doubled Q, output and score
-// registers without spills (with the mask-word pipeline, D = 64 / 80 / 96 spill 24-120 bytes at 255 registers
-// on sm_90, nvcc 13.0); else 1. positional_forward_kernel keeps 1.
+// kForwardTallQueries queries on where D <= kForwardTallMaxHeadDim keeps the doubled output and score registers
+// without spills (from D = 64 on the warp's Q is read from shared memory each tile; nvcc 13.0: 242 / 254
+// registers at D = 64 / 80 on sm_90, D = 96 spills 16 bytes); else 1. positional_forward_kernel keeps 1.
 constexpr int64_t kForwardTallQueries = 128;
-constexpr int64_t kForwardTallMaxHeadDim = 32;
+constexpr int64_t kForwardTallMaxHeadDim = 80;
 constexpr int forward_row_blocks(int64_t head_dim, int64_t q_len) {
   return q_len >= kForwardTallQueries && head_dim <= kForwardTallMaxHeadDim ? 2 : 1;
 }

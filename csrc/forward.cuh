@@ -47,8 +47,21 @@ __global__ void __launch_bounds__(kWarps * 32, forward_min_ctas_per_sm(D, kWarps
                               : args.key_tile_words + b * key_tile_count(starts.total) + lo / kBlockN;
   const uint64_t last_word = keys_below(hi - lo - int64_t{tiles - 1} * kBlockN);
 
+  // Q: in registers, but in shared memory for 32-row warps from D = 64 on (the registers go to the second row
+  // block's scores and accumulators; Q in registers spilled there)
+  const uint32_t sign = args.scale < 0.0f ? 0x80008000u : 0u;
+  const auto queries = [&] {
+    if constexpr (kRowBlocks == 1 || D <= 32) {
+      RegisterQueries<D, kRowBlocks> in_registers;
+      load_queries<T, D, kRowBlocks>(args, b, h, row0, sign, in_registers);
+      return in_registers;
+    } else {
+      unsigned char* rows = smem + Smem::queries + warp_index * kWarpRows * D * 2;
+      stage_queries<T, D>(args, b, h, row0, sign, rows);
+      return SharedQueries<D>{rows};
+    }
+  }();
   WarpState<D, kRowBlocks> warp;
-  load_queries<T, D, kRowBlocks>(args, b, h, row0, args.scale < 0.0f ? 0x80008000u : 0u, warp.q);
 #pragma unroll
   for (int n = 0; n < kRowBlocks * D / 8; ++n) {
 #pragma unroll
@@ -77,7 +90,7 @@ __global__ void __launch_bounds__(kWarps * 32, forward_min_ctas_per_sm(D, kWarps
     // a tile without a visible key is neither loaded nor computed; a warp past the queries only helps to load
     if (no_key_visible(word) || row0 >= args.q_len) return;
     float s[kRowBlocks * kBlockN / 8][4];
-    tile_scores<T, D, kRowBlocks>(warp.q, stage_of(t) + Smem::keys, s);
+    tile_scores<T, D, kRowBlocks>(queries, stage_of(t) + Smem::keys, s);
     if (word != kAllKeys) hide_keys<kRowBlocks>(s, word);
     online_softmax<D, kRowBlocks>(s, scale_log2, warp);
     accumulate_values<T, D, kRowBlocks>(s, stage_of(t) + Smem::values, warp.o);
@@ -95,8 +108,8 @@ struct PlainForward {
   static constexpr bool kTallRows = true;
   template <typename T, int D, int kWarps, int kRowBlocks = 1>
   static constexpr auto kernel() { return forward_kernel<T, D, kWarps, kRowBlocks>; }
-  template <int D>
-  static constexpr size_t smem_bytes() { return ForwardSmem<D>::bytes; }
+  template <int D, int kRowBlocks = 1>
+  static constexpr size_t smem_bytes() { return kRowBlocks == 1 ? ForwardSmem<D>::bytes : ForwardSmem<D>::tall_bytes; }
 };
 
 // Calls body(kernel, threads, shared bytes) with Kernel's kernel for the head dim and query length of `args`
@@ -114,7 +127,7 @@ void with_forward_kernel(int64_t head_dim, int64_t q_len, Body&& body) {
     if constexpr (Kernel::kTallRows && forward_row_blocks(D, kForwardTallQueries) == 2) {
       if (forward_row_blocks(D, q_len) == 2) {
         return body(Kernel::template kernel<T, D, kForwardMaxWarps, 2>(), kForwardMaxWarps * 32,
-                    Kernel::template smem_bytes<D>());
+                    Kernel::template smem_bytes<D, 2>());
       }
     }
     return body(Kernel::template kernel<T, D, kForwardMaxWarps>(), kForwardMaxWarps * 32,

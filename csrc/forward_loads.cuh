@@ -22,6 +22,9 @@ struct ForwardSmem {
   static constexpr int values = kTileBytes;
   static constexpr int word_slots = kForwardStages * kStageBytes;  // two key tile words (forward_kernel)
   static constexpr size_t bytes = word_slots + 2 * sizeof(uint64_t);
+  // 128-row CTAs (forward_kernel with 2 row blocks): then the CTA's swizzled Q rows [128, D] follow
+  static constexpr int queries = static_cast<int>(bytes);
+  static constexpr size_t tall_bytes = bytes + kForwardMaxWarps * 2 * kForwardWarpRows * D * 2;
   static_assert(kForwardMaxWarps * kForwardWarpRows * D * 2 <= kForwardStages * kStageBytes,
                 "the output rows fit the stages");
 };

@@ -142,8 +142,9 @@ __global__ void __maxnreg__(255) positional_forward_kernel(const __grid_constant
 
   QueryPositions* queries = reinterpret_cast<QueryPositions*>(smem + PositionalSmem<D>::queries);
   load_query_positions<kThreadsHere>(args, b, cta_row0, queries);
+  RegisterQueries<D> q;
+  load_queries<T, D>(args, b, h, row0, args.scale < 0.0f ? 0x80008000u : 0u, q);
   WarpState<D> warp;
-  load_queries<T, D>(args, b, h, row0, args.scale < 0.0f ? 0x80008000u : 0u, warp.q);
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
@@ -177,7 +178,7 @@ __global__ void __maxnreg__(255) positional_forward_kernel(const __grid_constant
     const float* bias = flags_at(buffer);
     const int32_t* positions = positions_at(buffer);
     float s[kBlockN / 8][4];
-    tile_scores<T, D>(warp.q, stage_of(t) + Smem::keys, s);
+    tile_scores<T, D>(q, stage_of(t) + Smem::keys, s);
     if (!warp_sees_whole_tile(bias, positions, queries->warp_min[warp_index], t + 1,
                               queries->hidden_stamp + warp_index)) {
       mask_by_position(s, bias, positions, queries->row + warp_index * kForwardWarpRows);

@@ -9,21 +9,41 @@
 
 namespace mplug {
 
-// The registers of one warp: Q fragments of its kRowBlocks * 16 rows, the output accumulators and the
-// running softmax of rows g and g + 8 of each row block for this lane (g = lane / 4).
+// The registers of one warp: the output accumulators and the running softmax of rows g and g + 8 of each
+// row block for this lane (g = lane / 4).
 template <int D, int kRowBlocks = 1>
 struct WarpState {
-  uint32_t q[kRowBlocks * D / 16][4];
   float o[kRowBlocks * D / 8][4];
   RunningSoftmax rows[2 * kRowBlocks];
 };
 
-// Loads the A fragments of query rows [row0, row0 + 16 * kRowBlocks) straight from global memory (rows
-// past q_len read as zeros); each lane takes its 32-bit pairs. `sign` (0x80008000 or 0) negates Q
-// exactly, so that a negative softmax scale becomes a positive one.
+// The A fragments of a warp's kRowBlocks * 16 query rows, held in registers (loaded once by load_queries).
+template <int D, int kRowBlocks = 1>
+struct RegisterQueries {
+  uint32_t q[kRowBlocks * D / 16][4];
+  __device__ __forceinline__ void fragment(int block, int ks, uint32_t (&a)[4]) const {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = q[block * D / 16 + ks][i];
+  }
+};
+
+// The A fragments of a warp's 32 query rows, read by ldmatrix from its swizzled [32, D] rows in shared memory
+// (stage_queries) each tile: registers for the second row block's scores and accumulators, not for its Q.
+template <int D>
+struct SharedQueries {
+  const unsigned char* rows;
+  __device__ __forceinline__ void fragment(int block, int ks, uint32_t (&a)[4]) const {
+    const int lane = threadIdx.x % 32;
+    ldmatrix<4>(a, rows + swizzled_offset<D>(16 * block + x4_row(lane), 16 * ks + x4_col(lane)));
+  }
+};
+
+// Loads the A fragments of query rows [row0, row0 + 16 * kRowBlocks) straight from global memory (rows past
+// q_len read as zeros); each lane takes its 32-bit pairs. `sign` (0x80008000 or 0) negates Q exactly, so that a
+// negative softmax scale becomes a positive one.
 template <typename T, int D, int kRowBlocks = 1>
 __device__ __forceinline__ void load_queries(const AttentionArgs& args, int64_t b, int64_t h, int64_t row0,
-                                             uint32_t sign, uint32_t (&q)[kRowBlocks * D / 16][4]) {
+                                             uint32_t sign, RegisterQueries<D, kRowBlocks>& queries) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int block = 0; block < kRowBlocks; ++block) {
@@ -34,16 +54,37 @@ __device__ __forceinline__ void load_queries(const AttentionArgs& args, int64_t 
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
         const int col = 16 * ks + 2 * lane_in_quad(lane) + 8 * (i / 2);
-        q[block * D / 16 + ks][i] = row < args.q_len ? *reinterpret_cast<const uint32_t*>(q_row + col) ^ sign : 0u;
+        queries.q[block * D / 16 + ks][i] =
+            row < args.q_len ? *reinterpret_cast<const uint32_t*>(q_row + col) ^ sign : 0u;
       }
     }
   }
 }
 
+// Copies query rows [row0, row0 + 32) into the warp's swizzled [32, D] `rows` in shared memory (rows past q_len
+// as zeros, every element XORed with `sign` as in load_queries), by 16-byte chunks; the warp reads them after
+// this __syncwarp.
+template <typename T, int D>
+__device__ __forceinline__ void stage_queries(const AttentionArgs& args, int64_t b, int64_t h, int64_t row0,
+                                              uint32_t sign, unsigned char* rows) {
+  constexpr int kChunks = D / 8;
+  for (int i = threadIdx.x % 32; i < 2 * kForwardWarpRows * kChunks; i += 32) {
+    const int row = i / kChunks;
+    const int col = i % kChunks * 8;
+    uint4 chunk = make_uint4(0u, 0u, 0u, 0u);
+    if (row0 + row < args.q_len) {
+      chunk = *reinterpret_cast<const uint4*>(element<const T>(args.q, b, row0 + row, h) + col);
+      chunk = make_uint4(chunk.x ^ sign, chunk.y ^ sign, chunk.z ^ sign, chunk.w ^ sign);
+    }
+    *reinterpret_cast<uint4*>(rows + swizzled_offset<D>(row, col)) = chunk;
+  }
+  __syncwarp();
+}
+
 // S = Q K^T for the warp's rows and the tile's 64 keys: s[j] holds keys 8j .. 8j + 7 of row block 0,
 // s[kBlockN / 8 + j] those of row block 1. Each K fragment is read once for every row block.
-template <typename T, int D, int kRowBlocks = 1>
-__device__ __forceinline__ void tile_scores(const uint32_t (&q)[kRowBlocks * D / 16][4], const unsigned char* keys,
+template <typename T, int D, int kRowBlocks = 1, typename Queries>
+__device__ __forceinline__ void tile_scores(const Queries& queries, const unsigned char* keys,
                                             float (&s)[kRowBlocks * kBlockN / 8][4]) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -53,6 +94,9 @@ __device__ __forceinline__ void tile_scores(const uint32_t (&q)[kRowBlocks * D /
   }
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t q[kRowBlocks][4];
+#pragma unroll
+    for (int block = 0; block < kRowBlocks; ++block) queries.fragment(block, ks, q[block]);
 #pragma unroll
     for (int n16 = 0; n16 < kBlockN / 16; ++n16) {
       uint32_t k[4];
@@ -60,8 +104,8 @@ __device__ __forceinline__ void tile_scores(const uint32_t (&q)[kRowBlocks * D /
 #pragma unroll
       for (int block = 0; block < kRowBlocks; ++block) {
         const int j = block * kBlockN / 8 + 2 * n16;
-        mma_m16n8k16<T>(s[j], q[block * D / 16 + ks], {k[0], k[1]});
-        mma_m16n8k16<T>(s[j + 1], q[block * D / 16 + ks], {k[2], k[3]});
+        mma_m16n8k16<T>(s[j], q[block], {k[0], k[1]});
+        mma_m16n8k16<T>(s[j + 1], q[block], {k[2], k[3]});
       }
     }
   }

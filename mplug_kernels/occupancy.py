@@ -28,20 +28,17 @@ PARTIAL_BUDGET = 0.5
 HBM_BANDWIDTH = {80: 2.0e12, 90: 3.35e12}
 # CTAs per SM of the CUDA forward by (arch, head dim, query rows per CTA): nvcc 13.0's registers and shared
 # memory as in bench/results/static/kernels.json (tests/test_occupancy.py checks the two agree). 128-row CTAs
-# (32 rows per warp, D = 32) take about 195 registers per thread: 2 CTAs, 8 warps per SM.
+# (32 rows per warp, D <= 80) take 200-255 registers per thread: 2 CTAs, 8 warps per SM.
 CUDA_FORWARD_CTAS_PER_SM = {
     (80, 32, 32): 8, (80, 32, 64): 4, (80, 64, 32): 4, (80, 64, 64): 3, (80, 80, 32): 3, (80, 80, 64): 2,
     (80, 96, 32): 3, (80, 96, 64): 3, (80, 128, 64): 2,
     (90, 32, 32): 8, (90, 32, 64): 4, (90, 64, 32): 6, (90, 64, 64): 3, (90, 80, 32): 4, (90, 80, 64): 2,
     (90, 96, 32): 4, (90, 96, 64): 2, (90, 128, 64): 2,
-    (80, 32, 128): 2, (90, 32, 128): 2,
-    # 128-row CTAs at D = 64 (255 registers, 2 CTAs) are not launched (they spill with the mask-word pipeline):
-    # bench/estimate's what-if row only
-    (80, 64, 128): 2, (90, 64, 128): 2,
+    (80, 32, 128): 2, (90, 32, 128): 2, (80, 64, 128): 2, (90, 64, 128): 2, (80, 80, 128): 2, (90, 80, 128): 2,
 }
-# The CUDA forward's 128-row CTAs (csrc/attention.h forward_row_blocks): from this query length on, D <= 32.
+# The CUDA forward's 128-row CTAs (csrc/attention.h forward_row_blocks): from this query length on, D <= 80.
 CUDA_TALL_QUERIES = 128
-CUDA_TALL_MAX_HEAD_DIM = 32
+CUDA_TALL_MAX_HEAD_DIM = 80
 # CTAs per SM assumed for the Triton forward where no compiled kernel is at hand (its tuned configs reach 2-4).
 TRITON_CTAS_PER_SM = 2
 
@@ -115,7 +112,7 @@ def split_keys(k_len: int, wanted_splits: int, key_tile: int = KEY_TILE) -> Tupl
 
 def forward_rows_per_cta(backend: str, q_len: int, head_dim: int, element_bytes: int) -> int:
     """Query rows of one forward CTA: CUDA 2 warps of 16 rows up to Lq = 32 (D <= 96), 4 warps of 32 rows from
-    Lq = 128 on (D <= 32), else 4 warps of 16 (csrc/attention.h forward_warps, forward_row_blocks; the positional
+    Lq = 128 on (D <= 80), else 4 warps of 16 (csrc/attention.h forward_warps, forward_row_blocks; the positional
     forward keeps 16-row warps); Triton BLOCK_M, 32 up to Lq = 32 or in fp32 else 64 (ops/triton_launch._block_m)."""
     if backend == "cuda":
         if q_len <= 32 and head_dim <= 96:

@@ -172,6 +172,7 @@ int main() {
       {1, 1, 5, 96, {1}, false, 0, false},
       {1, 1, 131, 32, {200}, true, 2, false},  // 128-row CTAs (D = 32; the second holds 3 rows), 2 splits
       {1, 2, 130, 32, {70, 9}, true, 0, true},  // 128-row CTAs writing T output and lse
+      {1, 1, 129, 64, {90}, true, 0, false},  // 128-row CTAs with Q staged in shared memory (D = 64)
   };
   int nans = 0;
   for (const Case& c : cases) nans += run_case(c);
