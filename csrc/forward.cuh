@@ -33,10 +33,10 @@ __global__ void __launch_bounds__(kWarps * 32, forward_min_ctas_per_sm(D, kWarps
   const int64_t kv_h = h / args.kv_group();  // grouped heads: K/V read in place, no copies
   const int warp_index = threadIdx.x / 32;
   const int64_t row0 = (blockIdx.x % query_tiles) * (kWarps * kWarpRows) + warp_index * kWarpRows;
-  const SourceStarts starts = source_starts(args);
+  const ConcatKeys keys = ConcatKeys::of(args);
   const int64_t lo = static_cast<int64_t>(blockIdx.y) * args.split_size;
   // the last split holds every key left (split_plan merges a sliver into it)
-  const int64_t hi = blockIdx.y + 1 == args.num_splits ? starts.total : min(lo + args.split_size, starts.total);
+  const int64_t hi = blockIdx.y + 1 == args.num_splits ? keys.total : min(lo + args.split_size, keys.total);
   const int tiles = hi > lo ? static_cast<int>((hi - lo + kBlockN - 1) / kBlockN) : 0;
   // |scale| (Q is negated for a negative scale), at least FLT_MIN so that -inf * scale stays -inf
   const float scale_log2 = fmaxf(fabsf(args.scale) * kLog2e, FLT_MIN);
@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kWarps * 32, forward_min_ctas_per_sm(D, kWarps
   // the split's first key tile word (null without masks)
   const uint64_t* words = args.key_tile_words == nullptr
                               ? nullptr
-                              : args.key_tile_words + b * key_tile_count(starts.total) + lo / kBlockN;
+                              : args.key_tile_words + b * keys.tile_count() + lo / kBlockN;
   const uint64_t last_word = keys_below(hi - lo - int64_t{tiles - 1} * kBlockN);
 
   // Q: in registers, but in shared memory for 32-row warps from D = 64 on (the registers go to the second row

@@ -29,26 +29,6 @@ struct ForwardSmem {
                 "the output rows fit the stages");
 };
 
-// Where the sources start in the concatenated key index: source s holds keys [start(s), start(s + 1)).
-struct SourceStarts {
-  int64_t s1, s2, s3, total;
-
-  __device__ __forceinline__ int source_of(int64_t key) const {
-    return static_cast<int>(key >= s1) + static_cast<int>(key >= s2) + static_cast<int>(key >= s3);
-  }
-  __device__ __forceinline__ int64_t start(int s) const {
-    return s == 0 ? 0 : (s == 1 ? s1 : (s == 2 ? s2 : (s == 3 ? s3 : total)));
-  }
-};
-
-__device__ __forceinline__ SourceStarts source_starts(const AttentionArgs& args) {
-  int64_t start[kMaxSources + 1];
-  start[0] = 0;
-#pragma unroll
-  for (int s = 0; s < kMaxSources; ++s) start[s + 1] = start[s] + (s < args.num_sources ? args.sources[s].length : 0);
-  return SourceStarts{start[1], start[2], start[3], start[4]};
-}
-
 constexpr uint64_t kAllKeys = ~uint64_t{0};
 
 // The visibility word of a tile (bit n: key n of the tile is visible) whose first `count` keys are.
@@ -109,7 +89,7 @@ template <typename T, int D, int kThreadsHere, typename Visible>
 MPLUG_NOINLINE __device__ void issue_tile_by_row(const AttentionArgs& args, int64_t b, int64_t h, int64_t k0,
                                                  const Visible visible, unsigned char* stage) {
   constexpr int kChunks = D / 8;
-  const SourceStarts starts = source_starts(args);
+  const ConcatKeys keys = ConcatKeys::of(args);
 #pragma unroll 1
   for (int i = threadIdx.x; i < kBlockN * kChunks; i += kThreadsHere) {
     const int row = i / kChunks;
@@ -118,10 +98,10 @@ MPLUG_NOINLINE __device__ void issue_tile_by_row(const AttentionArgs& args, int6
     unsigned char* v_dst = stage + ForwardSmem<D>::values + swizzled_offset<D>(row, col);
     if (visible(row)) {
       const int64_t key = k0 + row;
-      const int s = starts.source_of(key);
+      const int s = keys.source_of(key);
       const SourceView& source = args.sources[s];
-      __pipeline_memcpy_async(k_dst, element<const T>(source.k, b, key - starts.start(s), h) + col, 16);
-      __pipeline_memcpy_async(v_dst, element<const T>(source.v, b, key - starts.start(s), h) + col, 16);
+      __pipeline_memcpy_async(k_dst, element<const T>(source.k, b, key - keys.start(s), h) + col, 16);
+      __pipeline_memcpy_async(v_dst, element<const T>(source.v, b, key - keys.start(s), h) + col, 16);
     } else {
       *reinterpret_cast<uint4*>(k_dst) = make_uint4(0u, 0u, 0u, 0u);
       *reinterpret_cast<uint4*>(v_dst) = make_uint4(0u, 0u, 0u, 0u);
@@ -165,16 +145,16 @@ template <typename T, int D, int kThreadsHere>
 MPLUG_NOINLINE __device__ CopyCursor<T, D, kThreadsHere> cursor_at(const AttentionArgs& args, int64_t b, int64_t h,
                                                                     int64_t k0) {
   using Cursor = CopyCursor<T, D, kThreadsHere>;
-  const SourceStarts starts = source_starts(args);
-  const int s = starts.source_of(k0);
+  const ConcatKeys keys = ConcatKeys::of(args);
+  const int s = keys.source_of(k0);
   const SourceView& source = args.sources[s];
-  const int64_t row = k0 - starts.start(s) + Cursor::first_row();
+  const int64_t row = k0 - keys.start(s) + Cursor::first_row();
   Cursor cursor;
   cursor.k = element<const T>(source.k, b, row, h) + Cursor::col();
   cursor.v = element<const T>(source.v, b, row, h) + Cursor::col();
   cursor.k_stride = source.k.stride_s;
   cursor.v_stride = source.v.stride_s;
-  cursor.end = starts.start(s + 1);
+  cursor.end = keys.start(s + 1);
   return cursor;
 }
 

@@ -65,15 +65,15 @@ __device__ __forceinline__ void load_query_positions(const AttentionArgs& args, 
 // This thread's key k0 + threadIdx.x of a tile (none past `hi` or the tile): its position and mask byte,
 // loaded a tile ahead and read only at the next barrier (publish_key).
 template <int kThreadsHere>
-__device__ __forceinline__ PendingKey split_pending_key(const AttentionArgs& args, const SourceStarts& starts,
+__device__ __forceinline__ PendingKey split_pending_key(const AttentionArgs& args, const ConcatKeys& keys,
                                                         int64_t b, int64_t k0, int64_t hi) {
   static_assert(kThreadsHere >= kBlockN, "one key per thread");
   const int64_t key = k0 + threadIdx.x;
   PendingKey pending{INT32_MAX, 0u};
   if (threadIdx.x < kBlockN && key < hi) {
-    const int s = starts.source_of(key);
+    const int s = keys.source_of(key);
     const SourceView& source = args.sources[s];
-    const int64_t j = key - starts.start(s);
+    const int64_t j = key - keys.start(s);
     pending = PendingKey{INT32_MIN, 1u};
     if (source.positions != nullptr) pending.position = source.positions[b * source.positions_stride_b + j];
     if (source.mask != nullptr) pending.kept = source.mask[b * source.mask_stride_b + j];
@@ -125,8 +125,8 @@ __global__ void __maxnreg__(255) positional_forward_kernel(const __grid_constant
   const int warp_index = threadIdx.x / 32;
   const int64_t cta_row0 = (blockIdx.x % query_tiles) * (kWarps * kForwardWarpRows);
   const int64_t row0 = cta_row0 + warp_index * kForwardWarpRows;
-  const SourceStarts starts = source_starts(args);
-  const int64_t total = starts.total;
+  const ConcatKeys keys = ConcatKeys::of(args);
+  const int64_t total = keys.total;
   const int64_t lo = static_cast<int64_t>(blockIdx.y) * args.split_size;
   const int64_t hi = blockIdx.y + 1 == args.num_splits ? total : min(lo + args.split_size, total);
   const int tiles = hi > lo ? static_cast<int>((hi - lo + kBlockN - 1) / kBlockN) : 0;
@@ -157,9 +157,9 @@ __global__ void __maxnreg__(255) positional_forward_kernel(const __grid_constant
   int buffer = 0;
   int seen = 0;
   int next_buffer = 0;
-  int next_seen = __syncthreads_count(publish_key(split_pending_key<kThreadsHere>(args, starts, b, lo, hi),
+  int next_seen = __syncthreads_count(publish_key(split_pending_key<kThreadsHere>(args, keys, b, lo, hi),
                                                   queries->cta_max, flags_at(0), positions_at(0)));
-  PendingKey pending = split_pending_key<kThreadsHere>(args, starts, b, lo + kBlockN, hi);
+  PendingKey pending = split_pending_key<kThreadsHere>(args, keys, b, lo + kBlockN, hi);
   auto visibility = [&]() {
     return TileVisibility<BiasVisible>{next_seen != 0, next_seen == kBlockN, BiasVisible{flags_at(next_buffer)}};
   };
@@ -170,7 +170,7 @@ __global__ void __maxnreg__(255) positional_forward_kernel(const __grid_constant
     __pipeline_wait_prior(0);
     next_seen = __syncthreads_count(publish_key(pending, queries->cta_max, flags_at(next_buffer),
                                                 positions_at(next_buffer)));
-    pending = split_pending_key<kThreadsHere>(args, starts, b, lo + int64_t{t + 2} * kBlockN, hi);
+    pending = split_pending_key<kThreadsHere>(args, keys, b, lo + int64_t{t + 2} * kBlockN, hi);
     return visibility();
   };
   auto compute = [&](int t) {
