@@ -122,12 +122,13 @@ def test_kernel_key_tile_is_the_split_plans():
 
 @needs_extension
 @pytest.mark.parametrize("head_dim, q_len, rows", [(64, 1, 32), (64, 25, 32), (64, 32, 32), (64, 33, 64), (64, 127, 64),
-                                                  (32, 128, 128), (32, 602, 128), (64, 602, 64), (96, 602, 64), (128, 602, 64),
-                                                  (96, 25, 32), (128, 25, 64)])
+                                                  (32, 128, 128), (32, 602, 128), (64, 128, 128), (64, 602, 128),
+                                                  (80, 602, 128), (96, 602, 64), (128, 602, 64), (96, 25, 32),
+                                                  (128, 25, 64)])
 def test_forward_launch_rows_per_cta(head_dim, q_len, rows):
-    """16 query rows per warp, 2 warps up to 32 queries (D <= 96), 4 warps of 32 rows from 128 queries on (D <= 32),
+    """16 query rows per warp, 2 warps up to 32 queries (D <= 96), 4 warps of 32 rows from 128 queries on (D <= 80),
     else 4 warps of 16: mPLUG's 25 text queries take 32 rows, not 64 or 128 (warps past the queries only load K/V);
-    at D = 32 the 577-602 queries of a connected layer take 128-row CTAs (K/V read 5 times per (b, h), not 10)."""
+    the 577-602 queries of a connected layer (D = 64) take 128-row CTAs (K/V read 5 times per (b, h), not 10)."""
     rows_per_cta, ctas_per_sm = EXTENSION.forward_launch("bfloat16", head_dim, q_len)
     assert rows_per_cta == rows == forward_rows_per_cta("cuda", q_len, head_dim, 2) and ctas_per_sm >= 1
     with pytest.raises(ValueError, match="head_dim 48"):
