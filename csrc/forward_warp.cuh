@@ -1,8 +1,9 @@
 // The forward's per-warp math, FlashAttention-2 style: each warp owns kRowBlocks m16 blocks of query rows
-// (16 or 32 rows) whose Q fragments, scores, probabilities, output accumulators and softmax statistics stay
-// in registers. Every K and V fragment read from shared memory (ldmatrix) feeds the MMAs of all row blocks.
-// Arrays hold the row blocks one after another: block i's Q fragments are q[i * D / 16 ...], its
-// accumulators o[i * D / 8 ...], its scores s[i * kBlockN / 8 ...] and its two rows' softmax rows[2 * i ...].
+// (16 or 32 rows) whose scores, probabilities, output accumulators and softmax statistics stay in registers,
+// and its Q fragments in registers (RegisterQueries) or shared memory (SharedQueries). Every K and V fragment
+// read from shared memory (ldmatrix) feeds the MMAs of all row blocks. Arrays hold the row blocks one after
+// another: block i's Q fragments are q[i * D / 16 ...], its accumulators o[i * D / 8 ...], its scores
+// s[i * kBlockN / 8 ...] and its two rows' softmax rows[2 * i ...].
 #pragma once
 
 #include "forward_loads.cuh"
