@@ -1,9 +1,10 @@
 // Forward kernels, FlashAttention-2 style: each warp owns 16 or 32 query rows (one or two m16 row
 // blocks) whose scores, probabilities, output accumulators and softmax statistics stay in registers
 // (mma.sync m16n8k16, float32 accumulation; the probabilities are re-used as the A operand of the P V
-// product), and its Q fragments too, except for 32-row warps from D = 64 on, which read them from shared memory. K/V tiles of 64 keys of the concatenated sources (a tile may span source
-// boundaries) stream through swizzled shared memory by a two-stage cp.async pipeline with one barrier
-// per tile and are read with ldmatrix (.trans for V), each fragment by every row block of the warp.
+// product), and its Q fragments too, except for 32-row warps from D = 64 on, which read them from shared
+// memory. K/V tiles of 64 keys of the concatenated sources (a tile may span source boundaries) stream
+// through swizzled shared memory by a two-stage cp.async pipeline with one barrier per tile and are read
+// with ldmatrix (.trans for V), each fragment by every row block of the warp.
 // The combine kernel merges split-KV partial results by their lse.
 #pragma once
 
@@ -20,7 +21,8 @@ namespace mplug {
 // A tile without a visible key is skipped; a query row that sees no key (every key padded) ends with
 // output 0 and lse -inf, whatever its query holds.
 template <typename T, int D, int kWarps, int kRowBlocks = 1>
-__global__ void __launch_bounds__(kWarps * 32, forward_min_ctas_per_sm(D, kWarps)) forward_kernel(const __grid_constant__ AttentionArgs args) {
+__global__ void __launch_bounds__(kWarps * 32, forward_min_ctas_per_sm(D, kWarps))
+    forward_kernel(const __grid_constant__ AttentionArgs args) {
   constexpr int kThreadsHere = kWarps * 32;
   constexpr int kWarpRows = kRowBlocks * kForwardWarpRows;
   using Smem = ForwardSmem<D>;
