@@ -1,5 +1,4 @@
-// The forward's key side: its shared memory layout, where the sources start, the visibility of a
-// key tile's keys and the cp.async copies of its K and V rows into a pipeline stage.
+// The forward's key side: its shared memory layout, the visibility of a key tile's keys and the cp.async copies of its K and V rows into a pipeline stage.
 #pragma once
 
 #include <cfloat>
