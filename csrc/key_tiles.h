@@ -1,5 +1,6 @@
-// The backward's key tiles: kKeysPerTile-key tiles of the virtual concatenation of all key sources, a
-// tile's rows possibly from several sources; shared by the kernels and the host-side unit test.
+// Key tiles of the virtual concatenation of all key sources (kKeysPerTile keys, a tile's rows possibly from
+// several sources) and where each source starts; shared by the forward and backward kernels and the host-side
+// unit test.
 #pragma once
 
 #include <cstdint>
