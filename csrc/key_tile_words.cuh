@@ -9,12 +9,17 @@ namespace mplug {
 
 constexpr int kKeyTileWordThreads = 128;
 
-// Bit n of batch row b's word for key tile t: key n of the tile exists and its mask keeps it (key_visible).
+// Bit n of batch row b's word for the keys [k0, k0 + kBlockN): key k0 + n exists and its mask keeps it.
 __device__ __forceinline__ uint64_t key_tile_word(const AttentionArgs& args, const ConcatKeys& keys, int64_t b,
-                                                  int64_t t) {
-  const KeyTile tile = keys.tile(t);
+                                                  int64_t k0) {
   uint64_t word = 0;
-  for (int n = 0; n < kBlockN; ++n) word |= static_cast<uint64_t>(key_visible(args, keys, tile, b, n)) << n;
+  for (int n = 0; n < kBlockN && k0 + n < keys.total; ++n) {
+    const int64_t key = k0 + n;
+    const int s = keys.source_of(key);
+    const uint8_t* mask = args.sources[s].mask;
+    const bool kept = mask == nullptr || mask[b * args.sources[s].mask_stride_b + (key - keys.start(s))] != 0;
+    word |= static_cast<uint64_t>(kept) << n;
+  }
   return word;
 }
 
@@ -25,7 +30,7 @@ static __global__ void __launch_bounds__(kKeyTileWordThreads)
   const int64_t tiles = keys.tile_count();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kKeyTileWordThreads + threadIdx.x;
   if (i >= args.batch * tiles) return;
-  args.key_tile_words[i] = key_tile_word(args, keys, i / tiles, i % tiles);
+  args.key_tile_words[i] = key_tile_word(args, keys, i / tiles, i % tiles * kBlockN);
 }
 
 // Fills args.key_tile_words (where the forward has one: a source has a mask).
